@@ -1,0 +1,58 @@
+"""One contiguous buffer for all of a model's parameters, and one for its gradients.
+
+With ``FlatParameters`` a whole model's step is one kernel call over one
+buffer: give the optimizer ``[flat.data]`` and step it with ``[flat.grad]``;
+the model reads and writes its parameters and gradients through the views.
+"""
+import numpy as np
+
+
+class FlatParameters:
+    """Named parameters as views into one contiguous ``data`` buffer.
+
+    >>> flat = FlatParameters({"W": (784, 10), "b": (10,)})
+    >>> np.shares_memory(flat.params["W"], flat.data)
+    True
+    >>> opt = Adam([flat.data]); opt.step([flat.grad])   # doctest: +SKIP
+
+    Args:
+        shapes: {name: shape}, in the order the buffer holds them.
+        dtype: float32 (default) or float64.
+        align: each view starts at a multiple of this many bytes (a cache line),
+            so threads splitting the buffer do not share lines between views.
+    """
+
+    def __init__(self, shapes, dtype=np.float32, align=64):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        if not isinstance(align, int) or align < self.dtype.itemsize or align % self.dtype.itemsize:
+            raise ValueError(f"align must be a multiple of the item size, got {align!r}")
+        step = align // self.dtype.itemsize
+        self.offsets, offset = {}, 0
+        for name, shape in shapes.items():
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            if any((not isinstance(d, (int, np.integer))) or d < 0 for d in shape):
+                raise ValueError(f"shapes[{name!r}] must be a tuple of non-negative ints, got {shape}")
+            size = int(np.prod(shape, dtype=np.int64))
+            self.offsets[name] = (offset, shape)
+            offset += -(-size // step) * step
+        self.numel = offset
+        self.data = _aligned_zeros(offset, self.dtype, align)
+        self.grad = _aligned_zeros(offset, self.dtype, align)
+        self.params = self._views(self.data)
+        self.grads = self._views(self.grad)
+
+    def _views(self, buffer):
+        return {name: buffer[start:start + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+                for name, (start, shape) in self.offsets.items()}
+
+    def __repr__(self):
+        return f"FlatParameters({len(self.offsets)} arrays, {self.numel} elements, {self.dtype})"
+
+
+def _aligned_zeros(n, dtype, align):
+    """Zeros of length n whose data starts on an ``align``-byte boundary."""
+    raw = np.zeros(n * dtype.itemsize + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n * dtype.itemsize].view(dtype)

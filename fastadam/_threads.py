@@ -1,0 +1,51 @@
+"""How many threads a step uses by default.
+
+The smallest of: the CPUs this process may run on (its affinity mask), the
+cgroup CPU quota (containers, CI runners), and ``omp_get_max_threads()``,
+which honours ``OMP_NUM_THREADS`` and limits set with threadpoolctl.
+"""
+import math
+import os
+
+
+def cgroup_cpu_quota(root="/sys/fs/cgroup"):
+    """The CPU quota of this process's cgroup, in CPUs, or None if unlimited."""
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_limit():
+    """CPUs available to this process: affinity mask and cgroup quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def check_num_threads(num_threads):
+    """Validate the ``num_threads`` argument: None (the default) or an int >= 1."""
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be None or a positive int, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be None or a positive int, got {num_threads}")
+    return num_threads

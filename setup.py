@@ -1,0 +1,52 @@
+"""Builds the compiled kernel, fastadam._kernel, from src/.
+
+Build-time switches (environment variables):
+  FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially)
+  FASTADAM_CYTHON_DEBUG=1 bounds checks on, -O0 -g: for debugging and sanitizers
+
+Flags: -O3 vectorises the loop; -fno-math-errno lets GCC use the sqrt
+instruction instead of a libm call; -ffp-contract=off keeps multiply and add
+separately rounded, so the compiled kernel rounds exactly as the NumPy
+reference does.  No -ffast-math (it would change the floating-point state of
+the whole process) and no -march=native (the AVX2 and AVX-512 variants are
+compiled per function and chosen at run time; see src/adam_kernel.hpp).
+"""
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+openmp = os.environ.get("FASTADAM_OPENMP", "1") != "0"
+debug = os.environ.get("FASTADAM_CYTHON_DEBUG", "0") == "1"
+
+compile_args = ["-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
+compile_args += ["-O0", "-g"] if debug else ["-O3"]
+link_args = []
+if openmp:
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+kernel = Extension(
+    "fastadam._kernel",
+    sources=["src/_kernel.pyx"],
+    include_dirs=["src", numpy.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+    language="c++",
+)
+
+setup(
+    ext_modules=cythonize(
+        [kernel],
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": debug,
+            "wraparound": debug,
+            "initializedcheck": debug,
+            "cdivision": not debug,
+        },
+        compile_time_env={},
+    ),
+)

@@ -1,0 +1,214 @@
+// The fused Adam/AdamW update: one pass that reads p, g, m, v (and v_max) once
+// and writes p, m, v (and v_max) once, with no temporaries.
+//
+// Per element, in this exact order (every operation rounded in T; the
+// scalars are computed once per step in double and rounded to T once):
+//
+//   g  = maximize ? -g : g
+//   g  = g + wd * p                       (Adam, L2 weight decay)
+//   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
+//   m  = beta1 * m + (1 - beta1) * g
+//   v  = beta2 * v + (1 - beta2) * (g * g)
+//   vm = max(vm, v)                       (AMSGrad; the denominator uses vm)
+//   d  = sqrt(v) * (1 / sqrt(bc2)) + eps  (bc2 = 1 - beta2^step)
+//   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
+//
+// The build uses -ffp-contract=off, so no multiply-add is fused: the vector
+// main loop, its scalar tail and the NumPy reference (fastadam/_reference.py)
+// then round identically, and results are bitwise independent of the
+// instruction set and of how the elements are split between threads.
+//
+// Weight-decay mode, AMSGrad and maximize are template parameters: each of the
+// twelve variants is its own loop with no branch inside.  Each variant is
+// compiled three times, for baseline x86-64 (SSE2), AVX2 and AVX-512; the
+// widest one the CPU and OS support is picked once at import time
+// (fa_select_isa), or forced with FASTADAM_ISA.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
+enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
+enum fa_isa { FA_ISA_BASELINE = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 };
+
+// Variant code: bits 0-1 weight-decay mode, bit 2 amsgrad, bit 3 maximize.
+#define FA_VARIANT(wd, amsgrad, maximize) ((wd) | ((amsgrad) << 2) | ((maximize) << 3))
+#define FA_N_VARIANTS 12
+
+// One tensor's work: its buffers and its per-step scalars (all in double).
+typedef struct {
+    void *param;
+    const void *grad;
+    void *exp_avg;
+    void *exp_avg_sq;
+    void *max_exp_avg_sq;  // NULL unless amsgrad
+    int64_t numel;
+    int dtype;             // enum fa_dtype
+    int variant;           // FA_VARIANT(...)
+    double beta1, one_minus_beta1, beta2, one_minus_beta2;
+    double eps, weight_decay, decay, step_size, inv_sqrt_bc2;
+} fa_item;
+
+template <typename T>
+struct fa_scalars {
+    T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+        step_size, inv_sqrt_bc2;
+    explicit fa_scalars(const fa_item &it)
+        : beta1((T)it.beta1), one_minus_beta1((T)it.one_minus_beta1),
+          beta2((T)it.beta2), one_minus_beta2((T)it.one_minus_beta2),
+          eps((T)it.eps), weight_decay((T)it.weight_decay), decay((T)it.decay),
+          step_size((T)it.step_size), inv_sqrt_bc2((T)it.inv_sqrt_bc2) {}
+};
+
+static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __builtin_sqrtf(x); }
+static inline __attribute__((always_inline)) double fa_sqrt(double x) { return __builtin_sqrt(x); }
+
+// The loop over [start, stop) of one tensor, for one variant.
+template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE>
+static inline __attribute__((always_inline)) void
+fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
+    const fa_scalars<T> s(it);
+    T *__restrict__ p = (T *)it.param;
+    const T *__restrict__ g = (const T *)it.grad;
+    T *__restrict__ m = (T *)it.exp_avg;
+    T *__restrict__ v = (T *)it.exp_avg_sq;
+    T *__restrict__ vmax = (T *)it.max_exp_avg_sq;
+    for (int64_t i = start; i < stop; ++i) {
+        T gi = MAXIMIZE ? -g[i] : g[i];
+        T pi = p[i];
+        if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
+        if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
+        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
+        const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        T vd = vi;
+        if (AMSGRAD) {
+            const T old = vmax[i];
+            // np.maximum semantics: a NaN on either side wins.
+            vd = (old >= vi || old != old) ? old : vi;
+            vmax[i] = vd;
+        }
+        const T denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
+        p[i] = pi - s.step_size * (mi / denom);
+    }
+}
+
+// One function per (ISA, dtype): a switch over the variants, outside the loop.
+#define FA_VARIANT_CASES(T)                                                            \
+    switch (it.variant) {                                                              \
+    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false>(it, a, b); break;           \
+    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true>(it, a, b); break;             \
+    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false>(it, a, b); break;               \
+    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true>(it, a, b); break;                 \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false>(it, a, b); break; \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true>(it, a, b); break;   \
+    default: break;                                                                    \
+    }
+
+#define FA_DEFINE_ISA(NAME, TARGET)                                                    \
+    TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
+        if (it.dtype == FA_FLOAT32) {                                                  \
+            FA_VARIANT_CASES(float)                                                    \
+        } else {                                                                       \
+            FA_VARIANT_CASES(double)                                                   \
+        }                                                                              \
+    }
+
+FA_DEFINE_ISA(baseline, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FA_HAVE_X86_VARIANTS 1
+FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))))
+FA_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+#else
+#define FA_HAVE_X86_VARIANTS 0
+#endif
+
+typedef void (*fa_range_fn)(const fa_item &, int64_t, int64_t);
+
+// The function every update goes through; set once by fa_select_isa.
+static fa_range_fn fa_adam_range = fa_adam_range_baseline;
+static int fa_isa_in_use = FA_ISA_BASELINE;
+
+static inline int fa_isa_supported(int isa) {
+    if (isa == FA_ISA_BASELINE) return 1;
+#if FA_HAVE_X86_VARIANTS
+    __builtin_cpu_init();  // libgcc checks CPUID and that the OS saves the registers (XGETBV)
+    if (isa == FA_ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == FA_ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#endif
+    return 0;
+}
+
+// Select the widest supported variant, or `forced` (0, 1, 2) when >= 0.
+// Returns the ISA in use, or -1 when `forced` is not supported here.
+static inline int fa_select_isa(int forced) {
+    int isa;
+    if (forced >= 0) {
+        if (!fa_isa_supported(forced)) return -1;
+        isa = forced;
+    } else {
+        isa = fa_isa_supported(FA_ISA_AVX512) ? FA_ISA_AVX512
+              : fa_isa_supported(FA_ISA_AVX2) ? FA_ISA_AVX2
+                                              : FA_ISA_BASELINE;
+    }
+#if FA_HAVE_X86_VARIANTS
+    fa_adam_range = isa == FA_ISA_AVX512 ? fa_adam_range_avx512
+                    : isa == FA_ISA_AVX2 ? fa_adam_range_avx2
+                                         : fa_adam_range_baseline;
+#endif
+    fa_isa_in_use = isa;
+    return isa;
+}
+
+// Work splitting: thread t of n_threads owns the global element range
+// [fa_boundary(t), fa_boundary(t + 1)) across the concatenated tensors.
+// Boundaries fall on multiples of FA_ALIGN elements inside a tensor (a 64-byte
+// cache line of float32), so threads never share a line of a tensor whose data
+// is line-aligned.  `offsets` has n_items + 1 prefix sums of numel.
+#define FA_ALIGN 16
+
+static inline int64_t fa_find_item(const int64_t *offsets, int64_t n_items, int64_t pos) {
+    // The last item k with offsets[k] <= pos (binary search).
+    int64_t lo = 0, hi = n_items - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo + 1) / 2;
+        if (offsets[mid] <= pos) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static inline int64_t fa_boundary(const int64_t *offsets, int64_t n_items, int64_t t, int64_t n_threads) {
+    const int64_t total = offsets[n_items];
+    if (t <= 0) return 0;
+    if (t >= n_threads) return total;
+    // total * t / n_threads without overflowing int64.
+    const int64_t pos = (total / n_threads) * t + ((total % n_threads) * t) / n_threads;
+    const int64_t k = fa_find_item(offsets, n_items, pos);
+    const int64_t local = pos - offsets[k];
+    return offsets[k] + (local - local % FA_ALIGN);
+}
+
+static inline void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                                int64_t t, int64_t n_threads) {
+    const int64_t begin = fa_boundary(offsets, n_items, t, n_threads);
+    const int64_t end = fa_boundary(offsets, n_items, t + 1, n_threads);
+    if (begin >= end) return;
+    for (int64_t k = fa_find_item(offsets, n_items, begin); k < n_items && offsets[k] < end; ++k) {
+        const int64_t a = begin > offsets[k] ? begin - offsets[k] : 0;
+        const int64_t b = (end < offsets[k + 1] ? end : offsets[k + 1]) - offsets[k];
+        if (b > a) fa_adam_range(items[k], a, b);
+    }
+}
