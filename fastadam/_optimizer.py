@@ -282,7 +282,7 @@ class Adam:
                                  st["step"])
                 self._backend.adam_update(p, grads[k], st["exp_avg"], st["exp_avg_sq"],
                                           st.get("max_exp_avg_sq"), s, wd_mode, g["amsgrad"],
-                                          g["maximize"])
+                                          g["maximize"], num_threads=self.num_threads)
                 k += 1
 
     # -- state --------------------------------------------------------------

@@ -48,10 +48,11 @@ def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
-                amsgrad, maximize):
+                amsgrad, maximize, num_threads=None):
     """One in-place step of one tensor; ``s`` is a :class:`StepScalars`.
 
-    Every scalar is rounded to the array's dtype once, as the compiled kernel does.
+    Every scalar is rounded to the array's dtype once, as the compiled kernel
+    does.  ``num_threads`` is ignored: NumPy's elementwise operations use one thread.
     """
     t = param.dtype.type
     if maximize:

@@ -1,0 +1,164 @@
+"""The Numba backend (``backend="numba"``): the fused update as a JIT kernel.
+
+The same per-element operations, in the same order and rounding, as the
+compiled kernel (src/adam_kernel.hpp) and the NumPy reference, so all three
+agree bitwise.  Each variant (weight-decay mode, AMSGrad, maximize) is its own
+function: the flags are closure constants, frozen at compile time, so the
+loop has no branch on them.  A variant is compiled for float32 and float64 the
+first time it is used, with ``cache=True`` (Numba keys its cache on the
+closure's constants), so a new process loads it from disk instead of
+compiling.
+
+Only imported when the backend is used: ``import fastadam`` does not import numba.
+"""
+import os
+import threading
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._reference import WD_DECOUPLED, WD_L2
+from ._threads import cpu_limit
+
+# Numba's default "workqueue" layer aborts the process when two threads enter
+# a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
+# unless the user chose one; if only workqueue is there, parallel calls are
+# serialised with a lock (see _parallel_lock).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "threadsafe"
+
+# Below this many elements a tensor is updated by one thread: a parallel
+# region costs more than it saves there (see benchmarks/).
+PARALLEL_THRESHOLD = 1 << 16
+ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
+
+_CPU_LIMIT = cpu_limit()
+_compiled = {}
+_compile_lock = threading.Lock()
+_workqueue_lock = threading.Lock()
+
+
+@njit(inline="always")
+def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
+                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+    gi = -g[i] if maximize else g[i]
+    pi = p[i]
+    if wd_mode == WD_L2:
+        gi = gi + weight_decay * pi
+    elif wd_mode == WD_DECOUPLED:
+        pi = pi * decay
+    mi = beta1 * m[i] + one_minus_beta1 * gi
+    vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+    m[i] = mi
+    v[i] = vi
+    vd = vi
+    if amsgrad:
+        old = vmax[i]
+        if old >= vi or old != old:  # np.maximum: NaN on either side wins
+            vd = old
+        vmax[i] = vd
+    p[i] = pi - step_size * (mi / (np.sqrt(vd) * inv_sqrt_bc2 + eps))
+
+
+def _make_variant(wd_mode, amsgrad, maximize):
+    """The serial and the parallel kernel of one variant.  The flags are closure
+    constants (inlined into _update_element, so its branches fold away); the
+    closures hold nothing else, so Numba's cache key is the same in every process."""
+
+    def update_range(p, g, m, v, vmax, start, stop, beta1, one_minus_beta1, beta2,
+                     one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+        for i in range(start, stop):
+            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
+                            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
+                            step_size, inv_sqrt_bc2)
+
+    def update_parallel(p, g, m, v, vmax, n_threads, beta1, one_minus_beta1, beta2,
+                        one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+        n = p.shape[0]
+        for t in prange(n_threads):
+            start = (n * t // n_threads) // ALIGN * ALIGN
+            stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
+            for i in range(start, stop):
+                _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
+                                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                                decay, step_size, inv_sqrt_bc2)
+
+    serial = njit(_signatures(7), cache=True, nogil=True)(update_range)
+
+    def make_parallel():  # compiled (or loaded from the cache) on first use only
+        return njit(_signatures(6), cache=True, nogil=True, parallel=True)(update_parallel)
+
+    return serial, make_parallel
+
+
+def _signatures(n_ints):
+    """Eager signatures for float32 and float64: 5 arrays, then ints, then 9 scalars."""
+    sigs = []
+    for t in (numba.float32, numba.float64):
+        array = t[::1]
+        ints = (numba.int64,) * (2 if n_ints == 7 else 1)
+        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 9))
+    return sigs
+
+
+def _kernel(wd_mode, amsgrad, maximize, parallel):
+    """The serial or parallel kernel of a variant, made on first use (thread-safe)."""
+    key = (wd_mode, bool(amsgrad), bool(maximize))
+    with _compile_lock:
+        kernels = _compiled.get(key)
+        if kernels is None:
+            kernels = _compiled[key] = list(_make_variant(*key)) + [None]
+        if not parallel:
+            return kernels[0]
+        if kernels[2] is None:
+            kernels[2] = kernels[1]()
+        return kernels[2]
+
+
+def _parallel_lock():
+    """A lock around parallel calls when Numba fell back to the unsafe workqueue layer."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # not initialised before the first parallel call
+        return _workqueue_lock
+    return _workqueue_lock if layer == "workqueue" else None
+
+
+def default_num_threads():
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    n = min(_CPU_LIMIT, numba.config.NUMBA_NUM_THREADS)
+    if omp.split(",")[0].strip().isdigit():
+        n = min(n, int(omp.split(",")[0]))
+    return max(1, n)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
+                amsgrad, maximize, num_threads=None):
+    """One in-place step of one tensor; the signature of _reference.adam_update."""
+    t = param.dtype.type
+    flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
+    if not flat[1].flags.writeable:  # the signatures take writeable arrays; g is only read
+        flat[1] = flat[1].copy()
+    flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
+    scalars = [t(x) for x in s]
+    n = param.size
+    threads = default_num_threads() if num_threads is None else num_threads
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
+    if threads <= 1 or n < PARALLEL_THRESHOLD:
+        _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)
+        return
+    parallel = _kernel(weight_decay_mode, amsgrad, maximize, True)
+    lock = _parallel_lock()
+    if lock is not None:
+        lock.acquire()
+    try:
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)  # thread-local in Numba
+        try:
+            parallel(*flat, threads, *scalars)
+        finally:
+            numba.set_num_threads(previous)
+    finally:
+        if lock is not None:
+            lock.release()

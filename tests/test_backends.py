@@ -1,0 +1,165 @@
+"""Backend selection, lazy imports, threads and concurrency."""
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam import _backends, _threads
+from conftest import AVAILABLE, backend_params
+
+
+def run_python(code, **env):
+    import os
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_import_does_not_import_numba():
+    out = run_python("import sys, numpy as np, fastadam\n"
+                     "opt = fastadam.Adam([np.zeros(3)], backend='numpy'); opt.step([np.ones(3)])\n"
+                     "print('numba' in sys.modules)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_auto_prefers_cython_and_says_so():
+    opt = fastadam.Adam([np.zeros(3)])
+    assert opt.backend == AVAILABLE[0]
+    if opt.backend == "cython":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fastadam.Adam([np.zeros(3)])  # no warning when the compiled kernel is there
+
+
+def test_auto_falls_back_with_a_warning(monkeypatch):
+    def missing():
+        raise ImportError("not built")
+    monkeypatch.setitem(_backends._LOADERS, "cython", missing)
+    with pytest.warns(RuntimeWarning, match=r"compiled kernel is not available \(cython: not built\)"):
+        opt = fastadam.Adam([np.zeros(3)])
+    assert opt.backend in ("numba", "numpy")
+    monkeypatch.setitem(_backends._LOADERS, "numba", missing)
+    with pytest.warns(RuntimeWarning, match="using backend='numpy'"):
+        assert fastadam.Adam([np.zeros(3)]).backend == "numpy"
+    with pytest.raises(ImportError, match="fastadam backend 'cython' is not available: not built"):
+        fastadam.Adam([np.zeros(3)], backend="cython")
+
+
+@pytest.mark.parametrize("backend", backend_params(("cython", "numba")))
+def test_two_optimizers_in_two_threads(backend, rng):
+    """Two optimizers stepping at once from two Python threads (parallel-size tensors):
+    no crash, and the same bits as running them one after the other."""
+    n, steps = 300_000, 15
+    p0 = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    grads = [[rng.standard_normal(n).astype(np.float32) for _ in range(steps)] for _ in range(2)]
+
+    def train(p, gs, out, i, barrier=None):
+        opt = fastadam.Adam([p], backend=backend, num_threads=2)
+        for g in gs:
+            if barrier is not None:
+                barrier.wait()
+            opt.step([g])
+        out[i] = p
+
+    sequential = {}
+    for i in range(2):
+        train(p0[i].copy(), grads[i], sequential, i)
+    concurrent, barrier = {}, threading.Barrier(2)
+    threads = [threading.Thread(target=train, args=(p0[i].copy(), grads[i], concurrent, i, barrier))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        np.testing.assert_array_equal(concurrent[i], sequential[i])
+
+
+def test_numba_concurrency_survives_in_a_fresh_process():
+    """The workqueue abort happens on the first concurrent parallel call of a process."""
+    pytest.importorskip("numba")
+    code = """
+import threading, numpy as np, fastadam
+ps = [np.zeros(200_000, np.float32) for _ in range(4)]
+g = np.ones(200_000, np.float32)
+opts = [fastadam.Adam([p], backend='numba', num_threads=2) for p in ps]
+def run(o):
+    for _ in range(20):
+        o.step([g])
+ts = [threading.Thread(target=run, args=(o,)) for o in opts]
+[t.start() for t in ts]; [t.join() for t in ts]
+import numba
+print(numba.threading_layer(), float(ps[0][0]) == float(ps[3][0]))
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    layer, same = out.stdout.split()
+    assert same == "True"
+    assert layer in ("omp", "tbb", "workqueue")
+
+
+def test_default_threads_honour_omp_num_threads():
+    pytest.importorskip("fastadam._kernel")
+    out = run_python("import fastadam, numpy as np; fastadam.Adam([np.zeros(1)]);"
+                     "from fastadam import _kernel; print(_kernel.default_num_threads())",
+                     OMP_NUM_THREADS="1")
+    assert out.stdout.strip() == "1", out.stderr
+
+
+def test_default_threads_honour_threadpoolctl():
+    kernel = pytest.importorskip("fastadam._kernel")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    fastadam.Adam([np.zeros(1)], backend="cython")
+    if not kernel.OPENMP_ENABLED or _threads.cpu_limit() < 2:
+        pytest.skip("needs OpenMP and two CPUs")
+    before = kernel.default_num_threads()
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert kernel.default_num_threads() == 1
+    assert kernel.default_num_threads() == before
+
+
+def test_cgroup_quota_parsing(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _threads.cgroup_cpu_quota(str(tmp_path)) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _threads.cgroup_cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert _threads.cgroup_cpu_quota(str(tmp_path)) == 3.0
+    assert _threads.cgroup_cpu_quota(str(tmp_path / "missing")) is None
+
+
+def test_forced_isa_variants_agree(rng):
+    """FASTADAM_ISA forces a kernel variant; every variant the CPU has gives the same bits."""
+    kernel = pytest.importorskip("fastadam._kernel")
+    p0 = rng.standard_normal(10_007).astype(np.float32)
+    results = {}
+    try:
+        for isa in kernel.ISA_NAMES:
+            if not kernel.isa_supported(isa):
+                continue
+            assert kernel.select_isa(isa) == isa
+            p = p0.copy()
+            opt = fastadam.AdamW([p], amsgrad=True, backend="cython")
+            for t in range(10):
+                opt.step([np.sin(p0 * (t + 1))])
+            results[isa] = p
+    finally:
+        kernel.select_isa(None)
+    assert "baseline" in results
+    for p in results.values():
+        np.testing.assert_array_equal(p, results["baseline"])
+    with pytest.raises(ValueError, match="FASTADAM_ISA must be one of"):
+        kernel.select_isa("sse9")
+
+
+def test_forced_isa_from_environment():
+    pytest.importorskip("fastadam._kernel")
+    out = run_python("from fastadam import _kernel; print(_kernel.isa_in_use())", FASTADAM_ISA="baseline")
+    assert out.stdout.strip() == "baseline", out.stderr
