@@ -1,0 +1,192 @@
+"""MNIST-format data: the IDX file reader, the four-file dataset, and the download path.
+
+The IDX format (LeCun et al.): a 4-byte magic number ``00 00 TT NN`` (TT the
+element type, 0x08 for unsigned bytes; NN the number of dimensions), NN
+big-endian uint32 sizes, then the data.  Files may be gzip-compressed.
+"""
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# SHA-256 of the decompressed canonical MNIST files (data/mnist/README.md).
+SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class IDXError(ValueError):
+    """A file that is not a valid IDX file (the message names the file)."""
+
+
+def read_bytes(path):
+    """The file's bytes, decompressed if it is gzip."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    return raw
+
+
+def parse_idx(data, name="<bytes>", expect_ndim=None):
+    """An IDX file's contents as a uint8 array of its declared shape."""
+    if len(data) < 4:
+        raise IDXError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype_code, ndim = data[:2], data[2], data[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08:
+        raise IDXError(f"{name}: bad magic number 0x{data[:4].hex()} "
+                       "(expected 0x0000080N: unsigned bytes, N dimensions)")
+    if expect_ndim is not None and ndim != expect_ndim:
+        raise IDXError(f"{name}: {ndim} dimensions, expected {expect_ndim}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IDXError(f"{name}: truncated header")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise IDXError(f"{name}: {len(data)} bytes, but the header's shape {shape} needs "
+                       f"{expected} ({'truncated' if len(data) < expected else 'trailing data'})")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def load_idx(path, expect_ndim=None):
+    return parse_idx(read_bytes(path), str(path), expect_ndim)
+
+
+def find_file(directory, stem):
+    """``stem`` or ``stem.gz`` in ``directory`` (also the ``stem`` with '.' for '-' before idx)."""
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load_dataset(directory):
+    """The four files of an MNIST-format dataset as float32 images in [0, 1] and int64 labels.
+
+    Returns ``(x_train, y_train, x_test, y_test)`` with images flattened to (N, rows*cols).
+    """
+    arrays = {}
+    for key, stem in FILES.items():
+        path = find_file(directory, stem)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no {stem}[.gz]")
+        arrays[key] = load_idx(path, expect_ndim=3 if "images" in key else 1)
+        arrays[key + "_path"] = path
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] != labels.shape[0]:
+            raise IDXError(f"{arrays[split + '_images_path']} has {images.shape[0]} images but "
+                           f"{arrays[split + '_labels_path']} has {labels.shape[0]} labels")
+        if labels.size and labels.max() > 9:
+            raise IDXError(f"{arrays[split + '_labels_path']}: label {labels.max()} is not a digit class 0-9")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise IDXError(f"{directory}: train images are {arrays['train_images'].shape[1:]}, "
+                       f"test images {arrays['test_images'].shape[1:]}")
+
+    def images(a):
+        return (a.reshape(a.shape[0], -1) / np.float32(255)).astype(np.float32)
+
+    return (images(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
+            images(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
+
+
+def bundled_dir():
+    """The repository's data/mnist (present in a source checkout or editable install)."""
+    return Path(__file__).resolve().parents[2] / "data" / "mnist"
+
+
+def cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastadam" / "mnist"
+
+
+def locate(data=None, download=True, progress=None):
+    """The directory to read MNIST from: ``data`` if given, else the bundled copy, else
+    the download cache (downloading into it if needed and allowed)."""
+    if data is not None:
+        if not all(find_file(data, stem) for stem in FILES.values()):
+            raise FileNotFoundError(f"--data {data}: expected the four MNIST-format files "
+                                    f"({', '.join(s + '[.gz]' for s in FILES.values())})")
+        return Path(data)
+    for candidate in (bundled_dir(), cache_dir()):
+        if all(find_file(candidate, stem) for stem in FILES.values()):
+            return candidate
+    if not download:
+        raise FileNotFoundError(_where_to_put_files())
+    return download_mnist(cache_dir(), progress=progress)
+
+
+def _where_to_put_files():
+    return ("MNIST was not found. Put the four files "
+            f"({', '.join(s + '.gz' for s in FILES.values())}) in {bundled_dir()} or "
+            f"{cache_dir()}, or pass --data DIR")
+
+
+def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
+    """Download the four files into ``directory``, checking each one's SHA-256."""
+    from tqdm.auto import tqdm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem in FILES.values():
+        target = directory / (stem + ".gz")
+        if target.is_file():
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = mirror + stem + ".gz"
+            try:
+                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=stem, disable=progress is False) as bar:
+                        while chunk := response.read(1 << 16):
+                            out.write(chunk)
+                            bar.update(len(chunk))
+                digest = hashlib.sha256(read_bytes(tmp)).hexdigest()
+                if digest != SHA256[stem]:
+                    raise IDXError(f"{url}: SHA-256 {digest} does not match the canonical {SHA256[stem]}")
+                os.replace(tmp, target)
+                break
+            except (OSError, urllib.error.URLError, IDXError) as e:
+                errors.append(f"{url}: {e}")
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            raise FileNotFoundError(_where_to_put_files() + ". Download failed: " + "; ".join(errors))
+    return directory
+
+
+def sha256_of(path):
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+def copy_dataset(source, target):
+    """Copy the four files of ``source`` into ``target`` (used by the tests)."""
+    Path(target).mkdir(parents=True, exist_ok=True)
+    for stem in FILES.values():
+        path = find_file(source, stem)
+        shutil.copy(path, Path(target) / path.name)
