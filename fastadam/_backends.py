@@ -7,7 +7,7 @@ signature of :func:`fastadam._reference.adam_update`.
 import functools
 import warnings
 
-from ._threads import cpu_limit
+from ._threads import cpu_limit, kernel_openmp_environment
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -15,7 +15,8 @@ _PREFERENCE = BACKENDS  # what "auto" tries, in order
 
 @functools.cache
 def _load_cython():
-    from . import _kernel
+    with kernel_openmp_environment():
+        from . import _kernel
     _kernel.set_cpu_limit(cpu_limit())
     return _kernel
 

@@ -41,6 +41,8 @@ cdef extern from "adam_kernel.hpp" nogil:
     int fa_isa_in_use
     void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                       int64_t t, int64_t n_threads)
+    void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
+                          int64_t t, int64_t n_threads)
 
 cdef extern from "fa_openmp.h" nogil:
     const int fa_openmp_enabled
@@ -111,6 +113,23 @@ cdef void run_items(const fa_item *items, const int64_t *offsets, int64_t n_item
         return
     for t in prange(num_threads, schedule='static', num_threads=num_threads):
         fa_run_share(items, offsets, n_items, t, num_threads)
+
+
+def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, int num_threads=0):
+    """Adam's memory traffic with trivial arithmetic (p += g, m += g, v += g): the
+    bandwidth limit of this machine for an Adam step (benchmarks only)."""
+    cdef int64_t n = p.shape[0]
+    cdef int t, nt = resolve_num_threads(num_threads)
+    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
+        raise ValueError("roofline_step: the four arrays must have the same length")
+    if n == 0:
+        return
+    with nogil:
+        if nt <= 1 or n < _parallel_threshold:
+            fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, 0, 1)
+        else:
+            for t in prange(nt, schedule='static', num_threads=nt):
+                fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, t, nt)
 
 
 cdef inline int dtype_code(cnp.ndarray a) noexcept:

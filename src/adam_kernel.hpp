@@ -212,3 +212,24 @@ static inline void fa_run_share(const fa_item *items, const int64_t *offsets, in
         if (b > a) fa_adam_range(items[k], a, b);
     }
 }
+
+// The roofline: Adam's memory traffic (read p, g, m, v; write p, m, v) with
+// trivial arithmetic, split between threads as the Adam kernel is.  Its
+// speed is the machine's bandwidth limit for this access pattern.
+template <typename T>
+static inline void fa_traffic_range(T *__restrict__ p, const T *__restrict__ g, T *__restrict__ m,
+                                    T *__restrict__ v, int64_t start, int64_t stop) {
+    for (int64_t i = start; i < stop; ++i) {
+        const T gi = g[i];
+        p[i] = p[i] + gi;
+        m[i] = m[i] + gi;
+        v[i] = v[i] + gi;
+    }
+}
+
+static inline void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
+                                    int64_t t, int64_t n_threads) {
+    const int64_t offsets[2] = {0, n};
+    fa_traffic_range<float>(p, g, m, v, fa_boundary(offsets, 1, t, n_threads),
+                            fa_boundary(offsets, 1, t + 1, n_threads));
+}

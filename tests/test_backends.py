@@ -163,3 +163,12 @@ def test_forced_isa_from_environment():
     pytest.importorskip("fastadam._kernel")
     out = run_python("from fastadam import _kernel; print(_kernel.isa_in_use())", FASTADAM_ISA="baseline")
     assert out.stdout.strip() == "baseline", out.stderr
+
+
+def test_openmp_spin_setting_does_not_leak():
+    """fastadam sets a short GOMP_SPINCOUNT only while its kernel loads, and never
+    overrides the user's own choice."""
+    out = run_python("import os, fastadam; print(os.environ.get('GOMP_SPINCOUNT'))")
+    assert out.stdout.strip() == "None", out.stderr
+    out = run_python("import os, fastadam; print(os.environ.get('GOMP_SPINCOUNT'))", GOMP_SPINCOUNT="77")
+    assert out.stdout.strip() == "77", out.stderr

@@ -1,0 +1,286 @@
+"""The speed report: ``python -m fastadam.bench``.
+
+Runs every implementation in one process, interleaved (each round visits the
+implementations in a new random order, so machine drift hits all alike), and
+prints per size: the median time per step, ns per parameter, effective GB/s
+(an Adam step moves 28 bytes per float32 parameter: reads p, g, m, v; writes
+p, m, v), percent of the roofline, and the speed-up over the NumPy reference
+and over each peer.  Writes a JSON and a PNG.
+
+Repeating a step on the same buffers measures the same cost every time: the
+work is elementwise and independent of the values (they stay normal numbers).
+
+The implementations (``IMPLEMENTATIONS``) are shared with benchmarks/ (pytest-benchmark).
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastadam
+
+BYTES_PER_PARAM = 28  # float32: read p, g, m, v (16 B); write p, m, v (12 B)
+SIZES = (4096, 65536, 1 << 20, 1 << 24, 1 << 26)
+LABELS = {4096: "4K", 65536: "64K", 1 << 20: "1M", 1 << 24: "16M", 1 << 26: "64M"}
+
+
+def all_threads():
+    from ._threads import cpu_limit
+    return cpu_limit()
+
+
+# -- implementations --------------------------------------------------------------------
+# Each maker takes (size, threads) and returns a callable doing one step over
+# float32 buffers of that size, or raises Unavailable with the reason.
+
+class Unavailable(Exception):
+    pass
+
+
+def _buffers(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+
+
+def _fastadam(backend):
+    def make(n, threads):
+        if backend != "numpy":
+            status = fastadam._backends.available()[backend]
+            if status is not None:
+                raise Unavailable(status)
+        p, g = _buffers(n)
+        opt = fastadam.Adam([p], backend=backend, num_threads=threads)
+        opt.step([g])  # creates the state and, for numba, compiles
+
+        def step():
+            opt.step([g])
+        return step
+    return make
+
+
+def _roofline(n, threads):
+    try:
+        from . import _kernel
+    except ImportError as e:
+        raise Unavailable(str(e))
+    p, g = _buffers(n)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+
+    def step():
+        _kernel.roofline_step(p, g, m, v, threads)
+    return step
+
+
+def _torch(mode):
+    def make(n, threads):
+        try:
+            import torch
+        except ImportError:
+            raise Unavailable("torch is not installed (pip install torch)")
+        p, g = _buffers(n)
+        param = torch.nn.Parameter(torch.from_numpy(p))
+        param.grad = torch.from_numpy(g)
+        opt = torch.optim.Adam([param], lr=1e-3, **{mode: True})
+        torch.set_num_threads(threads)
+        opt.step()
+
+        def step():
+            torch.set_num_threads(threads)
+            opt.step()
+        return step
+    return make
+
+
+def _deepspeed(n, threads):
+    try:
+        import torch
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as e:  # ImportError, or its build failing
+        raise Unavailable(f"deepspeed is not usable ({type(e).__name__}: {e}); pip install deepspeed")
+    p, g = _buffers(n)
+    param = torch.nn.Parameter(torch.from_numpy(p))
+    param.grad = torch.from_numpy(g)
+    try:
+        opt = DeepSpeedCPUAdam([param], lr=1e-3, adamw_mode=False)
+        torch.set_num_threads(threads)
+        opt.step()
+    except Exception as e:
+        raise Unavailable(f"DeepSpeedCPUAdam failed: {type(e).__name__}: {e}")
+
+    def step():
+        torch.set_num_threads(threads)
+        opt.step()
+    return step
+
+
+IMPLEMENTATIONS = {
+    "numpy-reference": _fastadam("numpy"),
+    "fastadam-cython": _fastadam("cython"),
+    "fastadam-numba": _fastadam("numba"),
+    "torch-foreach": _torch("foreach"),
+    "torch-fused": _torch("fused"),
+    "deepspeed-cpu-adam": _deepspeed,
+    "roofline": _roofline,
+}
+PEERS = ("torch-foreach", "torch-fused", "deepspeed-cpu-adam")
+
+
+# -- timing ----------------------------------------------------------------------------
+
+def _calibrate(step, target_seconds):
+    """Steps per timed batch so that a batch lasts about target_seconds."""
+    step()
+    t0 = time.perf_counter()
+    step()
+    one = max(time.perf_counter() - t0, 1e-7)
+    return max(1, int(target_seconds / one))
+
+
+def measure(sizes, impls, threads_list, rounds, target_seconds=0.05, log=print):
+    """[{size, impl, threads, median_s, ...}]; implementations interleaved per round."""
+    results = []
+    for n in sizes:
+        for threads in threads_list:
+            steps, skipped = {}, {}
+            for name in impls:
+                try:
+                    steps[name] = IMPLEMENTATIONS[name](n, threads)
+                except Unavailable as e:
+                    skipped[name] = str(e)
+            counts = {name: _calibrate(step, target_seconds) for name, step in steps.items()}
+            times = {name: [] for name in steps}
+            order = list(steps)
+            for _ in range(rounds):
+                random.shuffle(order)
+                for name in order:
+                    step, k = steps[name], counts[name]
+                    t0 = time.perf_counter()
+                    for _ in range(k):
+                        step()
+                    times[name].append((time.perf_counter() - t0) / k)
+            for name in impls:
+                if name in skipped:
+                    results.append({"size": n, "impl": name, "threads": threads, "skipped": skipped[name]})
+                    continue
+                median = statistics.median(times[name])
+                results.append({"size": n, "impl": name, "threads": threads, "median_s": median,
+                                "min_s": min(times[name]), "rounds": rounds,
+                                "steps_per_round": counts[name],
+                                "ns_per_param": median / n * 1e9,
+                                "gb_per_s": BYTES_PER_PARAM * n / median / 1e9})
+            del steps
+            gc.collect()
+            log(f"  measured {LABELS.get(n, n)} x {threads} thread(s)")
+    return results
+
+
+def machine():
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "fastadam": fastadam.__version__, "cpus_usable": all_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        from . import _kernel
+        info["kernel_isa"] = _kernel.isa_in_use()
+        info["openmp"] = _kernel.OPENMP_ENABLED
+    except ImportError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def table(results, log=print):
+    """Per size and thread count: the comparison table."""
+    by_key = {}
+    for r in results:
+        by_key.setdefault((r["size"], r["threads"]), {})[r["impl"]] = r
+    for (n, threads), rows in by_key.items():
+        log(f"\n{LABELS.get(n, n)} float32 parameters ({n}), {threads} thread(s)")
+        roof = rows.get("roofline", {}).get("median_s")
+        ref = rows.get("numpy-reference", {}).get("median_s")
+        peers = [p for p in PEERS if rows.get(p, {}).get("median_s")]
+        header = (f"  {'implementation':20s} {'us/step':>10s} {'ns/param':>9s} {'GB/s':>7s} "
+                  f"{'%roof':>6s} {'x numpy':>8s}" + "".join(f" {'x ' + p:>20s}" for p in peers))
+        log(header)
+        for name, r in rows.items():
+            if "skipped" in r:
+                log(f"  {name:20s} skipped: {r['skipped'][:90]}")
+                continue
+            t = r["median_s"]
+            cells = [f"  {name:20s} {t * 1e6:10.2f} {r['ns_per_param']:9.3f} {r['gb_per_s']:7.1f}",
+                     f"{100 * roof / t:6.0f}" if roof else f"{'':6s}",
+                     f"{ref / t:8.1f}" if ref else f"{'':8s}"]
+            cells += [f"{rows[p]['median_s'] / t:20.2f}" for p in peers]
+            log(" ".join(cells))
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threads = max(r["threads"] for r in results)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in IMPLEMENTATIONS:
+        rows = [r for r in results if r["impl"] == name and r["threads"] == threads and "median_s" in r]
+        if not rows:
+            continue
+        style = dict(color="black", linestyle="--") if name == "roofline" else dict(marker="o")
+        ax.plot([r["size"] for r in rows], [r["ns_per_param"] for r in rows], label=name, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("float32 parameters per step")
+    ax.set_ylabel("ns per parameter (median)")
+    ax.set_title(f"Adam step, {threads} thread(s): lower is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastadam.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(LABELS[s] for s in SIZES),
+                   help="comma-separated sizes (4K, 64K, 1M, 16M, 64M or numbers)")
+    p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
+    p.add_argument("--threads", default="1,all", help="comma-separated thread counts ('all' = every usable CPU)")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--json", default="bench.json")
+    p.add_argument("--plot", default="bench.png")
+    args = p.parse_args(argv)
+    inverse = {v: k for k, v in LABELS.items()}
+    sizes = [inverse[s] if s in inverse else int(s) for s in args.sizes.split(",")]
+    impls = [s for s in args.impls.split(",") if s]
+    unknown = [s for s in impls if s not in IMPLEMENTATIONS]
+    if unknown:
+        p.error(f"unknown implementations {unknown}; choose from {list(IMPLEMENTATIONS)}")
+    threads_list = sorted({all_threads() if t == "all" else int(t) for t in args.threads.split(",")})
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    results = measure(sizes, impls, threads_list, args.rounds, log=lambda s: print(s, file=sys.stderr))
+    table(results)
+    with open(args.json, "w") as f:
+        json.dump({"machine": info, "command": " ".join(sys.argv), "results": results}, f, indent=1)
+    plot(results, args.plot)
+    print(f"\nwrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
