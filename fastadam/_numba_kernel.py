@@ -11,6 +11,7 @@ compiling.
 
 Only imported when the backend is used: ``import fastadam`` does not import numba.
 """
+import math
 import os
 import threading
 
@@ -39,7 +40,7 @@ _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
                     beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
     gi = -g[i] if maximize else g[i]
@@ -58,7 +59,9 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
         if old >= vi or old != old:  # np.maximum: NaN on either side wins
             vd = old
         vmax[i] = vd
-    p[i] = pi - step_size * (mi / (np.sqrt(vd) * inv_sqrt_bc2 + eps))
+    # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which
+    # vectorises (np.sqrt becomes a call to libm sqrtf, which may set errno).
+    p[i] = pi - step_size * (mi / (math.sqrt(vd) * inv_sqrt_bc2 + eps))
 
 
 def _make_variant(wd_mode, amsgrad, maximize):
@@ -68,7 +71,11 @@ def _make_variant(wd_mode, amsgrad, maximize):
 
     def update_range(p, g, m, v, vmax, start, stop, beta1, one_minus_beta1, beta2,
                      one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
-        for i in range(start, stop):
+        # Slices, then a loop from 0: the index is then known to be non-negative,
+        # so Numba emits no wraparound select per access and LLVM vectorises.
+        p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
+        vmax = vmax[start:stop] if amsgrad else vmax
+        for i in range(p.shape[0]):
             _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
                             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
                             step_size, inv_sqrt_bc2)
@@ -79,15 +86,17 @@ def _make_variant(wd_mode, amsgrad, maximize):
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
-            for i in range(start, stop):
-                _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
+            ps, gs, ms, vs = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
+            vmaxs = vmax[start:stop] if amsgrad else vmax
+            for i in range(ps.shape[0]):
+                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, beta1,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                                 decay, step_size, inv_sqrt_bc2)
 
-    serial = njit(_signatures(7), cache=True, nogil=True)(update_range)
+    serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
     def make_parallel():  # compiled (or loaded from the cache) on first use only
-        return njit(_signatures(6), cache=True, nogil=True, parallel=True)(update_parallel)
+        return njit(_signatures(6), cache=True, nogil=True, parallel=True, error_model="numpy")(update_parallel)
 
     return serial, make_parallel
 
@@ -125,12 +134,16 @@ def _parallel_lock():
     return _workqueue_lock if layer == "workqueue" else None
 
 
-def default_num_threads():
-    omp = os.environ.get("OMP_NUM_THREADS", "")
+def _default_num_threads():
+    """CPUs usable (affinity, cgroup quota), Numba's pool size and OMP_NUM_THREADS."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     n = min(_CPU_LIMIT, numba.config.NUMBA_NUM_THREADS)
-    if omp.split(",")[0].strip().isdigit():
-        n = min(n, int(omp.split(",")[0]))
+    if omp.isdigit():
+        n = min(n, int(omp))
     return max(1, n)
+
+
+DEFAULT_NUM_THREADS = _default_num_threads()
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
@@ -143,7 +156,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
     scalars = [t(x) for x in s]
     n = param.size
-    threads = default_num_threads() if num_threads is None else num_threads
+    threads = DEFAULT_NUM_THREADS if num_threads is None else num_threads
     threads = min(threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     if threads <= 1 or n < PARALLEL_THRESHOLD:
         _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)

@@ -21,6 +21,8 @@ _HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 def _real(value, name, where):
+    if type(value) is float or type(value) is int:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}{where}")
     return float(value)
@@ -78,11 +80,13 @@ def _interval(a):
 
 
 def check_no_overlap(named_arrays):
-    """Raise if any two of the (name, array) pairs share memory (all are C-contiguous)."""
+    """Raise if any two of the (name, array) pairs share memory (all are C-contiguous).
+    Returns the sorted (start, end) memory spans."""
     spans = sorted((*_interval(a), name) for name, a in named_arrays if a.nbytes)
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(f"{n0} and {n1} share memory; each must be its own buffer")
+    return [(start, end) for start, end, _ in spans]
 
 
 def _overlaps(spans, interval):
@@ -130,6 +134,7 @@ class Adam:
         self.param_groups = []
         self.state = {}
         self._plan = None
+        self._written_cache = None
         if isinstance(params, (np.ndarray, dict)):
             raise TypeError("params argument given to the optimizer should be a list of arrays "
                             f"or dicts, but got {_describe(params)}")
@@ -231,8 +236,7 @@ class Adam:
                     if key in entry:
                         written.append((f"state[{k}][{key!r}]", entry[key]))
                 k += 1
-        check_no_overlap(written)
-        spans = sorted(_interval(a) for _, a in written if a.nbytes)
+        spans = self._written_spans(written)
         for k, g in enumerate(grads):
             if g.nbytes and _overlaps(spans, _interval(g)):
                 raise ValueError(f"grads[{k}] shares memory with a parameter or the optimizer "
@@ -244,6 +248,19 @@ class Adam:
         else:
             self._apply_python(groups, grads)
         return True
+
+    def _written_spans(self, written):
+        """check_no_overlap over the buffers a step writes, remembered while they
+        are the same objects (the usual case: every step after the first).  An
+        array's memory cannot move without its shape changing, which is checked."""
+        arrays = [a for _, a in written]
+        cached = self._written_cache
+        if cached is not None and len(cached[0]) == len(arrays) and all(
+                a is b for a, b in zip(cached[0], arrays)):
+            return cached[1]
+        spans = check_no_overlap(written)
+        self._written_cache = (arrays, spans)
+        return spans
 
     @staticmethod
     def _check_grad(g, p, k):
