@@ -31,7 +31,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 # Below this many elements a tensor is updated by one thread: a parallel
 # region costs more than it saves there (see benchmarks/).
-PARALLEL_THRESHOLD = 1 << 16
+PARALLEL_THRESHOLD = 1 << 18
 ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
 
 _CPU_LIMIT = cpu_limit()

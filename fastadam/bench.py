@@ -49,12 +49,26 @@ def _buffers(n, seed=0):
     return rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
 
 
+def _numpy_reference(n, threads):
+    """The textbook NumPy update (fastadam._reference) called directly, as a user
+    would write it: no argument checks, the scalars computed each step."""
+    from ._reference import WD_NONE, adam_update, step_scalars
+    p, g = _buffers(n)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    t = [0]
+
+    def step():
+        t[0] += 1
+        adam_update(p, g, m, v, None, step_scalars(1e-3, 0.9, 0.999, 1e-8, 0.0, t[0]),
+                    WD_NONE, False, False)
+    return step
+
+
 def _fastadam(backend):
     def make(n, threads):
-        if backend != "numpy":
-            status = fastadam._backends.available()[backend]
-            if status is not None:
-                raise Unavailable(status)
+        status = fastadam._backends.available()[backend]
+        if status is not None:
+            raise Unavailable(status)
         p, g = _buffers(n)
         opt = fastadam.Adam([p], backend=backend, num_threads=threads)
         opt.step([g])  # creates the state and, for numba, compiles
@@ -121,7 +135,7 @@ def _deepspeed(n, threads):
 
 
 IMPLEMENTATIONS = {
-    "numpy-reference": _fastadam("numpy"),
+    "numpy-reference": _numpy_reference,
     "fastadam-cython": _fastadam("cython"),
     "fastadam-numba": _fastadam("numba"),
     "torch-foreach": _torch("foreach"),

@@ -1,0 +1,118 @@
+"""pytest-benchmark: one Adam step, implementation x size x threads, with the roofline.
+
+Run: ``python -m pytest benchmarks/`` (``--benchmark-save=NAME`` / ``--benchmark-compare``
+work as pytest-benchmark documents).  Each size and thread count is one group
+(one comparison table).  Steps repeat on the same buffers: the work is
+elementwise and does not depend on the values, so every repetition costs the
+same; pedantic mode with a warm-up round and explicit rounds.
+
+Unavailable peers (torch, deepspeed, numba) are skipped with the reason.
+``python -m fastadam.bench`` runs the same implementations interleaved in one
+process and prints the speed-up table (README, "Speed").
+"""
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam import bench
+from fastadam.mnist.model import MLP
+
+SIZES = [4096, 65536, 1 << 20, 1 << 24, 1 << 26]
+
+
+def rounds_for(n):
+    return 200 if n <= 65536 else 30 if n <= 1 << 20 else 5
+
+
+@pytest.mark.parametrize("impl", list(bench.IMPLEMENTATIONS))
+@pytest.mark.parametrize("n", SIZES, ids=[bench.LABELS[s] for s in SIZES])
+def test_step(benchmark, impl, n, threads):
+    try:
+        step = bench.IMPLEMENTATIONS[impl](n, threads)
+    except bench.Unavailable as e:
+        pytest.skip(f"{impl}: {e}")
+    benchmark.group = f"step {bench.LABELS[n]} float32, {threads} thread(s)"
+    benchmark.extra_info.update(params=n, bytes_per_step=bench.BYTES_PER_PARAM * n)
+    iterations = max(1, 65536 // n * 4)
+    benchmark.pedantic(step, rounds=rounds_for(n), iterations=iterations, warmup_rounds=1)
+    benchmark.extra_info["gb_per_s"] = bench.BYTES_PER_PARAM * n / benchmark.stats.stats.median / 1e9
+
+
+def model_like_shapes(rng, layers=50):
+    """200 tensors, 6.6M parameters: blocks of (128, 512) and (512, 128) weights with biases."""
+    shapes = []
+    for _ in range(layers):
+        shapes += [(128, 512), (512,), (512, 128), (128,)]
+    return shapes
+
+
+def _multi(kind, threads):
+    rng = np.random.default_rng(0)
+    shapes = model_like_shapes(rng)
+    if kind.startswith("torch"):
+        torch = pytest.importorskip("torch")
+        params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s, dtype=np.float32))) for s in shapes]
+        for p in params:
+            p.grad = torch.from_numpy(rng.standard_normal(p.shape, dtype=np.float32))
+        opt = torch.optim.Adam(params, **({"fused": True} if kind == "torch-fused" else {"foreach": True}))
+
+        def step():
+            torch.set_num_threads(threads)
+            opt.step()
+        return step
+    if kind == "fastadam-flat":
+        flat = fastadam.FlatParameters({str(i): s for i, s in enumerate(shapes)})
+        flat.data[...] = rng.standard_normal(flat.data.shape)
+        flat.grad[...] = rng.standard_normal(flat.grad.shape)
+        opt = fastadam.Adam([flat.data], num_threads=threads)
+        grads = [flat.grad]
+    else:
+        params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        opt = fastadam.Adam(params, num_threads=threads,
+                            backend="numpy" if kind == "numpy-reference-list" else "auto")
+    opt.step(grads)
+
+    def step():
+        opt.step(grads)
+    return step
+
+
+@pytest.mark.parametrize("kind", ["fastadam-list", "fastadam-flat", "numpy-reference-list",
+                                  "torch-foreach", "torch-fused"])
+def test_model_shaped_step(benchmark, kind, threads):
+    """A step over 200 tensors of a model's shapes (6.6M parameters)."""
+    step = _multi(kind, threads)
+    benchmark.group = f"model-shaped: 200 tensors, 6.6M params, {threads} thread(s)"
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from fastadam.mnist import data
+    return data.load_dataset(data.bundled_dir())
+
+
+@pytest.mark.parametrize("optimizer", ["fastadam", "numpy"])
+def test_mnist_mlp_step(benchmark, optimizer):
+    """The optimizer step of the README's MNIST MLP (784-512-256-10, 535,818 parameters)."""
+    model = MLP([784, 512, 256, 10], np.random.default_rng(0))
+    opt = fastadam.Adam([model.flat.data], backend="numpy" if optimizer == "numpy" else "auto")
+    grads = [model.flat.grad]
+    benchmark.group = "MNIST MLP optimizer step"
+    benchmark.pedantic(lambda: opt.step(grads), rounds=50, iterations=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("optimizer", ["fastadam", "numpy"])
+def test_mnist_epoch(benchmark, mnist, optimizer):
+    """One training epoch of the MNIST MLP, forward and backward included."""
+    from fastadam.mnist import train
+    x_train, y_train, x_test, y_test = mnist
+
+    def epoch():
+        model = MLP([784, 512, 256, 10], np.random.default_rng(0))
+        opt = fastadam.Adam([model.flat.data], backend="numpy" if optimizer == "numpy" else "auto")
+        train(model, opt, x_train, y_train, x_test[:10], y_test[:10], 1, 128, 0, progress=False,
+              log=lambda s: None)
+    benchmark.group = "MNIST MLP epoch"
+    benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=0)
