@@ -53,7 +53,7 @@ def test_auto_falls_back_with_a_warning(monkeypatch):
 def test_two_optimizers_in_two_threads(backend, rng):
     """Two optimizers stepping at once from two Python threads (parallel-size tensors):
     no crash, and the same bits as running them one after the other."""
-    n, steps = 300_000, 15
+    n, steps = 600_000, 15
     p0 = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     grads = [[rng.standard_normal(n).astype(np.float32) for _ in range(steps)] for _ in range(2)]
 
@@ -84,8 +84,8 @@ def test_numba_concurrency_survives_in_a_fresh_process():
     pytest.importorskip("numba")
     code = """
 import threading, numpy as np, fastadam
-ps = [np.zeros(200_000, np.float32) for _ in range(4)]
-g = np.ones(200_000, np.float32)
+ps = [np.zeros(600_000, np.float32) for _ in range(4)]
+g = np.ones(600_000, np.float32)
 opts = [fastadam.Adam([p], backend='numba', num_threads=2) for p in ps]
 def run(o):
     for _ in range(20):
