@@ -1,12 +1,15 @@
 """fastadam: the Adam optimizer as one fused, in-place, compiled kernel over NumPy buffers."""
-from . import _backends
-from ._flat import FlatParameters
-from ._optimizer import Adam, AdamW
+__version__ = "0.1.0"
+
+from . import _backends  # noqa: E402
+from ._flat import FlatParameters  # noqa: E402
+from ._optimizer import Adam, AdamW  # noqa: E402
+
+from ._config import show_config  # noqa: E402
 
 try:  # load the compiled kernel now, so its OpenMP runtime starts with fastadam's settings
     _backends._load_cython()
 except ImportError:
     pass
 
-__version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "FlatParameters", "__version__"]
+__all__ = ["Adam", "AdamW", "FlatParameters", "show_config", "__version__"]

@@ -172,3 +172,20 @@ def test_openmp_spin_setting_does_not_leak():
     assert out.stdout.strip() == "None", out.stderr
     out = run_python("import os, fastadam; print(os.environ.get('GOMP_SPINCOUNT'))", GOMP_SPINCOUNT="77")
     assert out.stdout.strip() == "77", out.stderr
+
+
+def test_show_config_reports_the_installation():
+    import io
+    buf = io.StringIO()
+    info = fastadam.show_config(file=buf)
+    text = buf.getvalue()
+    assert text.startswith(f"fastadam {fastadam.__version__}")
+    assert info["backends"]["numpy"] == "available"
+    if info["backends"]["cython"] == "available":
+        from fastadam import _kernel
+        assert info["kernel_variant_in_use"] == _kernel.isa_in_use()
+        assert "baseline" in info["kernel_variants_supported"]
+        assert info["default_num_threads"] == _kernel.default_num_threads()
+        assert ("OpenMP: on" in text) == _kernel.OPENMP_ENABLED
+    out = run_python("import runpy, sys; sys.argv = ['fastadam', '--info']; runpy.run_module('fastadam', run_name='__main__')")
+    assert out.returncode == 0 and "backend numpy" in out.stdout, out.stderr
