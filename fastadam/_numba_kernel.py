@@ -50,6 +50,8 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
     elif wd_mode == WD_DECOUPLED:
         pi = pi * decay
     mi = beta1 * m[i] + one_minus_beta1 * gi
+    if abs(mi) < np.finfo(m.dtype).tiny:  # see src/adam_kernel.hpp: no subnormal crawl
+        mi = mi - mi
     vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
     m[i] = mi
     v[i] = vi

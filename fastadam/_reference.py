@@ -8,6 +8,7 @@ with its temporaries.  For a step ``t`` (1-based) and gradient ``g``::
     g   <- g + wd * p                           Adam: L2 weight decay
     p   <- p * (1 - lr * wd)                    AdamW: decoupled weight decay
     m   <- beta1 * m + (1 - beta1) * g
+    m   <- 0 where |m| < the dtype's smallest normal number (no subnormal crawl)
     v   <- beta2 * v + (1 - beta2) * g^2
     v^  <- max(v^, v)                           AMSGrad (the denominator uses v^)
     p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -63,6 +64,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
         param *= t(s.decay)
     exp_avg *= t(s.beta1)
     exp_avg += t(s.one_minus_beta1) * grad
+    exp_avg[np.abs(exp_avg) < np.finfo(param.dtype).smallest_normal] = 0
     exp_avg_sq *= t(s.beta2)
     exp_avg_sq += t(s.one_minus_beta2) * (grad * grad)
     if amsgrad:

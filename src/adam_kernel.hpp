@@ -8,10 +8,18 @@
 //   g  = g + wd * p                       (Adam, L2 weight decay)
 //   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
 //   m  = beta1 * m + (1 - beta1) * g
+//   m  = 0 where |m| < the smallest normal number of T (see below)
 //   v  = beta2 * v + (1 - beta2) * (g * g)
 //   vm = max(vm, v)                       (AMSGrad; the denominator uses vm)
 //   d  = sqrt(v) * (1 / sqrt(bc2)) + eps  (bc2 = 1 - beta2^step)
 //   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
+//
+// Where a gradient is zero (a dead ReLU unit, an unused embedding row) m shrinks
+// by beta1 every step and would crawl through the subnormal range for ~200
+// steps, every operation on it a ~100-cycle microcode assist: measured, an MNIST
+// MLP step slowed 4x as 3% of m went subnormal.  Storing such an m as zero ends
+// that at once; its contribution to p, m / (sqrt(v)/sqrt(bc2) + eps), was below
+// 1e-30 relative.  v is left alone: with eps = 0 a zeroed v would turn 0/v into 0/0.
 //
 // The build uses -ffp-contract=off, so no multiply-add is fused: the vector
 // main loop, its scalar tail and the NumPy reference (fastadam/_reference.py)
@@ -68,6 +76,11 @@ struct fa_scalars {
 
 static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __builtin_sqrtf(x); }
 static inline __attribute__((always_inline)) double fa_sqrt(double x) { return __builtin_sqrt(x); }
+static inline __attribute__((always_inline)) float fa_abs(float x) { return __builtin_fabsf(x); }
+static inline __attribute__((always_inline)) double fa_abs(double x) { return __builtin_fabs(x); }
+template <typename T> struct fa_min_normal;
+template <> struct fa_min_normal<float> { static constexpr float value = __FLT_MIN__; };
+template <> struct fa_min_normal<double> { static constexpr double value = __DBL_MIN__; };
 
 // The loop over [start, stop) of one tensor, for one variant.
 template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE>
@@ -84,7 +97,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
-        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
+        T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
+        mi = fa_abs(mi) < fa_min_normal<T>::value ? (T)0 : mi;
         const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
         m[i] = mi;
         v[i] = vi;

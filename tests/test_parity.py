@@ -184,3 +184,27 @@ def test_amsgrad_switched_on_later(backend, rng):
     opt.param_groups[0]["amsgrad"] = True
     opt.step([rng.standard_normal(100)])
     np.testing.assert_array_equal(opt.state[0]["max_exp_avg_sq"], opt.state[0]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decaying_moment_never_goes_subnormal(backend, dtype, rng):
+    """Zero gradients after a few real ones: m decays by beta1 per step.  It is stored
+    as zero once below the smallest normal number (never subnormal), bitwise as the
+    reference."""
+    n = 1000
+    p0 = rng.standard_normal(n).astype(dtype)
+    grads = [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+    grads += [np.zeros(n, dtype)] * (900 if dtype == np.float32 else 7000)
+    p = p0.copy()
+    opt = fastadam.Adam([p], backend=backend, betas=(0.9, 0.999))
+    tiny = np.finfo(dtype).smallest_normal
+    saw_tiny_range = False
+    for g in grads:
+        opt.step([g])
+        m = opt.state[0]["exp_avg"]
+        assert not np.any((m != 0) & (np.abs(m) < tiny))
+        saw_tiny_range |= bool(np.any((m != 0) & (np.abs(m) < 1e4 * tiny)))
+    assert saw_tiny_range and not opt.state[0]["exp_avg"].any()
+    ref_p, *_ = reference_run(p0, grads, False, betas=(0.9, 0.999))
+    np.testing.assert_array_equal(p, ref_p)

@@ -47,6 +47,8 @@ def build_parser():
     p.add_argument("--epochs", type=_positive(int), default=10)
     p.add_argument("--batch-size", type=_positive(int), default=128)
     p.add_argument("--lr", type=_positive(float), default=1e-3)
+    p.add_argument("--lr-decay", type=_positive(float), default=1.0, metavar="GAMMA",
+                   help="multiply the learning rate by GAMMA after each epoch (default 1: constant)")
     p.add_argument("--optimizer", choices=("fastadam", "numpy"), default="fastadam",
                    help="fastadam.Adam, or the pure-NumPy reference Adam")
     p.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), default="auto",
@@ -65,8 +67,10 @@ def build_parser():
 
 
 def train(model, optimizer, x_train, y_train, x_test, y_test, epochs, batch_size, seed,
-          progress=None, label="", log=print):
+          progress=None, label="", log=print, lr_decay=1.0):
     """Mini-batch training with a per-epoch shuffle; returns one dict per epoch.
+
+    ``lr_decay`` multiplies every group's learning rate after each epoch.
 
     ``train_loss``/``train_acc`` are averages over the epoch's mini-batches (as
     Keras reports them); ``test_*`` are measured on the whole test set after the
@@ -101,6 +105,8 @@ def train(model, optimizer, x_train, y_train, x_test, y_test, epochs, batch_size
                   "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
                   "optimizer_seconds": optimizer_seconds}
         history.append(record)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_decay
         log(f"{label}epoch {epoch:3d}/{epochs}  train loss {record['train_loss']:.4f} "
             f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} "
             f"acc {100 * test_acc:.2f}%  {seconds:.2f}s (optimizer {optimizer_seconds:.3f}s)")
@@ -152,14 +158,16 @@ def main(argv=None):
     runs, backends = {}, {}
     model_name = "softmax regression" if not args.hidden else f"MLP {'-'.join(map(str, sizes))}"
     print(f"{model_name} on {directory}: {x_train.shape[0]} train / {x_test.shape[0]} test, "
-          f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, seed {args.seed}")
+          f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}"
+          + (f" x {args.lr_decay} per epoch" if args.lr_decay != 1 else "") + f", seed {args.seed}")
     for kind in kinds:
         model = MLP(sizes, np.random.default_rng(args.seed))
         optimizer = _make_optimizer(kind, model, args)
         label = f"{kind} ({optimizer.backend}) " if len(kinds) > 1 else ""
         backends[kind] = optimizer.backend
         runs[kind] = train(model, optimizer, x_train, y_train, x_test, y_test, args.epochs,
-                           args.batch_size, args.seed, progress=args.progress, label=label)
+                           args.batch_size, args.seed, progress=args.progress, label=label,
+                           lr_decay=args.lr_decay)
     if args.compare:
         a, b = runs["fastadam"], runs["numpy"]
         worst = max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b)
@@ -168,7 +176,8 @@ def main(argv=None):
         print(f"fastadam vs NumPy reference: largest difference in any curve {worst:.3g}; "
               f"optimizer time {speed:.1f}x less")
     config = {"model": model_name, "sizes": sizes, "hidden": args.hidden, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+              "batch_size": args.batch_size, "lr": args.lr, "lr_decay": args.lr_decay,
+              "optimizer": args.optimizer,
               "backend": backends.get("fastadam", backends.get(args.optimizer)), "seed": args.seed,
               "data": str(directory), "n_parameters": int(sum(
                   a * b + b for a, b in zip(sizes, sizes[1:]))),
@@ -184,5 +193,7 @@ def main(argv=None):
     if args.plot:
         plot_runs({f"{k} ({backends[k]})" if k == "fastadam" else "NumPy reference": v
                    for k, v in runs.items()}, args.plot,
-                  title=f"{model_name} on MNIST, Adam lr {args.lr}, batch {args.batch_size}")
+                  title=f"{model_name} on {directory.name}, Adam lr {args.lr}"
+                        + (f" x {args.lr_decay}/epoch" if args.lr_decay != 1 else "")
+                        + f", batch {args.batch_size}")
     return 0
