@@ -10,6 +10,7 @@ parameters and state exactly as they were.
 """
 import bisect
 import numbers
+import threading
 
 import numpy as np
 
@@ -135,6 +136,8 @@ class Adam:
         self.state = {}
         self._plan = None
         self._written_cache = None
+        self._step_lock = threading.Lock()  # one step at a time: see _step_checked
+        self._guard = None                   # the compiled kernel's StepGuard, made with the first Plan
         if isinstance(params, (np.ndarray, dict)):
             raise TypeError("params argument given to the optimizer should be a list of arrays "
                             f"or dicts, but got {_describe(params)}")
@@ -203,6 +206,17 @@ class Adam:
         return self._step_checked(grads)
 
     def _step_checked(self, grads):
+        # Two threads stepping one optimizer would race on its buffers: refuse the
+        # second.  The compiled path's guard covers its kernel (Plan.step) too.
+        if (self._guard is not None and self._guard.busy) or not self._step_lock.acquire(blocking=False):
+            raise RuntimeError("Adam.step() called from two threads at once on the same "
+                               "optimizer; its buffers can take one step at a time")
+        try:
+            return self._step_checked_locked(grads)
+        finally:
+            self._step_lock.release()
+
+    def _step_checked_locked(self, grads):
         params = self._parameters()
         if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
             raise TypeError(f"grads must be a list or tuple of arrays, one per parameter, "
@@ -274,13 +288,15 @@ class Adam:
             raise ValueError(f"grads[{k}] is not C-contiguous and aligned")
 
     def _apply_compiled(self, groups, grads):
+        if self._guard is None:
+            self._guard = self._backend.StepGuard()
         params = [p for g in groups for p in g["params"]]
         amsgrads = [g["amsgrad"] for g in groups for _ in g["params"]]
         entries = [self.state[k] for k in range(len(params))]
         self._plan = self._backend.Plan(
             params, [e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries],
             [e["max_exp_avg_sq"] if a else None for e, a in zip(entries, amsgrads)],
-            [len(g["params"]) for g in groups], self._decoupled)
+            [len(g["params"]) for g in groups], self._decoupled, self._guard)
         plain = [{"params": g["params"], "lr": g["lr"], "betas": (g["beta1"], g["beta2"]),
                   "eps": g["eps"], "weight_decay": g["weight_decay"], "amsgrad": g["amsgrad"],
                   "maximize": g["maximize"]} for g in groups]

@@ -163,12 +163,20 @@ cdef int compare_int64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+cdef class StepGuard:
+    """One per optimizer, shared by every Plan it builds: whether one of its steps
+    is running.  Checked and set while holding the GIL, so two threads cannot
+    both pass it."""
+    cdef public bint busy
+
+
 cdef class Plan:
     """The validated buffers of an optimizer, in its tensor order.
 
     ``params``, ``exp_avgs``, ``exp_avg_sqs``: one array per tensor;
     ``max_exp_avg_sqs``: one array or None per tensor; ``group_sizes``: how many
-    tensors each parameter group has; ``decoupled``: AdamW's weight decay.
+    tensors each parameter group has; ``decoupled``: AdamW's weight decay;
+    ``guard``: the optimizer's StepGuard.
     The caller guarantees that the arrays are C-contiguous, aligned, writeable,
     float32 or float64, of matching shapes, and that none overlaps another.
     """
@@ -179,9 +187,10 @@ cdef class Plan:
     cdef Py_ssize_t n
     cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, group_sizes
     cdef int wd_mode_if_nonzero
+    cdef StepGuard guard
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list group_sizes, bint decoupled):
+                  list group_sizes, bint decoupled, StepGuard guard not None):
         cdef Py_ssize_t k, j
         cdef cnp.ndarray buf
         self.n = len(params)
@@ -192,6 +201,7 @@ cdef class Plan:
         self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
         self.max_exp_avg_sqs, self.group_sizes = max_exp_avg_sqs, group_sizes
         self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
+        self.guard = guard
         self.items = <fa_item *>malloc(max(self.n, 1) * sizeof(fa_item))
         self.offsets = <int64_t *>malloc((self.n + 1) * sizeof(int64_t))
         self.written = <int64_t *>malloc(max(8 * self.n, 2) * sizeof(int64_t))
@@ -268,6 +278,9 @@ cdef class Plan:
         cdef cnp.ndarray g
         cdef list group_params
         cdef fa_item *it
+        if self.guard.busy:
+            raise RuntimeError("Adam.step() called from two threads at once on the same "
+                               "optimizer; its buffers can take one step at a time")
         if type(grads) is not list and type(grads) is not tuple:
             return False
         if len(grads) != self.n or len(groups) != len(self.group_sizes):
@@ -348,8 +361,12 @@ cdef class Plan:
         new_steps = [state[k]["step"] + 1 for k in range(self.n)]
         for k in range(self.n):
             PyDict_SetItem(<dict>state[k], "step", new_steps[k])
-        with nogil:
-            run_items(self.items, self.offsets, self.n, resolve_num_threads(num_threads))
+        self.guard.busy = True
+        try:
+            with nogil:
+                run_items(self.items, self.offsets, self.n, resolve_num_threads(num_threads))
+        finally:
+            self.guard.busy = False
         return True
 
 

@@ -7,7 +7,6 @@ big-endian uint32 sizes, then the data.  Files may be gzip-compressed.
 import gzip
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -182,11 +181,3 @@ def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
 
 def sha256_of(path):
     return hashlib.sha256(read_bytes(path)).hexdigest()
-
-
-def copy_dataset(source, target):
-    """Copy the four files of ``source`` into ``target`` (used by the tests)."""
-    Path(target).mkdir(parents=True, exist_ok=True)
-    for stem in FILES.values():
-        path = find_file(source, stem)
-        shutil.copy(path, Path(target) / path.name)
