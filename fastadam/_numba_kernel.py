@@ -42,7 +42,8 @@ _workqueue_lock = threading.Lock()
 
 @njit(inline="always", error_model="numpy")
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
-                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
+                    min_normal, zero):
     gi = -g[i] if maximize else g[i]
     pi = p[i]
     if wd_mode == WD_L2:
@@ -50,8 +51,7 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
     elif wd_mode == WD_DECOUPLED:
         pi = pi * decay
     mi = beta1 * m[i] + one_minus_beta1 * gi
-    if abs(mi) < np.finfo(m.dtype).tiny:  # see src/adam_kernel.hpp: no subnormal crawl
-        mi = mi - mi
+    mi = zero if abs(mi) < min_normal else mi  # see src/adam_kernel.hpp: no subnormal crawl
     vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
     m[i] = mi
     v[i] = vi
@@ -77,14 +77,16 @@ def _make_variant(wd_mode, amsgrad, maximize):
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
+        min_normal, zero = np.finfo(p.dtype).tiny, beta1 - beta1
         for i in range(p.shape[0]):
             _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
                             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-                            step_size, inv_sqrt_bc2)
+                            step_size, inv_sqrt_bc2, min_normal, zero)
 
     def update_parallel(p, g, m, v, vmax, n_threads, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
         n = p.shape[0]
+        min_normal, zero = np.finfo(p.dtype).tiny, beta1 - beta1
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
@@ -93,7 +95,7 @@ def _make_variant(wd_mode, amsgrad, maximize):
             for i in range(ps.shape[0]):
                 _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, beta1,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                                decay, step_size, inv_sqrt_bc2)
+                                decay, step_size, inv_sqrt_bc2, min_normal, zero)
 
     serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
