@@ -149,6 +149,18 @@ def _default_num_threads():
 
 DEFAULT_NUM_THREADS = _default_num_threads()
 
+# Numba's OpenMP and workqueue layers cannot start threads in a child made by
+# fork() after the parent used them: a forked child runs every step serially.
+_in_forked_child = False
+
+
+def _after_fork_in_child():
+    global _in_forked_child
+    _in_forked_child = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                 amsgrad, maximize, num_threads=None):
@@ -162,7 +174,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
     n = param.size
     threads = DEFAULT_NUM_THREADS if num_threads is None else num_threads
     threads = min(threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
-    if threads <= 1 or n < PARALLEL_THRESHOLD:
+    if threads <= 1 or n < PARALLEL_THRESHOLD or _in_forked_child:
         _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)
         return
     parallel = _kernel(weight_decay_mode, amsgrad, maximize, True)

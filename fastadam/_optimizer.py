@@ -121,16 +121,25 @@ class Adam:
             ``"auto"`` (the first available of those; a warning below cython).
         num_threads: threads for a step; None honours ``OMP_NUM_THREADS``,
             threadpoolctl, the CPU affinity mask and cgroup quotas.
+        skip_if_nonfinite: if a gradient holds a NaN or an Inf, skip the whole
+            step (parameters and state untouched; ``step`` returns False and
+            ``skipped_steps`` counts it).  Off by default, as in torch, where a
+            NaN gradient propagates into the parameters.
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None):
+                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
+                 skip_if_nonfinite=False):
         self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              amsgrad=amsgrad, maximize=maximize)
         check_hyperparameters(self.defaults)
         self.num_threads = check_num_threads(num_threads)
+        if not isinstance(skip_if_nonfinite, bool):
+            raise TypeError(f"skip_if_nonfinite must be True or False, got {skip_if_nonfinite!r}")
+        self.skip_if_nonfinite = skip_if_nonfinite
+        self.skipped_steps = 0
         self.backend, self._backend = _backends.load(backend)
         self.param_groups = []
         self.state = {}
@@ -198,12 +207,19 @@ class Adam:
 
         ``grads`` is a list (or tuple) of arrays in the optimizer's parameter
         order, each of its parameter's shape and dtype, C-contiguous.  Returns
-        True.  Raises (and changes nothing) on any mismatch.
+        True if the step was applied; False if it was skipped (only with
+        ``skip_if_nonfinite``).  Raises (and changes nothing) on any mismatch.
         """
         plan = self._plan
-        if plan is not None and plan.step(self.param_groups, grads, self.state, self.num_threads or 0):
-            return True
-        return self._step_checked(grads)
+        if plan is not None:
+            applied = plan.step(self.param_groups, grads, self.state, self.num_threads or 0,
+                                self.skip_if_nonfinite)
+            if applied is not None:
+                self.skipped_steps += not applied
+                return applied
+        applied = self._step_checked(grads)
+        self.skipped_steps += not applied
+        return applied
 
     def _step_checked(self, grads):
         # Two threads stepping one optimizer would race on its buffers: refuse the
@@ -255,6 +271,8 @@ class Adam:
             if g.nbytes and _overlaps(spans, _interval(g)):
                 raise ValueError(f"grads[{k}] shares memory with a parameter or the optimizer "
                                  "state; pass a separate gradient buffer")
+        if self.skip_if_nonfinite and not all(np.isfinite(g).all() for g in grads):
+            return False
         # Everything is checked: from here on nothing can fail.
         self.state.update(new_state)
         if self.backend == "cython":
@@ -300,7 +318,7 @@ class Adam:
         plain = [{"params": g["params"], "lr": g["lr"], "betas": (g["beta1"], g["beta2"]),
                   "eps": g["eps"], "weight_decay": g["weight_decay"], "amsgrad": g["amsgrad"],
                   "maximize": g["maximize"]} for g in groups]
-        if not self._plan.step(plain, list(grads), self.state, self.num_threads or 0):
+        if self._plan.step(plain, list(grads), self.state, self.num_threads or 0) is not True:
             raise RuntimeError("fastadam internal error: the compiled step refused checked input")
 
     def _apply_python(self, groups, grads):
@@ -354,7 +372,8 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None):
+                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
+                 skip_if_nonfinite=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, backend=backend,
-                         num_threads=num_threads)
+                         num_threads=num_threads, skip_if_nonfinite=skip_if_nonfinite)

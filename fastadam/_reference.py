@@ -55,6 +55,14 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
     Every scalar is rounded to the array's dtype once, as the compiled kernel
     does.  ``num_threads`` is ignored: NumPy's elementwise operations use one thread.
     """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        # Overflow to inf and NaN are documented results (README), as in the compiled kernels.
+        _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
+                maximize)
+
+
+def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
+            maximize):
     t = param.dtype.type
     if maximize:
         grad = -grad

@@ -64,13 +64,13 @@ def _numpy_reference(n, threads):
     return step
 
 
-def _fastadam(backend):
+def _fastadam(backend, **options):
     def make(n, threads):
         status = fastadam._backends.available()[backend]
         if status is not None:
             raise Unavailable(status)
         p, g = _buffers(n)
-        opt = fastadam.Adam([p], backend=backend, num_threads=threads)
+        opt = fastadam.Adam([p], backend=backend, num_threads=threads, **options)
         opt.step([g])  # creates the state and, for numba, compiles
 
         def step():
@@ -138,6 +138,7 @@ IMPLEMENTATIONS = {
     "numpy-reference": _numpy_reference,
     "fastadam-cython": _fastadam("cython"),
     "fastadam-numba": _fastadam("numba"),
+    "fastadam-skip-nonfinite": _fastadam("cython", skip_if_nonfinite=True),
     "torch-foreach": _torch("foreach"),
     "torch-fused": _torch("fused"),
     "deepspeed-cpu-adam": _deepspeed,

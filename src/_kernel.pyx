@@ -41,6 +41,8 @@ cdef extern from "adam_kernel.hpp" nogil:
     int fa_isa_in_use
     void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                       int64_t t, int64_t n_threads)
+    int fa_finite_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                        int64_t t, int64_t n_threads)
     void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
                           int64_t t, int64_t n_threads)
 
@@ -57,6 +59,19 @@ cdef int64_t _parallel_threshold = PARALLEL_THRESHOLD
 # by fastadam._threads; omp_get_max_threads() is asked at every step so that
 # threadpoolctl limits apply at once.
 cdef int _cpu_limit = 1
+# libgomp cannot start threads in a child process made by fork() after the
+# parent used OpenMP: a parallel region there waits forever.  A forked child
+# therefore runs every step on its calling thread.
+cdef bint _in_forked_child = False
+
+
+def _after_fork_in_child():
+    global _in_forked_child
+    _in_forked_child = True
+
+
+import os as _os
+_os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def set_cpu_limit(int n):
@@ -70,7 +85,7 @@ def default_num_threads():
 
 
 cdef inline int resolve_num_threads(int requested) noexcept nogil:
-    if not fa_openmp_enabled:
+    if not fa_openmp_enabled or _in_forked_child:
         return 1
     if requested > 0:
         return requested
@@ -113,6 +128,21 @@ cdef void run_items(const fa_item *items, const int64_t *offsets, int64_t n_item
         return
     for t in prange(num_threads, schedule='static', num_threads=num_threads):
         fa_run_share(items, offsets, n_items, t, num_threads)
+
+
+cdef bint all_finite(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                     int num_threads) noexcept nogil:
+    """Whether every gradient of the step is finite: a read-only pass, split between
+    threads as the update is."""
+    cdef int t
+    cdef int ok = 1
+    if n_items == 0 or offsets[n_items] == 0:
+        return True
+    if num_threads <= 1 or offsets[n_items] < _parallel_threshold:
+        return fa_finite_share(items, offsets, n_items, 0, 1) != 0
+    for t in prange(num_threads, schedule='static', num_threads=num_threads):
+        ok &= fa_finite_share(items, offsets, n_items, t, num_threads)
+    return ok != 0
 
 
 def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, int num_threads=0):
@@ -265,11 +295,14 @@ cdef class Plan:
                 b = mid
         return a > 0 and self.written[2 * (a - 1) + 1] > lo
 
-    def step(self, list groups, grads, dict state, int num_threads):
-        """Apply one step; False (and nothing changed) if anything is off.
+    def step(self, list groups, grads, dict state, int num_threads, bint skip_if_nonfinite=False):
+        """Apply one step: True.  With ``skip_if_nonfinite`` and a NaN or Inf gradient:
+        False, and nothing changed.  None (and nothing changed) if anything is off.
 
         ``num_threads`` <= 0 means the default (see default_num_threads).
         """
+        cdef int threads = resolve_num_threads(num_threads)
+        cdef bint finite = True
         cdef Py_ssize_t gi, j, k, n_in_group
         cdef double lr, beta1, beta2, eps, weight_decay, bc1, bc2
         cdef int variant
@@ -282,20 +315,20 @@ cdef class Plan:
             raise RuntimeError("Adam.step() called from two threads at once on the same "
                                "optimizer; its buffers can take one step at a time")
         if type(grads) is not list and type(grads) is not tuple:
-            return False
+            return None
         if len(grads) != self.n or len(groups) != len(self.group_sizes):
-            return False
+            return None
         # Pass 1: check everything and fill the items; nothing is changed yet.
         k = 0
         for gi in range(len(groups)):
             group = groups[gi]
             if type(group) is not dict:
-                return False
+                return None
             try:
                 group_params = <list?>group["params"]
                 betas = group["betas"]
                 if len(betas) != 2:
-                    return False
+                    return None
                 lr = float(group["lr"])
                 beta1 = float(betas[0])
                 beta2 = float(betas[1])
@@ -305,42 +338,42 @@ cdef class Plan:
                     (0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
                     | (<int>bool(group["amsgrad"]) << 2) | (<int>bool(group["maximize"]) << 3))
             except Exception:
-                return False
+                return None
             if not (0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
                     and 0.0 <= weight_decay):
-                return False
+                return None
             n_in_group = self.group_sizes[gi]
             if PyList_GET_SIZE(group_params) != n_in_group:
-                return False
+                return None
             for j in range(n_in_group):
                 it = &self.items[k]
                 if <object>PyList_GET_ITEM(group_params, j) is not self.params[k]:
-                    return False
+                    return None
                 if ((variant >> 2) & 1) != (self.max_exp_avg_sqs[k] is not None):
-                    return False
+                    return None
                 ptr = PyDict_GetItem(state, k)
                 if ptr == NULL or type(<object>ptr) is not dict:
-                    return False
+                    return None
                 st = <dict>ptr
                 ptr = PyDict_GetItem(st, "step")
                 if ptr == NULL or type(<object>ptr) is not int:
-                    return False
+                    return None
                 if not (0 <= <object>ptr < (1 << 53)):
-                    return False
+                    return None
                 step = <long long>(<object>ptr)
                 if not (same_object(st, "exp_avg", self.exp_avgs[k])
                         and same_object(st, "exp_avg_sq", self.exp_avg_sqs[k])):
-                    return False
+                    return None
                 if self.max_exp_avg_sqs[k] is not None and not same_object(
                         st, "max_exp_avg_sq", self.max_exp_avg_sqs[k]):
-                    return False
+                    return None
                 gobj = grads[k]
                 if not cnp.PyArray_Check(gobj):
-                    return False
+                    return None
                 g = <cnp.ndarray>gobj
                 if (not cnp.PyArray_ISCARRAY_RO(g) or dtype_code(g) != it.dtype
                         or not same_shape(g, <cnp.ndarray>self.params[k]) or self.overlaps_written(g)):
-                    return False
+                    return None
                 it.grad = cnp.PyArray_DATA(g)
                 it.variant = variant
                 step += 1
@@ -356,6 +389,15 @@ cdef class Plan:
                 it.step_size = lr / bc1
                 it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
                 k += 1
+        if skip_if_nonfinite:
+            self.guard.busy = True
+            try:
+                with nogil:
+                    finite = all_finite(self.items, self.offsets, self.n, threads)
+            finally:
+                self.guard.busy = False
+            if not finite:
+                return False
         # Pass 2: commit.  Nothing below can fail but a MemoryError from a
         # new int, and that is raised before any buffer is touched.
         new_steps = [state[k]["step"] + 1 for k in range(self.n)]
@@ -364,7 +406,7 @@ cdef class Plan:
         self.guard.busy = True
         try:
             with nogil:
-                run_items(self.items, self.offsets, self.n, resolve_num_threads(num_threads))
+                run_items(self.items, self.offsets, self.n, threads)
         finally:
             self.guard.busy = False
         return True

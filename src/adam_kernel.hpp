@@ -218,16 +218,44 @@ static inline int64_t fa_boundary(const int64_t *offsets, int64_t n_items, int64
     return offsets[k] + (local - local % FA_ALIGN);
 }
 
-static inline void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
-                                int64_t t, int64_t n_threads) {
+// Calls f(item, a, b) for each tensor piece [a, b) in thread t's share.
+template <typename F>
+static inline void fa_for_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                                int64_t t, int64_t n_threads, F f) {
     const int64_t begin = fa_boundary(offsets, n_items, t, n_threads);
     const int64_t end = fa_boundary(offsets, n_items, t + 1, n_threads);
     if (begin >= end) return;
     for (int64_t k = fa_find_item(offsets, n_items, begin); k < n_items && offsets[k] < end; ++k) {
         const int64_t a = begin > offsets[k] ? begin - offsets[k] : 0;
         const int64_t b = (end < offsets[k + 1] ? end : offsets[k + 1]) - offsets[k];
-        if (b > a) fa_adam_range(items[k], a, b);
+        if (b > a) f(items[k], a, b);
     }
+}
+
+static inline void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                                int64_t t, int64_t n_threads) {
+    fa_for_share(items, offsets, n_items, t, n_threads,
+                 [](const fa_item &it, int64_t a, int64_t b) { fa_adam_range(it, a, b); });
+}
+
+// Whether every gradient in [a, b) is finite: x - x is 0 for finite x, NaN for
+// NaN and +-Inf.  An integer AND reduction, so it vectorises without -ffast-math.
+template <typename T>
+static inline int fa_all_finite(const T *__restrict__ g, int64_t a, int64_t b) {
+    int ok = 1;
+    for (int64_t i = a; i < b; ++i) ok &= (g[i] - g[i] == (T)0);
+    return ok;
+}
+
+// 1 if every gradient in thread t's share is finite (a read-only pass, for skip_if_nonfinite).
+static inline int fa_finite_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                                  int64_t t, int64_t n_threads) {
+    int ok = 1;
+    fa_for_share(items, offsets, n_items, t, n_threads, [&ok](const fa_item &it, int64_t a, int64_t b) {
+        ok &= it.dtype == FA_FLOAT32 ? fa_all_finite((const float *)it.grad, a, b)
+                                     : fa_all_finite((const double *)it.grad, a, b);
+    });
+    return ok;
 }
 
 // The roofline: Adam's memory traffic (read p, g, m, v; write p, m, v) with
