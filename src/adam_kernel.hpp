@@ -114,6 +114,21 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     }
 }
 
+// Whether every value in g[a, b) is finite.  NaN and +-Inf are the values whose
+// magnitude bits are at least those of +Inf, so an integer max over the
+// magnitude bits decides it: a reduction that vectorises without -ffast-math.
+template <typename T, typename Bits, Bits MAGNITUDE, Bits INF>
+static inline __attribute__((always_inline)) int fa_all_finite_loop(const T *__restrict__ g, int64_t a, int64_t b) {
+    Bits largest = 0;
+    for (int64_t i = a; i < b; ++i) {
+        Bits bits;
+        memcpy(&bits, &g[i], sizeof bits);
+        bits &= MAGNITUDE;
+        largest = bits > largest ? bits : largest;
+    }
+    return largest < INF;
+}
+
 // One function per (ISA, dtype): a switch over the variants, outside the loop.
 #define FA_VARIANT_CASES(T)                                                            \
     switch (it.variant) {                                                              \
@@ -139,6 +154,13 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
         } else {                                                                       \
             FA_VARIANT_CASES(double)                                                   \
         }                                                                              \
+    }                                                                                  \
+    TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
+        if (it.dtype == FA_FLOAT32)                                                    \
+            return fa_all_finite_loop<float, uint32_t, 0x7fffffffu, 0x7f800000u>(      \
+                (const float *)it.grad, a, b);                                         \
+        return fa_all_finite_loop<double, uint64_t, 0x7fffffffffffffffull,            \
+                                  0x7ff0000000000000ull>((const double *)it.grad, a, b); \
     }
 
 FA_DEFINE_ISA(baseline, )
@@ -151,9 +173,11 @@ FA_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,
 #endif
 
 typedef void (*fa_range_fn)(const fa_item &, int64_t, int64_t);
+typedef int (*fa_check_fn)(const fa_item &, int64_t, int64_t);
 
-// The function every update goes through; set once by fa_select_isa.
+// The functions every update and every finiteness check go through; set by fa_select_isa.
 static fa_range_fn fa_adam_range = fa_adam_range_baseline;
+static fa_check_fn fa_finite_range = fa_finite_range_baseline;
 static int fa_isa_in_use = FA_ISA_BASELINE;
 
 static inline int fa_isa_supported(int isa) {
@@ -185,6 +209,9 @@ static inline int fa_select_isa(int forced) {
     fa_adam_range = isa == FA_ISA_AVX512 ? fa_adam_range_avx512
                     : isa == FA_ISA_AVX2 ? fa_adam_range_avx2
                                          : fa_adam_range_baseline;
+    fa_finite_range = isa == FA_ISA_AVX512 ? fa_finite_range_avx512
+                      : isa == FA_ISA_AVX2 ? fa_finite_range_avx2
+                                           : fa_finite_range_baseline;
 #endif
     fa_isa_in_use = isa;
     return isa;
@@ -238,23 +265,12 @@ static inline void fa_run_share(const fa_item *items, const int64_t *offsets, in
                  [](const fa_item &it, int64_t a, int64_t b) { fa_adam_range(it, a, b); });
 }
 
-// Whether every gradient in [a, b) is finite: x - x is 0 for finite x, NaN for
-// NaN and +-Inf.  An integer AND reduction, so it vectorises without -ffast-math.
-template <typename T>
-static inline int fa_all_finite(const T *__restrict__ g, int64_t a, int64_t b) {
-    int ok = 1;
-    for (int64_t i = a; i < b; ++i) ok &= (g[i] - g[i] == (T)0);
-    return ok;
-}
-
 // 1 if every gradient in thread t's share is finite (a read-only pass, for skip_if_nonfinite).
 static inline int fa_finite_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                                   int64_t t, int64_t n_threads) {
     int ok = 1;
-    fa_for_share(items, offsets, n_items, t, n_threads, [&ok](const fa_item &it, int64_t a, int64_t b) {
-        ok &= it.dtype == FA_FLOAT32 ? fa_all_finite((const float *)it.grad, a, b)
-                                     : fa_all_finite((const double *)it.grad, a, b);
-    });
+    fa_for_share(items, offsets, n_items, t, n_threads,
+                 [&ok](const fa_item &it, int64_t a, int64_t b) { ok &= fa_finite_range(it, a, b); });
     return ok;
 }
 
