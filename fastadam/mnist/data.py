@@ -114,8 +114,10 @@ def load_dataset(directory):
 
 
 def bundled_dir():
-    """The repository's data/mnist (present in a source checkout or editable install)."""
-    return Path(__file__).resolve().parents[2] / "data" / "mnist"
+    """$FASTADAM_MNIST_DIR if set, else the repository's data/mnist (present in a source
+    checkout or an editable install; an installed wheel does not carry the data)."""
+    env = os.environ.get("FASTADAM_MNIST_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "mnist"
 
 
 def cache_dir():
