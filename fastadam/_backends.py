@@ -34,6 +34,14 @@ def _load_numpy():
 _LOADERS = {"cython": _load_cython, "numba": _load_numba, "numpy": _load_numpy}
 
 
+def compiled_or_none():
+    """The compiled extension if it is built, else None."""
+    try:
+        return _load_cython()
+    except ImportError:
+        return None
+
+
 def available():
     """{backend: None if usable, else the reason it is not}."""
     status = {}

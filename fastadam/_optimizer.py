@@ -141,6 +141,10 @@ class Adam:
         self.skip_if_nonfinite = skip_if_nonfinite
         self.skipped_steps = 0
         self.backend, self._backend = _backends.load(backend)
+        # The compiled checks (Plan) serve the compiled kernel, and the Numba kernel
+        # when the extension is there; the NumPy reference stays pure Python.
+        self._checker = (self._backend if self.backend == "cython" else
+                         _backends.compiled_or_none() if self.backend == "numba" else None)
         self.param_groups = []
         self.state = {}
         self._plan = None
@@ -212,8 +216,11 @@ class Adam:
         """
         plan = self._plan
         if plan is not None:
-            applied = plan.step(self.param_groups, grads, self.state, self.num_threads or 0,
-                                self.skip_if_nonfinite)
+            if self.backend == "cython":
+                applied = plan.step(self.param_groups, grads, self.state, self.num_threads or 0,
+                                    self.skip_if_nonfinite)
+            else:
+                applied = self._step_numba(plan, self.param_groups, grads)
             if applied is not None:
                 self.skipped_steps += not applied
                 return applied
@@ -275,7 +282,7 @@ class Adam:
             return False
         # Everything is checked: from here on nothing can fail.
         self.state.update(new_state)
-        if self.backend == "cython":
+        if self._checker is not None:
             self._apply_compiled(groups, grads)
         else:
             self._apply_python(groups, grads)
@@ -307,19 +314,44 @@ class Adam:
 
     def _apply_compiled(self, groups, grads):
         if self._guard is None:
-            self._guard = self._backend.StepGuard()
+            self._guard = self._checker.StepGuard()
         params = [p for g in groups for p in g["params"]]
         amsgrads = [g["amsgrad"] for g in groups for _ in g["params"]]
         entries = [self.state[k] for k in range(len(params))]
-        self._plan = self._backend.Plan(
+        self._plan = self._checker.Plan(
             params, [e["exp_avg"] for e in entries], [e["exp_avg_sq"] for e in entries],
             [e["max_exp_avg_sq"] if a else None for e, a in zip(entries, amsgrads)],
             [len(g["params"]) for g in groups], self._decoupled, self._guard)
         plain = [{"params": g["params"], "lr": g["lr"], "betas": (g["beta1"], g["beta2"]),
                   "eps": g["eps"], "weight_decay": g["weight_decay"], "amsgrad": g["amsgrad"],
                   "maximize": g["maximize"]} for g in groups]
-        if self._plan.step(plain, list(grads), self.state, self.num_threads or 0) is not True:
+        if self.backend == "cython":
+            applied = self._plan.step(plain, list(grads), self.state, self.num_threads or 0)
+        else:
+            applied = self._step_numba(self._plan, plain, list(grads))
+        if applied is not True:
             raise RuntimeError("fastadam internal error: the compiled step refused checked input")
+
+    def _step_numba(self, plan, groups, grads):
+        """The compiled checks and scalars (Plan), then the Numba kernel per tensor."""
+        work = plan.step(groups, grads, self.state, self.num_threads or 0,
+                         self.skip_if_nonfinite, False)
+        if work is None or work is False:
+            return work
+        try:  # the guard is held from the checks until the last tensor is updated
+            k = 0
+            for group in groups:
+                for p in group["params"]:
+                    variant, *scalars = work[k]
+                    st = self.state[k]
+                    self._backend.adam_update(
+                        p, grads[k], st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                        scalars, variant & 3, bool(variant & 4), bool(variant & 8),
+                        num_threads=self.num_threads)
+                    k += 1
+        finally:
+            self._guard.busy = False
+        return True
 
     def _apply_python(self, groups, grads):
         k = 0

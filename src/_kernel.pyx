@@ -295,11 +295,17 @@ cdef class Plan:
                 b = mid
         return a > 0 and self.written[2 * (a - 1) + 1] > lo
 
-    def step(self, list groups, grads, dict state, int num_threads, bint skip_if_nonfinite=False):
+    def step(self, list groups, grads, dict state, int num_threads, bint skip_if_nonfinite=False,
+             bint run_kernel=True):
         """Apply one step: True.  With ``skip_if_nonfinite`` and a NaN or Inf gradient:
         False, and nothing changed.  None (and nothing changed) if anything is off.
 
-        ``num_threads`` <= 0 means the default (see default_num_threads).
+        ``num_threads`` <= 0 means the default (see default_num_threads).  With
+        ``run_kernel=False`` the step is checked and its step counts committed, but
+        another kernel (the Numba backend) is to do the update: the result is a list
+        of (variant, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, decay,
+        step_size, 1/sqrt(bc2)) per tensor, and the guard stays busy until the
+        caller clears it.
         """
         cdef int threads = resolve_num_threads(num_threads)
         cdef bint finite = True
@@ -403,6 +409,11 @@ cdef class Plan:
         new_steps = [state[k]["step"] + 1 for k in range(self.n)]
         for k in range(self.n):
             PyDict_SetItem(<dict>state[k], "step", new_steps[k])
+        if not run_kernel:
+            self.guard.busy = True
+            return [(it.variant, it.beta1, it.one_minus_beta1, it.beta2, it.one_minus_beta2, it.eps,
+                     it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2)
+                    for it in self.items[:self.n]]
         self.guard.busy = True
         try:
             with nogil:

@@ -208,3 +208,18 @@ def test_decaying_moment_never_goes_subnormal(backend, dtype, rng):
     assert saw_tiny_range and not opt.state[0]["exp_avg"].any()
     ref_p, *_ = reference_run(p0, grads, False, betas=(0.9, 0.999))
     np.testing.assert_array_equal(p, ref_p)
+
+
+def test_numba_with_python_checks_matches_the_reference(rng):
+    """Without the compiled extension the Numba backend checks in Python: same bits."""
+    pytest.importorskip("numba")
+    p0 = rng.standard_normal(5000).astype(np.float32)
+    grads = [rng.standard_normal(5000).astype(np.float32) for _ in range(10)]
+    p = p0.copy()
+    opt = fastadam.AdamW([p], amsgrad=True, backend="numba")
+    opt._checker = None  # as when fastadam._kernel is not built
+    for g in grads:
+        opt.step([g])
+    assert opt._plan is None
+    ref_p, *_ = reference_run(p0, grads, True, amsgrad=True)
+    np.testing.assert_array_equal(p, ref_p)
