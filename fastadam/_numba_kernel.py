@@ -44,7 +44,8 @@ _workqueue_lock = threading.Lock()
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
                     beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
                     min_normal, zero):
-    gi = -g[i] if maximize else g[i]
+    gi = zero if abs(g[i]) < min_normal else g[i]  # see src/adam_kernel.hpp
+    gi = -gi if maximize else gi
     pi = p[i]
     if wd_mode == WD_L2:
         gi = gi + weight_decay * pi

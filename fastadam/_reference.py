@@ -4,6 +4,7 @@ Kingma & Ba's Algorithm 1 in PyTorch's arrangement (``torch.optim.Adam`` with
 ``foreach=False``), written the textbook way, one NumPy operation at a time
 with its temporaries.  For a step ``t`` (1-based) and gradient ``g``::
 
+    g   <- 0 where |g| < the dtype's smallest normal number (no subnormal arithmetic)
     g   <- -g                                   if maximize
     g   <- g + wd * p                           Adam: L2 weight decay
     p   <- p * (1 - lr * wd)                    AdamW: decoupled weight decay
@@ -64,6 +65,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
             maximize):
     t = param.dtype.type
+    tiny = np.finfo(param.dtype).smallest_normal
+    grad = np.where(np.abs(grad) < tiny, t(0), grad)
     if maximize:
         grad = -grad
     if weight_decay_mode == WD_L2:

@@ -4,6 +4,7 @@
 // Per element, in this exact order (every operation rounded in T; the
 // scalars are computed once per step in double and rounded to T once):
 //
+//   g  = 0 where |g| < the smallest normal number of T (see below)
 //   g  = maximize ? -g : g
 //   g  = g + wd * p                       (Adam, L2 weight decay)
 //   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
@@ -20,6 +21,10 @@
 // MLP step slowed 4x as 3% of m went subnormal.  Storing such an m as zero ends
 // that at once; its contribution to p, m / (sqrt(v)/sqrt(bc2) + eps), was below
 // 1e-30 relative.  v is left alone: with eps = 0 a zeroed v would turn 0/v into 0/0.
+// A subnormal gradient is read as 0 for the same reason (measured: a 1M step took
+// 6.9 ms instead of 0.95 ms with subnormal gradients): g*g underflows to 0 anyway,
+// and adding it to a normal m or wd*p changes nothing.  The compare and the select
+// are the only operations that see the subnormal, and they cost no assist.
 //
 // The build uses -ffp-contract=off, so no multiply-add is fused: the vector
 // main loop, its scalar tail and the NumPy reference (fastadam/_reference.py)
@@ -93,7 +98,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     T *__restrict__ v = (T *)it.exp_avg_sq;
     T *__restrict__ vmax = (T *)it.max_exp_avg_sq;
     for (int64_t i = start; i < stop; ++i) {
-        T gi = MAXIMIZE ? -g[i] : g[i];
+        T gi = fa_abs(g[i]) < fa_min_normal<T>::value ? (T)0 : g[i];
+        gi = MAXIMIZE ? -gi : gi;
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
