@@ -52,7 +52,7 @@ def show_config(file=None):
         print(f"  kernel variants: compiled {', '.join(info['kernel_variants_compiled'])}; "
               f"supported here {', '.join(info['kernel_variants_supported'])}; "
               f"in use {info['kernel_variant_in_use']}"
-              + (f" (forced by FASTADAM_ISA)" if info["FASTADAM_ISA"] else ""), file=file)
+              + (" (forced by FASTADAM_ISA)" if info["FASTADAM_ISA"] else ""), file=file)
         if info["openmp"]:
             print(f"  OpenMP: on ({', '.join(info['openmp_runtimes']) or 'runtime not found in maps'})",
                   file=file)

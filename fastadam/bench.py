@@ -15,7 +15,6 @@ The implementations (``IMPLEMENTATIONS``) are shared with benchmarks/ (pytest-be
 import argparse
 import gc
 import json
-import os
 import platform
 import random
 import statistics

@@ -1,5 +1,4 @@
 """Bad numbers, fork, a save killed mid-write, and property-based parity."""
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ CPU offers.  Exits non-zero if a result differs from the NumPy reference.
 import numpy as np
 
 import fastadam
-from fastadam import _kernel, _reference
+from fastadam import _kernel
 
 
 def check(cls, kw, dtype, sizes, threads, rng):
