@@ -56,7 +56,7 @@ def check_num_threads(num_threads):
 # pause instructions, milliseconds, after each parallel region.  In a NumPy
 # training loop the optimizer step alternates with OpenBLAS, whose threads spin
 # too, and the spinning threads take the cores from each other: on 2 cores an
-# MLP epoch took 5.3 s with libgomp's default and 1.9 s with a spin count of
+# MLP epoch took 6.2 to 8.2 s with libgomp's default and 1.9 to 2.0 s with a spin count of
 # 3000 (README, "Threads").  A short spin still catches back-to-back steps.
 GOMP_SPINCOUNT = "3000"
 
