@@ -274,10 +274,6 @@ cdef class Plan:
         free(self.offsets)
         free(self.written)
 
-    @property
-    def numel(self):
-        return self.offsets[self.n]
-
     cdef bint overlaps_written(self, cnp.ndarray g) noexcept:
         """Whether g's memory meets any buffer the kernel writes (binary search)."""
         cdef int64_t lo = <int64_t><intptr_t>cnp.PyArray_DATA(g)
