@@ -1,37 +1,184 @@
 """The kernels behind ``backend=``: "cython" (compiled), "numba" (JIT), "numpy" (reference).
 
-A backend is a module with a ``name``.  The compiled one provides ``Plan``
-(a whole step in one call); the others provide ``adam_update`` with the
-signature of :func:`fastadam._reference.adam_update`.
+Every backend offers one thing to the optimizer: ``new_plan(layout)``, a plan
+over an optimizer's validated buffers with the same operations whatever the
+backend (see ``_kernel.Plan``, the compiled one):
+
+    step(lock, groups, grads, state, num_threads, skip_if_nonfinite)
+        the fast path, holding the optimizer's lock (see new_lock): APPLIED,
+        SKIPPED or UNVERIFIED (nothing changed; the optimizer's checked path
+        decides)
+    load(hypers, remembered, grads, entries, steps)   a step from checked values
+    all_finite(num_threads), run(num_threads), commit_steps(), release()
+
+so the optimizer never branches on a backend's name.
 """
 import functools
+import threading
 import warnings
+from typing import NamedTuple
 
-from ._threads import cpu_limit, kernel_openmp_environment
+import numpy as np
+
+from . import _interrupts, _threads
+from ._reference import WD_DECOUPLED, WD_L2, WD_NONE, step_scalars
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
 
+# What a plan's step reports (the compiled kernel has the same values).
+SKIPPED, APPLIED, UNVERIFIED = 0, 1, 2
+
+
+class Layout(NamedTuple):
+    """An optimizer's validated buffers in tensor order (the arguments of a Plan)."""
+
+    params: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    max_exp_avg_sqs: list   # an array or None per tensor
+    group_sizes: list       # tensors per parameter group
+    decoupled: bool         # AdamW's weight decay
+
+
+class _CheckedOnlyPlan:
+    """A plan for a kernel without compiled checks: every step goes through the
+    optimizer's checked path, which then runs it through ``load`` and ``run``.
+
+    ``update`` has the signature of :func:`fastadam._reference.adam_update`."""
+
+    def __init__(self, layout, update, default_threads=lambda: 1):
+        self._layout = layout
+        self._update = update
+        self._default_threads = default_threads
+        self._work = None
+
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite):
+        return UNVERIFIED
+
+    def load(self, hypers, remembered, grads, entries, steps):
+        work = []
+        k = 0
+        for (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize), size in zip(
+                hypers, self._layout.group_sizes):
+            wd_mode = WD_NONE if weight_decay == 0 else (
+                WD_DECOUPLED if self._layout.decoupled else WD_L2)
+            for _ in range(size):
+                work.append((grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
+                                                    steps[k] + 1), wd_mode, amsgrad, maximize))
+                k += 1
+        self._work = (work, list(entries), [s + 1 for s in steps])
+
+    def all_finite(self, num_threads):
+        return all(np.isfinite(grad).all() for grad, *_ in self._work[0])
+
+    def run(self, num_threads):
+        L = self._layout
+        threads = num_threads or self._default_threads()
+        for k, (grad, scalars, wd_mode, amsgrad, maximize) in enumerate(self._work[0]):
+            self._update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k],
+                         scalars, wd_mode, amsgrad, maximize, num_threads=threads)
+
+    def commit_steps(self):
+        _, entries, new_steps = self._work
+        for entry, step in zip(entries, new_steps):
+            entry["step"] = step
+
+    def release(self):
+        self._work = None
+
+
+class _NumbaPlan:
+    """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math."""
+
+    def __init__(self, checks, layout, update, default_threads):
+        self._checks = checks
+        self._layout = layout
+        self._update = update
+        self._default_threads = default_threads
+
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite):
+        checks = self._checks
+        with lock:
+            if not checks.verify(groups, grads, state):
+                return UNVERIFIED
+            try:
+                if skip_if_nonfinite and not checks.all_finite(num_threads):
+                    return SKIPPED
+                with _interrupts.deferred():  # the tensors are updated one call at a time
+                    self.run(num_threads)
+                    checks.commit_steps()
+                return APPLIED
+            finally:
+                checks.release()
+
+    def load(self, hypers, remembered, grads, entries, steps):
+        self._checks.load(hypers, remembered, grads, entries, steps)
+
+    def all_finite(self, num_threads):
+        return self._checks.all_finite(num_threads)
+
+    def run(self, num_threads):
+        L = self._layout
+        grads = self._checks.gradients()
+        threads = num_threads or self._default_threads()
+        for k, (variant, *scalars) in enumerate(self._checks.scalars()):
+            self._update(L.params[k], grads[k], L.exp_avgs[k], L.exp_avg_sqs[k],
+                         L.max_exp_avg_sqs[k], scalars, variant & 3, bool(variant & 4),
+                         bool(variant & 8), num_threads=threads)
+
+    def commit_steps(self):
+        self._checks.commit_steps()
+
+    def release(self):
+        self._checks.release()
+
+
+class CompiledBackend:
+    name = "cython"
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def new_plan(self, layout):
+        return self.kernel.Plan(*layout)
+
+
+class NumbaBackend:
+    """The Numba kernel; with the compiled extension built, its fast checks too."""
+
+    name = "numba"
+
+    def __init__(self, module, compiled):
+        self.module = module
+        self._compiled = compiled
+
+    def default_num_threads(self):
+        return _threads.default_num_threads(self._compiled)
+
+    def new_plan(self, layout):
+        update = self.module.adam_update
+        if self._compiled is None:
+            return _CheckedOnlyPlan(layout, update, self.default_num_threads)
+        return _NumbaPlan(self._compiled.Plan(*layout), layout, update, self.default_num_threads)
+
+
+class ReferenceBackend:
+    name = "numpy"
+
+    def __init__(self, module):
+        self.module = module
+
+    def new_plan(self, layout):
+        return _CheckedOnlyPlan(layout, self.module.adam_update)
+
 
 @functools.cache
 def _load_cython():
-    with kernel_openmp_environment():
+    with _threads.kernel_openmp_environment():
         from . import _kernel
-    _kernel.set_cpu_limit(cpu_limit())
+    _kernel.set_cpu_limit(_threads.cpu_limit())
     return _kernel
-
-
-def _load_numba():
-    from . import _numba_kernel
-    return _numba_kernel
-
-
-def _load_numpy():
-    from . import _reference
-    return _reference
-
-
-_LOADERS = {"cython": _load_cython, "numba": _load_numba, "numpy": _load_numpy}
 
 
 def compiled_or_none():
@@ -42,12 +189,36 @@ def compiled_or_none():
         return None
 
 
+def new_lock():
+    """An optimizer's lock: the compiled kernel's (its fast path takes it from C)
+    when the extension is built, else a ``threading.Lock``."""
+    kernel = compiled_or_none()
+    return kernel.Lock() if kernel is not None else threading.Lock()
+
+
+def _make_cython():
+    return CompiledBackend(_load_cython())
+
+
+def _make_numba():
+    from . import _numba_kernel
+    return NumbaBackend(_numba_kernel, compiled_or_none())
+
+
+def _make_numpy():
+    from . import _reference
+    return ReferenceBackend(_reference)
+
+
+_MAKERS = {"cython": _make_cython, "numba": _make_numba, "numpy": _make_numpy}
+
+
 def available():
     """{backend: None if usable, else the reason it is not}."""
     status = {}
     for name in BACKENDS:
         try:
-            _LOADERS[name]()
+            _MAKERS[name]()
             status[name] = None
         except ImportError as e:
             status[name] = str(e)
@@ -55,24 +226,24 @@ def available():
 
 
 def load(name):
-    """Return (name, module) for ``backend=name``; "auto" picks the best available."""
+    """The backend object for ``backend=name``; "auto" picks the best available."""
     if name == "auto":
         reasons = []
         for candidate in _PREFERENCE:
             try:
-                module = _LOADERS[candidate]()
+                backend = _MAKERS[candidate]()
             except ImportError as e:
                 reasons.append(f"{candidate}: {e}")
                 continue
             if candidate != _PREFERENCE[0]:
                 warnings.warn(f"fastadam: the compiled kernel is not available ({'; '.join(reasons)});"
                               f" using backend={candidate!r}", RuntimeWarning, stacklevel=4)
-            return candidate, module
+            return backend
         raise ImportError("no fastadam backend is available")  # numpy always is
-    if name not in _LOADERS:
+    if not isinstance(name, str) or name not in _MAKERS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
                          f"got {name!r}")
     try:
-        return name, _LOADERS[name]()
+        return _MAKERS[name]()
     except ImportError as e:
         raise ImportError(f"fastadam backend {name!r} is not available: {e}") from e

@@ -2,52 +2,46 @@
 
 Loading checks everything first and changes the optimizer only when all of it
 fits, so a bad state dict or file leaves the optimizer exactly as it was.
+
+Reading a file is bounded before anything large is allocated: the small
+``meta`` member is read first (its declared size capped) and checked against
+the optimizer (format, version, optimizer kind, the model's shapes and dtypes);
+then every array member's .npy header is checked against what that model needs
+(dtype, shape, the member's byte count) before its data is read.  A crafted
+file therefore costs at most the model's own state in memory.
+
+The file is a ZIP archive as ``numpy.savez`` writes it: ``meta.npy`` (a JSON
+string) and ``state/{index}/{buffer}.npy`` per parameter.
 """
 import json
-import numbers
 import os
 import tempfile
 import zipfile
 
 import numpy as np
 
-from . import _optimizer
+from . import _rules
 
 FORMAT = "fastadam-optimizer-state"
 VERSION = 1
-_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The largest meta member read (a JSON string: ~40 bytes per parameter tensor).
+MAX_META_BYTES = 64 << 20
+_NPY_HEADER_LIMIT = 10000  # numpy's own default limit for a .npy header
 
 
-def check_state_entry(entry, param, where, amsgrad, live=True):
-    """Check one parameter's state against the parameter; ``where`` names it."""
-    if not isinstance(entry, dict):
-        raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
-    step = entry.get("step")
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"{where}['step'] must be a non-negative int, got {step!r}")
-    for key in _BUFFERS[:3 if amsgrad else 2]:
-        if key not in entry:
-            raise ValueError(f"{where} has no {key!r}")
-        a = entry[key]
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{where}[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
-        if a.dtype != param.dtype:
-            raise TypeError(f"{where}[{key!r}]: dtype {a.dtype} does not match the parameter's "
-                            f"dtype {param.dtype}")
-        if a.shape != param.shape:
-            raise ValueError(f"{where}[{key!r}]: shape {a.shape} does not match the parameter's "
-                             f"shape {param.shape}")
-        if live and not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable
-                         and a.dtype.isnative):
-            raise ValueError(f"{where}[{key!r}] must be a writeable, C-contiguous, native array")
+def optimizer_kind(opt):
+    """"AdamW" for decoupled weight decay, else "Adam": what a checkpoint records."""
+    return "AdamW" if opt._decoupled else "Adam"
 
 
 def state_dict(opt):
-    """A snapshot in torch's structure (arrays copied, groups list parameter indices)."""
+    """A snapshot in torch's structure (arrays copied, groups list parameter indices).
+    The caller holds the optimizer's lock."""
     groups, k = [], 0
     for group in opt.param_groups:
         saved = {key: value for key, value in group.items() if key != "params"}
         saved["betas"] = tuple(saved["betas"])
+        saved["decoupled_weight_decay"] = opt._decoupled  # torch's key: Adam or AdamW
         saved["params"] = list(range(k, k + len(group["params"])))
         k += len(group["params"])
         groups.append(saved)
@@ -59,67 +53,87 @@ def state_dict(opt):
     return {"state": state, "param_groups": groups}
 
 
-def load_state_dict(opt, sd):
-    """Check ``sd`` against ``opt`` completely, then restore it (arrays copied in)."""
+def check_state_dict(opt, sd, source="state_dict"):
+    """Check ``sd`` against ``opt`` completely; return (groups, state) to commit.
+    ``source`` names where it came from in messages (a file's path)."""
+    prefix = "" if source == "state_dict" else f"{source}: "
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        raise ValueError(f"{prefix}state_dict must be a dict with 'state' and 'param_groups'")
     saved_groups, saved_state = sd["param_groups"], sd["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, dict) for g in saved_groups):
+        raise TypeError(f"{prefix}state_dict['param_groups'] must be a list of dicts")
     if len(saved_groups) != len(opt.param_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups "
+        raise ValueError(f"{prefix}loaded state dict has a different number of parameter groups "
                          f"({len(saved_groups)}) than the optimizer ({len(opt.param_groups)})")
     params = opt._parameters()
     new_groups = []
     for i, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        decoupled = saved.get("decoupled_weight_decay", opt._decoupled)
+        if decoupled is not opt._decoupled:
+            raise ValueError(f"{prefix}param_groups[{i}] was saved by "
+                             f"{'AdamW' if decoupled else 'Adam'}; this optimizer is "
+                             f"{optimizer_kind(opt)} (its weight decay would change meaning)")
         if len(saved.get("params", ())) != len(group["params"]):
-            raise ValueError(f"loaded state dict's param_groups[{i}] has "
+            raise ValueError(f"{prefix}loaded state dict's param_groups[{i}] has "
                              f"{len(saved.get('params', ()))} parameters, the optimizer's has "
                              f"{len(group['params'])}")
         merged = dict(group)
-        merged.update({key: value for key, value in saved.items() if key != "params"})
-        _optimizer.check_hyperparameters(merged, f" (state_dict param_groups[{i}])")
+        merged.update({key: value for key, value in saved.items()
+                       if key not in ("params", "decoupled_weight_decay")})
+        _rules.hyperparameters(merged, f" ({source} param_groups[{i}])")
         new_groups.append(merged)
     if not isinstance(saved_state, dict):
-        raise TypeError("state_dict['state'] must be a dict")
+        raise TypeError(f"{prefix}state_dict['state'] must be a dict")
     new_state = {}
     for index, entry in saved_state.items():
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not (
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
                 0 <= index < len(params)):
-            raise ValueError(f"state_dict['state'] has key {index!r}; expected parameter "
+            raise ValueError(f"{prefix}state_dict['state'] has key {index!r}; expected parameter "
                              f"indices 0..{len(params) - 1}")
-        where = f"state_dict['state'][{index}]"
-        check_state_entry(entry, params[index], where, amsgrad="max_exp_avg_sq" in entry,
-                          live=False)
+        where = f"{prefix}state_dict['state'][{index}]"
+        step = _rules.state_entry(entry, params[index], where,
+                                  amsgrad=isinstance(entry, dict) and "max_exp_avg_sq" in entry,
+                                  live=False)
         new_state[int(index)] = {
-            key: (np.array(value, order="C", copy=True) if key in _BUFFERS else value)
+            key: (np.array(value, order="C", copy=True) if key in _rules.STATE_BUFFERS else value)
             for key, value in entry.items()
         }
-        new_state[int(index)]["step"] = int(entry["step"])
-    # All checked: commit.
+        new_state[int(index)]["step"] = step
+    return new_groups, new_state
+
+
+def load_state_dict(opt, sd, source="state_dict"):
+    """Check ``sd`` against ``opt`` completely, then restore it (arrays copied in).
+    The caller holds the optimizer's lock."""
+    new_groups, new_state = check_state_dict(opt, sd, source)
     for group, merged in zip(opt.param_groups, new_groups):
         group.update(merged)
     opt.state.clear()
     opt.state.update(new_state)
 
 
+# -- the file -------------------------------------------------------------------
+
 def _model_signature(opt):
     return [[list(p.shape), p.dtype.str] for p in opt._parameters()]
 
 
-def save(opt, path):
-    """Write ``opt``'s state to ``path`` as .npz: a temporary file, fsync, rename."""
-    sd = state_dict(opt)
-    arrays = {}
-    steps = {}
-    for index, entry in sd["state"].items():
-        steps[str(index)] = entry["step"]
-        for key in _BUFFERS:
-            if key in entry:
-                arrays[f"state/{index}/{key}"] = entry[key]
-    meta = {
-        "format": FORMAT, "version": VERSION, "optimizer": type(opt).__name__,
-        "model": _model_signature(opt), "steps": steps,
-        "param_groups": [{k: v for k, v in g.items()} for g in sd["param_groups"]],
+def file_meta(opt, snapshot):
+    """The ``meta`` member of a file holding ``snapshot`` (a state_dict of ``opt``)."""
+    return {
+        "format": FORMAT, "version": VERSION, "optimizer": optimizer_kind(opt),
+        "model": _model_signature(opt),
+        "steps": {str(index): entry["step"] for index, entry in snapshot["state"].items()},
+        "param_groups": [{k: v for k, v in g.items() if k != "decoupled_weight_decay"}
+                         for g in snapshot["param_groups"]],
     }
+
+
+def write(path, snapshot, meta):
+    """Write ``snapshot`` to ``path`` as .npz: a temporary file, fsync, rename."""
+    arrays = {f"state/{index}/{key}": entry[key]
+              for index, entry in snapshot["state"].items()
+              for key in _rules.STATE_BUFFERS if key in entry}
     arrays["meta"] = np.array(json.dumps(meta))
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -146,39 +160,104 @@ def save(opt, path):
         pass
 
 
-def load(opt, path):
-    """Read a file written by :func:`save` into ``opt``; refuse anything else."""
+class _Corrupt(Exception):
+    """A member that does not read as it declares (caught and reported with the path)."""
+
+
+def _read_member(zf, info, dtype_ok, shape_ok, max_bytes):
+    """A .npy member's array, its header checked before its data is read:
+    ``dtype_ok(dtype)`` and ``shape_ok(shape)`` must hold and the data must be
+    at most ``max_bytes``, exactly what the member's size says."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=_NPY_HEADER_LIMIT)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=_NPY_HEADER_LIMIT)
+        else:
+            raise _Corrupt(f"{info.filename}: .npy version {version} is not supported")
+        if fortran or dtype.hasobject or not dtype_ok(dtype) or not shape_ok(shape):
+            raise _Corrupt(f"{info.filename}: holds {'Fortran-order ' if fortran else ''}"
+                           f"{dtype} of shape {shape}, which this model does not need")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > max_bytes or info.file_size != f.tell() + nbytes:
+            raise _Corrupt(f"{info.filename}: declares {info.file_size} bytes, but its header "
+                           f"describes {f.tell() + nbytes}")
+        data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise _Corrupt(f"{info.filename}: truncated")
+    return np.frombuffer(data, dtype).reshape(shape).copy()
+
+
+def read(path, opt):
+    """Read a file written by :func:`write` for ``opt`` into a state dict, checked
+    against ``opt`` before anything large is read; refuse anything else,
+    naming the file."""
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            contents = {name: f[name] for name in f.files}
-        meta = json.loads(str(contents.pop("meta")[()]))
+        zf = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable fastadam state file "
                          f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
+    try:
+        with zf:
+            return _read_checked(zf, path, opt)
+    except (_Corrupt, OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError) or str(e).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: not a readable fastadam state file "
+                         f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
+
+
+def _read_checked(zf, path, opt):
+    members = {info.filename: info for info in zf.infolist()}
+    if "meta.npy" not in members:
+        raise ValueError(f"{path}: not a fastadam optimizer state file (no 'meta' member)")
+    raw = _read_member(zf, members.pop("meta.npy"), lambda dt: dt.kind == "U",
+                       lambda shape: shape == (), MAX_META_BYTES)
+    meta = json.loads(str(raw[()]))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a fastadam optimizer state file")
     if meta.get("version") != VERSION:
-        raise ValueError(f"{path}: state file version {meta.get('version')} is not supported "
+        raise ValueError(f"{path}: state file version {meta.get('version')!r} is not supported "
                          f"(this fastadam reads version {VERSION})")
+    if meta.get("optimizer") != optimizer_kind(opt):
+        raise ValueError(f"{path}: saved by {meta.get('optimizer')!r}; this optimizer is "
+                         f"{optimizer_kind(opt)!r} (its weight decay would change meaning)")
     mine = _model_signature(opt)
     if meta.get("model") != mine:
-        theirs = meta.get("model") or []
+        theirs = meta.get("model") if isinstance(meta.get("model"), list) else []
         detail = f"{len(theirs)} parameters saved, {len(mine)} here"
         for k, (a, b) in enumerate(zip(theirs, mine)):
             if a != b:
-                detail = f"params[{k}] was saved as shape {tuple(a[0])} {a[1]}, is {tuple(b[0])} {b[1]} here"
+                detail = (f"params[{k}] was saved as shape {tuple(a[0])} {a[1]}, is "
+                          f"{tuple(b[0])} {b[1]} here") if isinstance(a, list) and len(a) == 2 \
+                    else f"params[{k}] is described as {a!r}"
                 break
         raise ValueError(f"{path}: saved for a different model ({detail})")
+    steps, groups = meta.get("steps"), meta.get("param_groups")
+    if not isinstance(steps, dict) or not isinstance(groups, list) or not all(
+            isinstance(g, dict) for g in groups):
+        raise ValueError(f"{path}: its meta has no valid 'steps' and 'param_groups'")
+    params = opt._parameters()
     state = {}
-    for index, step in meta["steps"].items():
+    for key, step in steps.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < len(params)):
+            raise ValueError(f"{path}: state for parameter {key!r}, which this model does not have")
+        index = int(key)
+        p = params[index]
         entry = {"step": step}
-        for key in _BUFFERS:
-            name = f"state/{index}/{key}"
-            if name in contents:
-                entry[key] = contents[name]
-        state[int(index)] = entry
-    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
-    load_state_dict(opt, {"state": state, "param_groups": groups})
+        for buffer in _rules.STATE_BUFFERS:
+            info = members.pop(f"state/{index}/{buffer}.npy", None)
+            if info is not None:
+                entry[buffer] = _read_member(zf, info, lambda dt: dt == p.dtype,
+                                             lambda shape: shape == p.shape, p.nbytes)
+        state[index] = entry
+    if members:
+        raise ValueError(f"{path}: holds members this optimizer does not read: "
+                         f"{', '.join(sorted(members)[:5])}")
+    groups = [dict(g, betas=tuple(g["betas"]) if isinstance(g.get("betas"), list) else g.get("betas"))
+              for g in groups]
+    return {"state": state, "param_groups": groups}

@@ -6,6 +6,8 @@ the model reads and writes its parameters and gradients through the views.
 """
 import numpy as np
 
+from . import _rules
+
 
 class FlatParameters:
     """Named parameters as views into one contiguous ``data`` buffer.
@@ -23,17 +25,13 @@ class FlatParameters:
     """
 
     def __init__(self, shapes, dtype=np.float32, align=64):
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
-        if not isinstance(align, int) or align < self.dtype.itemsize or align % self.dtype.itemsize:
-            raise ValueError(f"align must be a multiple of the item size, got {align!r}")
-        step = align // self.dtype.itemsize
+        self.dtype = _rules.flat_dtype(dtype)
+        step = _rules.flat_align(align, self.dtype.itemsize) // self.dtype.itemsize
+        if not isinstance(shapes, dict):
+            raise TypeError(f"shapes must be a dict {{name: shape}}, got {_rules.describe(shapes)}")
         self.offsets, offset = {}, 0
         for name, shape in shapes.items():
-            shape = (shape,) if isinstance(shape, int) else tuple(shape)
-            if any((not isinstance(d, (int, np.integer))) or d < 0 for d in shape):
-                raise ValueError(f"shapes[{name!r}] must be a tuple of non-negative ints, got {shape}")
+            shape = _rules.flat_shape(name, shape)
             size = int(np.prod(shape, dtype=np.int64))
             self.offsets[name] = (offset, shape)
             offset += -(-size // step) * step

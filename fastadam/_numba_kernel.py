@@ -20,7 +20,6 @@ import numpy as np
 from numba import njit, prange
 
 from ._reference import WD_DECOUPLED, WD_L2
-from ._threads import cpu_limit
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -34,7 +33,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 PARALLEL_THRESHOLD = 1 << 18
 ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
 
-_CPU_LIMIT = cpu_limit()
 _compiled = {}
 _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
@@ -139,17 +137,6 @@ def _parallel_lock():
     return _workqueue_lock if layer == "workqueue" else None
 
 
-def _default_num_threads():
-    """CPUs usable (affinity, cgroup quota), Numba's pool size and OMP_NUM_THREADS."""
-    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    n = min(_CPU_LIMIT, numba.config.NUMBA_NUM_THREADS)
-    if omp.isdigit():
-        n = min(n, int(omp))
-    return max(1, n)
-
-
-DEFAULT_NUM_THREADS = _default_num_threads()
-
 # Numba's OpenMP and workqueue layers cannot start threads in a child made by
 # fork() after the parent used them: a forked child runs every step serially.
 _in_forked_child = False
@@ -164,8 +151,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
-                amsgrad, maximize, num_threads=None):
-    """One in-place step of one tensor; the signature of _reference.adam_update."""
+                amsgrad, maximize, num_threads=1):
+    """One in-place step of one tensor; the signature of _reference.adam_update.
+    ``num_threads``: as resolved by the thread policy (fastadam/_threads.py)."""
     t = param.dtype.type
     flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
     if not flat[1].flags.writeable:  # the signatures take writeable arrays; g is only read
@@ -173,8 +161,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
     scalars = [t(x) for x in s]
     n = param.size
-    threads = DEFAULT_NUM_THREADS if num_threads is None else num_threads
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
+    threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     if threads <= 1 or n < PARALLEL_THRESHOLD or _in_forked_child:
         _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)
         return

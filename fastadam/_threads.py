@@ -1,8 +1,9 @@
-"""How many threads a step uses by default.
+"""The thread policy of every backend: how many threads a step uses by default.
 
 The smallest of: the CPUs this process may run on (its affinity mask), the
 cgroup CPU quota (containers, CI runners), and ``omp_get_max_threads()``,
-which honours ``OMP_NUM_THREADS`` and limits set with threadpoolctl.
+which honours ``OMP_NUM_THREADS`` and limits set with threadpoolctl.  An
+explicit ``num_threads`` (validated by ``_rules.num_threads``) overrides it.
 """
 import contextlib
 import math
@@ -41,15 +42,22 @@ def cpu_limit():
     return max(1, n)
 
 
-def check_num_threads(num_threads):
-    """Validate the ``num_threads`` argument: None (the default) or an int >= 1."""
-    if num_threads is None:
-        return None
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-        raise TypeError(f"num_threads must be None or a positive int, got {num_threads!r}")
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be None or a positive int, got {num_threads}")
-    return num_threads
+def default_num_threads(kernel=None):
+    """The threads a step uses when ``num_threads`` is None, for every backend.
+
+    ``kernel``: the compiled extension, if built; its OpenMP runtime's
+    ``omp_get_max_threads()`` honours OMP_NUM_THREADS and limits set with
+    threadpoolctl, and ``_kernel.default_num_threads`` is this same rule in C
+    (asked at every compiled step).  Without it, OMP_NUM_THREADS is read here.
+    A forked child uses one thread (see ``_kernel``).
+    """
+    if kernel is not None:
+        return kernel.default_num_threads()
+    n = cpu_limit()
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, n)
 
 
 # libgomp keeps idle workers spinning for up to GOMP_SPINCOUNT (default 300000)

@@ -1,20 +1,28 @@
 # distutils: language = c++
 """The compiled Adam kernel behind ``backend="cython"``.
 
-A ``Plan`` holds the buffers of an optimizer's tensors after the Python layer
-(fastadam/_optimizer.py) has validated them.  ``Plan.step`` re-checks them
-cheaply (object identity, dtype, shape, contiguity, the hyperparameters' ranges),
-computes the per-step scalars in double, and runs every tensor in one parallel
-region with the GIL released.  On anything unexpected it returns False without
-touching anything, and the Python layer raises the precise error: the messages
-live in one place.
+``Plan`` holds an optimizer's buffers after the checked path
+(fastadam/_optimizer.py, with the rules of fastadam/_rules.py) has validated
+them; ``Plan.step`` is the fast path: it verifies exactly and cheaply that the
+step may run on what the plan holds, computes the per-step scalars in double,
+and runs every tensor in one parallel region with the GIL released.  Anything
+it cannot verify exactly it hands back (UNVERIFIED) without touching anything,
+and the checked path decides: the rules and their messages live in one place.
+The math is in adam_kernel.hpp.
 """
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsDouble, PyLong_AsLongLong
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
+from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.ref cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport pow, sqrt
 from libc.stdint cimport int64_t, intptr_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport calloc, free, qsort
 
 cimport numpy as cnp
 from cython.parallel cimport prange
@@ -162,29 +170,12 @@ def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, 
                 fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, t, nt)
 
 
-cdef inline int dtype_code(cnp.ndarray a) noexcept:
-    cdef int t = cnp.PyArray_TYPE(a)
-    if not cnp.PyArray_ISNOTSWAPPED(a):
-        return -1
-    if t == cnp.NPY_FLOAT32:
+cdef inline int dtype_code(int typenum) noexcept:
+    if typenum == cnp.NPY_FLOAT32:
         return FA_FLOAT32
-    if t == cnp.NPY_FLOAT64:
+    if typenum == cnp.NPY_FLOAT64:
         return FA_FLOAT64
     return -1
-
-
-cdef inline bint same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
-    cdef int d, nd = cnp.PyArray_NDIM(a)
-    if cnp.PyArray_NDIM(b) != nd:
-        return False
-    for d in range(nd):
-        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
-            return False
-    return True
-
-
-cdef inline bint same_object(dict d, str key, object expected) noexcept:
-    return PyDict_GetItem(d, key) == <PyObject *>expected
 
 
 cdef int compare_int64(const void *a, const void *b) noexcept nogil:
@@ -193,60 +184,166 @@ cdef int compare_int64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
-cdef class StepGuard:
-    """One per optimizer, shared by every Plan it builds: whether one of its steps
-    is running.  Checked and set while holding the GIL, so two threads cannot
-    both pass it."""
-    cdef public bint busy
+# What Plan.step reports.  UNVERIFIED: something differs from what the plan
+# holds or is of a type it does not read exactly; nothing was changed, and
+# the caller's checked path decides (fastadam/_optimizer.py).
+SKIPPED, APPLIED, UNVERIFIED = 0, 1, 2
+cdef enum:
+    _SKIPPED = 0
+    _APPLIED = 1
+    _UNVERIFIED = 2
+
+# Hyperparameters of a group, in the order of a group's remembered slots.
+cdef enum:
+    SLOT_LR = 0
+    SLOT_BETA1 = 1
+    SLOT_BETA2 = 2
+    SLOT_EPS = 3
+    SLOT_WEIGHT_DECAY = 4
+    N_SLOTS = 5
+
+# The largest stored step count a step may start from (fastadam._rules.MAX_STEP).
+cdef long long MAX_STEP = (1LL << 53) - 1
+
+cdef object _NOTHING = object()  # an empty remembered slot: no user value is this object
+
+
+cdef class Lock:
+    """An optimizer's lock: ``threading.Lock``'s acquire, release and ``with``, on
+    CPython's own thread lock, which the compiled fast path takes from C with no
+    Python call (a ``with threading.Lock()`` costs ~150 ns, half the budget of a
+    small step's checks).  Waiting releases the GIL."""
+    cdef PyThread_type_lock handle
+
+    def __cinit__(self):
+        self.handle = PyThread_allocate_lock()
+        if self.handle == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.handle != NULL:
+            PyThread_free_lock(self.handle)
+
+    cdef inline void take(self) noexcept:
+        if not PyThread_acquire_lock(self.handle, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.handle, WAIT_LOCK)
+
+    cdef inline void give(self) noexcept:
+        PyThread_release_lock(self.handle)
+
+    def acquire(self):
+        self.take()
+        return True
+
+    def release(self):
+        self.give()
+
+    def __enter__(self):
+        self.take()
+        return self
+
+    def __exit__(self, *exc):
+        self.give()
+        return False
 
 
 cdef class Plan:
-    """The validated buffers of an optimizer, in its tensor order.
+    """An optimizer's validated buffers in its tensor order, and the operations of a step.
 
-    ``params``, ``exp_avgs``, ``exp_avg_sqs``: one array per tensor;
-    ``max_exp_avg_sqs``: one array or None per tensor; ``group_sizes``: how many
-    tensors each parameter group has; ``decoupled``: AdamW's weight decay;
-    ``guard``: the optimizer's StepGuard.
-    The caller guarantees that the arrays are C-contiguous, aligned, writeable,
-    float32 or float64, of matching shapes, and that none overlaps another.
+    Built by the checked path (fastadam/_optimizer.py) from buffers it has
+    validated: ``params``, ``exp_avgs``, ``exp_avg_sqs`` (one array each per
+    tensor), ``max_exp_avg_sqs`` (an array or None per tensor), ``group_sizes``
+    (tensors per parameter group) and ``decoupled`` (AdamW).  The plan holds a
+    reference to every array, so none can be freed while it lives, and records
+    each one's data pointer, dtype and shape.
+
+    Operations:
+      ``step(...)``: the fast path, one call: ``verify``, then the finiteness
+          check if asked, the kernel and the step counts.  Returns APPLIED,
+          SKIPPED or UNVERIFIED (nothing changed).
+      ``verify(groups, grads, state)``: whether this step can run on the plan as
+          it is: the same parameter and state objects, still the same memory
+          (data pointer, dtype, shape, C-contiguous, aligned, writeable), step
+          counts and hyperparameters of exact types (or the very objects the
+          checked path validated) in range, and gradients that fit.  On True the
+          step's scalars are set and the gradients are held until ``release``.
+      ``load(hypers, remembered, grads, entries, steps)``: the same, from values
+          the checked path has validated: it cannot refuse.
+      ``all_finite(threads)``, ``run(threads)``, ``commit_steps()``,
+          ``release()``, ``scalars()``: the parts of a step, for the checked
+          path and the Numba backend.
     """
     cdef fa_item *items
     cdef int64_t *offsets
     cdef int64_t *written      # sorted pairs (start, end) of the memory the kernel writes
     cdef Py_ssize_t n_written
-    cdef Py_ssize_t n
-    cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, group_sizes
+    cdef Py_ssize_t n, n_groups
+    cdef int *typenums         # per tensor
+    cdef int *ndims            # per tensor
+    cdef Py_ssize_t *dims_at   # per tensor: where its shape starts in dims
+    cdef cnp.npy_intp *dims
+    cdef Py_ssize_t *group_sizes
+    cdef double *remembered_values  # N_SLOTS per group
+    cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, remembered
     cdef int wd_mode_if_nonzero
-    cdef StepGuard guard
+    # Held from verify/load until release: the gradients (so another thread that
+    # drops one cannot free memory the kernel reads), the state entries whose
+    # step counts a commit sets, and the new counts.
+    cdef tuple held_grads
+    cdef list held_entries, new_steps
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list group_sizes, bint decoupled, StepGuard guard not None):
-        cdef Py_ssize_t k, j
-        cdef cnp.ndarray buf
+                  list group_sizes, bint decoupled):
+        cdef Py_ssize_t k, j, n_dims = 0
+        cdef cnp.ndarray buf, p
         self.n = len(params)
+        self.n_groups = len(group_sizes)
         if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == self.n):
             raise ValueError("Plan: one state entry per parameter is needed")
         if sum(group_sizes) != self.n:
             raise ValueError("Plan: group_sizes must add up to the number of parameters")
-        self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
-        self.max_exp_avg_sqs, self.group_sizes = max_exp_avg_sqs, group_sizes
+        for k in range(self.n):
+            n_dims += (<cnp.ndarray?>params[k]).ndim
+        self.params, self.exp_avgs, self.exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
+        self.max_exp_avg_sqs = list(max_exp_avg_sqs)
+        self.remembered = [_NOTHING] * (N_SLOTS * self.n_groups)
+        self.held_entries = [None] * self.n
+        self.new_steps = [None] * self.n
         self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
-        self.guard = guard
-        self.items = <fa_item *>malloc(max(self.n, 1) * sizeof(fa_item))
-        self.offsets = <int64_t *>malloc((self.n + 1) * sizeof(int64_t))
-        self.written = <int64_t *>malloc(max(8 * self.n, 2) * sizeof(int64_t))
-        if self.items == NULL or self.offsets == NULL or self.written == NULL:
+        self.items = <fa_item *>calloc(max(self.n, 1), sizeof(fa_item))
+        self.offsets = <int64_t *>calloc(self.n + 1, sizeof(int64_t))
+        self.written = <int64_t *>calloc(max(8 * self.n, 2), sizeof(int64_t))
+        self.typenums = <int *>calloc(max(self.n, 1), sizeof(int))
+        self.ndims = <int *>calloc(max(self.n, 1), sizeof(int))
+        self.dims_at = <Py_ssize_t *>calloc(max(self.n, 1), sizeof(Py_ssize_t))
+        self.dims = <cnp.npy_intp *>calloc(max(n_dims, 1), sizeof(cnp.npy_intp))
+        self.group_sizes = <Py_ssize_t *>calloc(max(self.n_groups, 1), sizeof(Py_ssize_t))
+        self.remembered_values = <double *>calloc(max(N_SLOTS * self.n_groups, 1), sizeof(double))
+        if (self.items == NULL or self.offsets == NULL or self.written == NULL
+                or self.typenums == NULL or self.ndims == NULL or self.dims_at == NULL
+                or self.dims == NULL or self.group_sizes == NULL or self.remembered_values == NULL):
             raise MemoryError()
-        self.offsets[0] = 0
+        for j in range(self.n_groups):
+            self.group_sizes[j] = group_sizes[j]
+        n_dims = 0
         self.n_written = 0
         for k in range(self.n):
-            buffers = (params[k], exp_avgs[k], exp_avg_sqs[k], max_exp_avg_sqs[k])
+            p = <cnp.ndarray>self.params[k]
+            self.typenums[k] = cnp.PyArray_TYPE(p)
+            self.ndims[k] = cnp.PyArray_NDIM(p)
+            self.dims_at[k] = n_dims
+            for j in range(self.ndims[k]):
+                self.dims[n_dims] = cnp.PyArray_DIM(p, j)
+                n_dims += 1
+            if dtype_code(self.typenums[k]) < 0:
+                raise ValueError("Plan: parameters must be float32 or float64")
+            buffers = (p, self.exp_avgs[k], self.exp_avg_sqs[k], self.max_exp_avg_sqs[k])
             for j, obj in enumerate(buffers):
                 if obj is None and j == 3:
                     continue
                 buf = <cnp.ndarray?>obj
-                if (not cnp.PyArray_ISCARRAY(buf) or dtype_code(buf) != dtype_code(params[k])
-                        or dtype_code(buf) < 0 or not same_shape(buf, params[k])):
+                if not self.same_memory(buf, cnp.PyArray_DATA(buf), k):
                     raise ValueError("Plan: state buffers must be writeable, C-contiguous, "
                                      "and match their parameter's dtype and shape")
                 if cnp.PyArray_NBYTES(buf) > 0:
@@ -254,15 +351,14 @@ cdef class Plan:
                     self.written[2 * self.n_written + 1] = (
                         self.written[2 * self.n_written] + cnp.PyArray_NBYTES(buf))
                     self.n_written += 1
-            buf = params[k]
-            self.items[k].param = cnp.PyArray_DATA(buf)
-            self.items[k].numel = cnp.PyArray_SIZE(buf)
-            self.items[k].dtype = dtype_code(buf)
-            self.items[k].exp_avg = cnp.PyArray_DATA(<cnp.ndarray>exp_avgs[k])
-            self.items[k].exp_avg_sq = cnp.PyArray_DATA(<cnp.ndarray>exp_avg_sqs[k])
+            self.items[k].param = cnp.PyArray_DATA(p)
+            self.items[k].numel = cnp.PyArray_SIZE(p)
+            self.items[k].dtype = dtype_code(self.typenums[k])
+            self.items[k].exp_avg = cnp.PyArray_DATA(<cnp.ndarray>self.exp_avgs[k])
+            self.items[k].exp_avg_sq = cnp.PyArray_DATA(<cnp.ndarray>self.exp_avg_sqs[k])
             self.items[k].max_exp_avg_sq = (
-                NULL if max_exp_avg_sqs[k] is None
-                else cnp.PyArray_DATA(<cnp.ndarray>max_exp_avg_sqs[k]))
+                NULL if self.max_exp_avg_sqs[k] is None
+                else cnp.PyArray_DATA(<cnp.ndarray>self.max_exp_avg_sqs[k]))
             self.offsets[k + 1] = self.offsets[k] + self.items[k].numel
         qsort(self.written, self.n_written, 2 * sizeof(int64_t), compare_int64)
         for j in range(1, self.n_written):
@@ -273,6 +369,41 @@ cdef class Plan:
         free(self.items)
         free(self.offsets)
         free(self.written)
+        free(self.typenums)
+        free(self.ndims)
+        free(self.dims_at)
+        free(self.dims)
+        free(self.group_sizes)
+        free(self.remembered_values)
+
+    # -- what verify compares ------------------------------------------------
+
+    cdef inline bint same_shape(self, cnp.ndarray a, Py_ssize_t k) noexcept:
+        cdef int d
+        cdef cnp.npy_intp *dims = &self.dims[self.dims_at[k]]
+        if cnp.PyArray_NDIM(a) != self.ndims[k]:
+            return False
+        for d in range(self.ndims[k]):
+            if cnp.PyArray_DIM(a, d) != dims[d]:
+                return False
+        return True
+
+    cdef inline bint same_memory(self, cnp.ndarray a, void *data, Py_ssize_t k) noexcept:
+        """Whether the planned array ``a`` is still the memory the kernel was given:
+        the same data pointer, C-contiguous, aligned and writeable, the tensor's
+        native dtype and shape."""
+        return (cnp.PyArray_DATA(a) == data and cnp.PyArray_ISCARRAY(a)
+                and cnp.PyArray_TYPE(a) == self.typenums[k] and cnp.PyArray_ISNOTSWAPPED(a)
+                and self.same_shape(a, k))
+
+    cdef inline bint fits_as_gradient(self, object obj, Py_ssize_t k) noexcept:
+        cdef cnp.ndarray g
+        if not cnp.PyArray_Check(obj):
+            return False
+        g = <cnp.ndarray>obj
+        return (cnp.PyArray_ISCARRAY_RO(g) and cnp.PyArray_TYPE(g) == self.typenums[k]
+                and cnp.PyArray_ISNOTSWAPPED(g) and self.same_shape(g, k)
+                and not self.overlaps_written(g))
 
     cdef bint overlaps_written(self, cnp.ndarray g) noexcept:
         """Whether g's memory meets any buffer the kernel writes (binary search)."""
@@ -291,132 +422,254 @@ cdef class Plan:
                 b = mid
         return a > 0 and self.written[2 * (a - 1) + 1] > lo
 
-    def step(self, list groups, grads, dict state, int num_threads, bint skip_if_nonfinite=False,
-             bint run_kernel=True):
-        """Apply one step: True.  With ``skip_if_nonfinite`` and a NaN or Inf gradient:
-        False, and nothing changed.  None (and nothing changed) if anything is off.
+    cdef inline bint read_real(self, PyObject *ptr, Py_ssize_t slot, double *out) noexcept:
+        """A hyperparameter read exactly: a float or an int object, or the very
+        object the checked path validated last (a NumPy scalar, immutable)."""
+        if ptr == NULL:
+            return False
+        x = <object>ptr
+        if type(x) is float:
+            out[0] = PyFloat_AS_DOUBLE(x)
+            return True
+        if type(x) is int:
+            out[0] = PyLong_AsDouble(x)
+            if out[0] == -1.0 and PyErr_Occurred() != NULL:  # beyond double
+                PyErr_Clear()
+                return False
+            return True
+        if x is self.remembered[slot]:
+            out[0] = self.remembered_values[slot]
+            return True
+        return False
 
-        ``num_threads`` <= 0 means the default (see default_num_threads).  With
-        ``run_kernel=False`` the step is checked and its step counts committed, but
-        another kernel (the Numba backend) is to do the update: the result is a list
-        of (variant, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, decay,
-        step_size, 1/sqrt(bc2)) per tensor, and the guard stays busy until the
-        caller clears it.
-        """
-        cdef int threads = resolve_num_threads(num_threads)
-        cdef bint finite = True
-        cdef Py_ssize_t gi, j, k, n_in_group
-        cdef double lr, beta1, beta2, eps, weight_decay, bc1, bc2
+    cdef inline void set_scalars(self, Py_ssize_t k, double lr, double beta1, double beta2,
+                                 double eps, double weight_decay, int variant,
+                                 long long step) noexcept:
+        """Tensor k's scalars for taking step number ``step`` (counting from 1), in double."""
+        cdef fa_item *it = &self.items[k]
+        cdef double bc1 = 1.0 - pow(beta1, <double>step)
+        cdef double bc2 = 1.0 - pow(beta2, <double>step)
+        it.variant = variant
+        it.beta1 = beta1
+        it.one_minus_beta1 = 1.0 - beta1
+        it.beta2 = beta2
+        it.one_minus_beta2 = 1.0 - beta2
+        it.eps = eps
+        it.weight_decay = weight_decay
+        it.decay = 1.0 - lr * weight_decay
+        it.step_size = lr / bc1
+        it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
+
+    # -- the operations --------------------------------------------------------
+
+    cdef bint verify_c(self, object groups, object grads, object state) except -1:
+        cdef Py_ssize_t gi, j, k, n_in_group, slot
+        cdef double lr, beta1, beta2, eps, weight_decay
         cdef int variant
+        cdef bint amsgrad, maximize
         cdef long long step
         cdef PyObject *ptr
-        cdef cnp.ndarray g
-        cdef list group_params
         cdef fa_item *it
-        if self.guard.busy:
-            raise RuntimeError("Adam.step() called from two threads at once on the same "
-                               "optimizer; its buffers can take one step at a time")
-        if type(grads) is not list and type(grads) is not tuple:
-            return None
-        if len(grads) != self.n or len(groups) != len(self.group_sizes):
-            return None
-        # Pass 1: check everything and fill the items; nothing is changed yet.
+        cdef tuple held
+        cdef list entries, new_steps
+        if type(groups) is not list or type(state) is not dict:
+            return False
+        if type(grads) is tuple:
+            held = <tuple>grads
+        elif type(grads) is list:
+            held = tuple(<list>grads)
+        else:
+            return False
+        if PyTuple_GET_SIZE(held) != self.n or PyList_GET_SIZE(groups) != self.n_groups:
+            return False
+        entries, new_steps = self.held_entries, self.new_steps
         k = 0
-        for gi in range(len(groups)):
-            group = groups[gi]
+        for gi in range(self.n_groups):
+            group = <object>PyList_GET_ITEM(groups, gi)
             if type(group) is not dict:
-                return None
-            try:
-                group_params = <list?>group["params"]
-                betas = group["betas"]
-                if len(betas) != 2:
-                    return None
-                lr = float(group["lr"])
-                beta1 = float(betas[0])
-                beta2 = float(betas[1])
-                eps = float(group["eps"])
-                weight_decay = float(group["weight_decay"])
-                variant = (
-                    (0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
-                    | (<int>bool(group["amsgrad"]) << 2) | (<int>bool(group["maximize"]) << 3))
-            except Exception:
-                return None
+                return False
+            slot = gi * N_SLOTS
+            ptr = PyDict_GetItem(<dict>group, "betas")
+            if ptr == NULL:
+                return False
+            betas = <object>ptr
+            if type(betas) is tuple:
+                if PyTuple_GET_SIZE(betas) != 2:
+                    return False
+                ok_betas = (self.read_real(PyTuple_GET_ITEM(betas, 0), slot + SLOT_BETA1, &beta1)
+                            and self.read_real(PyTuple_GET_ITEM(betas, 1), slot + SLOT_BETA2, &beta2))
+            elif type(betas) is list:
+                if PyList_GET_SIZE(betas) != 2:
+                    return False
+                ok_betas = (self.read_real(PyList_GET_ITEM(betas, 0), slot + SLOT_BETA1, &beta1)
+                            and self.read_real(PyList_GET_ITEM(betas, 1), slot + SLOT_BETA2, &beta2))
+            else:
+                return False
+            if not (ok_betas
+                    and self.read_real(PyDict_GetItem(<dict>group, "lr"), slot + SLOT_LR, &lr)
+                    and self.read_real(PyDict_GetItem(<dict>group, "eps"), slot + SLOT_EPS, &eps)
+                    and self.read_real(PyDict_GetItem(<dict>group, "weight_decay"),
+                                       slot + SLOT_WEIGHT_DECAY, &weight_decay)):
+                return False
             if not (0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
                     and 0.0 <= weight_decay):
-                return None
+                return False
+            ptr = PyDict_GetItem(<dict>group, "amsgrad")
+            if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
+                return False
+            amsgrad = <object>ptr is True
+            ptr = PyDict_GetItem(<dict>group, "maximize")
+            if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
+                return False
+            maximize = <object>ptr is True
+            variant = ((0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
+                       | (<int>amsgrad << 2) | (<int>maximize << 3))
+            ptr = PyDict_GetItem(<dict>group, "params")
+            if ptr == NULL or type(<object>ptr) is not list:
+                return False
+            group_params = <list>ptr
             n_in_group = self.group_sizes[gi]
             if PyList_GET_SIZE(group_params) != n_in_group:
-                return None
+                return False
             for j in range(n_in_group):
                 it = &self.items[k]
                 if <object>PyList_GET_ITEM(group_params, j) is not self.params[k]:
-                    return None
-                if ((variant >> 2) & 1) != (self.max_exp_avg_sqs[k] is not None):
-                    return None
-                ptr = PyDict_GetItem(state, k)
+                    return False
+                if amsgrad != (self.max_exp_avg_sqs[k] is not None):
+                    return False
+                ptr = PyDict_GetItem(<dict>state, k)
                 if ptr == NULL or type(<object>ptr) is not dict:
-                    return None
+                    return False
                 st = <dict>ptr
                 ptr = PyDict_GetItem(st, "step")
                 if ptr == NULL or type(<object>ptr) is not int:
-                    return None
-                if not (0 <= <object>ptr < (1 << 53)):
-                    return None
-                step = <long long>(<object>ptr)
-                if not (same_object(st, "exp_avg", self.exp_avgs[k])
-                        and same_object(st, "exp_avg_sq", self.exp_avg_sqs[k])):
-                    return None
-                if self.max_exp_avg_sqs[k] is not None and not same_object(
-                        st, "max_exp_avg_sq", self.max_exp_avg_sqs[k]):
-                    return None
-                gobj = grads[k]
-                if not cnp.PyArray_Check(gobj):
-                    return None
-                g = <cnp.ndarray>gobj
-                if (not cnp.PyArray_ISCARRAY_RO(g) or dtype_code(g) != it.dtype
-                        or not same_shape(g, <cnp.ndarray>self.params[k]) or self.overlaps_written(g)):
-                    return None
-                it.grad = cnp.PyArray_DATA(g)
-                it.variant = variant
+                    return False
+                step = PyLong_AsLongLong(<object>ptr)
+                if step == -1 and PyErr_Occurred() != NULL:  # beyond long long
+                    PyErr_Clear()
+                    return False
+                if not (0 <= step < MAX_STEP):
+                    return False
                 step += 1
-                bc1 = 1.0 - pow(beta1, <double>step)
-                bc2 = 1.0 - pow(beta2, <double>step)
-                it.beta1 = beta1
-                it.one_minus_beta1 = 1.0 - beta1
-                it.beta2 = beta2
-                it.one_minus_beta2 = 1.0 - beta2
-                it.eps = eps
-                it.weight_decay = weight_decay
-                it.decay = 1.0 - lr * weight_decay
-                it.step_size = lr / bc1
-                it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
+                if not (PyDict_GetItem(st, "exp_avg") == <PyObject *>self.exp_avgs[k]
+                        and PyDict_GetItem(st, "exp_avg_sq") == <PyObject *>self.exp_avg_sqs[k]
+                        and (not amsgrad or PyDict_GetItem(st, "max_exp_avg_sq")
+                             == <PyObject *>self.max_exp_avg_sqs[k])):
+                    return False
+                if not (self.same_memory(<cnp.ndarray>self.params[k], it.param, k)
+                        and self.same_memory(<cnp.ndarray>self.exp_avgs[k], it.exp_avg, k)
+                        and self.same_memory(<cnp.ndarray>self.exp_avg_sqs[k], it.exp_avg_sq, k)
+                        and (not amsgrad or self.same_memory(
+                            <cnp.ndarray>self.max_exp_avg_sqs[k], it.max_exp_avg_sq, k))):
+                    return False
+                gobj = <object>PyTuple_GET_ITEM(held, k)
+                if not self.fits_as_gradient(gobj, k):
+                    return False
+                it.grad = cnp.PyArray_DATA(<cnp.ndarray>gobj)
+                self.set_scalars(k, lr, beta1, beta2, eps, weight_decay, variant, step)
+                entries[k] = st
+                new_steps[k] = step
                 k += 1
-        if skip_if_nonfinite:
-            self.guard.busy = True
-            try:
-                with nogil:
-                    finite = all_finite(self.items, self.offsets, self.n, threads)
-            finally:
-                self.guard.busy = False
-            if not finite:
-                return False
-        # Pass 2: commit.  Nothing below can fail but a MemoryError from a
-        # new int, and that is raised before any buffer is touched.
-        new_steps = [state[k]["step"] + 1 for k in range(self.n)]
-        for k in range(self.n):
-            PyDict_SetItem(<dict>state[k], "step", new_steps[k])
-        if not run_kernel:
-            self.guard.busy = True
-            return [(it.variant, it.beta1, it.one_minus_beta1, it.beta2, it.one_minus_beta2, it.eps,
-                     it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2)
-                    for it in self.items[:self.n]]
-        self.guard.busy = True
-        try:
-            with nogil:
-                run_items(self.items, self.offsets, self.n, threads)
-        finally:
-            self.guard.busy = False
+        self.held_grads = held
         return True
+
+    cpdef int step(self, Lock lock, object groups, object grads, object state, int num_threads,
+                   bint skip_if_nonfinite):
+        """The whole fast path in one call, holding the optimizer's ``lock``:
+        APPLIED, SKIPPED or UNVERIFIED."""
+        cdef int threads = resolve_num_threads(num_threads)
+        cdef bint finite = True
+        lock.take()
+        try:
+            if not self.verify_c(groups, grads, state):
+                return _UNVERIFIED
+            with nogil:
+                if skip_if_nonfinite:
+                    finite = all_finite(self.items, self.offsets, self.n, threads)
+                if finite:
+                    run_items(self.items, self.offsets, self.n, threads)
+            if not finite:
+                return _SKIPPED
+            self.commit_steps_c()
+            return _APPLIED
+        finally:
+            self.held_grads = None
+            lock.give()
+
+    def verify(self, groups, grads, state):
+        """See the class docstring; True means the plan holds this step's gradients."""
+        return self.verify_c(groups, grads, state)
+
+    def load(self, list hypers, list remembered, grads, list entries, list steps):
+        """Set this step from checked values: ``hypers`` per group (lr, beta1, beta2,
+        eps, weight_decay, amsgrad, maximize); ``remembered``, N_SLOTS objects per
+        group that the fast path may later accept by identity (None: none);
+        ``grads``, ``entries`` (the state dicts) and ``steps`` (counts before this
+        step) per tensor."""
+        cdef Py_ssize_t gi, j, k = 0
+        cdef int variant
+        if (len(hypers) != self.n_groups or len(remembered) != N_SLOTS * self.n_groups
+                or len(grads) != self.n or len(entries) != self.n or len(steps) != self.n):
+            raise ValueError("Plan.load: one entry per group and per tensor is needed")
+        held = tuple(grads)
+        for j in range(N_SLOTS * self.n_groups):
+            obj = remembered[j]
+            self.remembered[j] = _NOTHING if obj is None else obj
+        for gi in range(self.n_groups):
+            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize = hypers[gi]
+            for j in range(N_SLOTS):
+                if remembered[gi * N_SLOTS + j] is not None:
+                    self.remembered_values[gi * N_SLOTS + j] = (lr, beta1, beta2, eps, weight_decay)[j]
+            variant = ((0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
+                       | (<int>bool(amsgrad) << 2) | (<int>bool(maximize) << 3))
+            for j in range(self.group_sizes[gi]):
+                g = <cnp.ndarray?>held[k]
+                if cnp.PyArray_NBYTES(g) != cnp.PyArray_NBYTES(<cnp.ndarray>self.params[k]):
+                    raise ValueError("Plan.load: a gradient does not fit its parameter")
+                self.items[k].grad = cnp.PyArray_DATA(g)
+                self.set_scalars(k, lr, beta1, beta2, eps, weight_decay, variant, steps[k] + 1)
+                k += 1
+        self.held_grads = held
+        self.held_entries[:] = entries
+        self.new_steps[:] = [s + 1 for s in steps]
+
+    def all_finite(self, int num_threads):
+        """Whether every held gradient is finite (a read-only pass)."""
+        cdef int threads = resolve_num_threads(num_threads)
+        cdef bint finite
+        with nogil:
+            finite = all_finite(self.items, self.offsets, self.n, threads)
+        return finite
+
+    def run(self, int num_threads):
+        """The kernel over every tensor, with the GIL released."""
+        cdef int threads = resolve_num_threads(num_threads)
+        with nogil:
+            run_items(self.items, self.offsets, self.n, threads)
+
+    cdef void commit_steps_c(self) noexcept:
+        cdef Py_ssize_t k
+        for k in range(self.n):
+            PyDict_SetItem(<dict>self.held_entries[k], "step", self.new_steps[k])
+
+    def commit_steps(self):
+        """Set each held state entry's step count to the step just taken."""
+        self.commit_steps_c()
+
+    def gradients(self):
+        """The gradients held by ``verify`` or ``load`` (a tuple), for another kernel."""
+        return self.held_grads
+
+    def release(self):
+        """Drop the held gradients (the caller's arrays are not kept alive between steps)."""
+        self.held_grads = None
+
+    def scalars(self):
+        """Per tensor: (variant, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
+        decay, step_size, 1/sqrt(bc2)) of the verified or loaded step."""
+        return [(it.variant, it.beta1, it.one_minus_beta1, it.beta2, it.one_minus_beta2, it.eps,
+                 it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2)
+                for it in self.items[:self.n]]
 
 
 def _select_isa_from_environment():

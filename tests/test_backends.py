@@ -38,11 +38,11 @@ def test_auto_prefers_cython_and_says_so():
 def test_auto_falls_back_with_a_warning(monkeypatch):
     def missing():
         raise ImportError("not built")
-    monkeypatch.setitem(_backends._LOADERS, "cython", missing)
+    monkeypatch.setitem(_backends._MAKERS, "cython", missing)
     with pytest.warns(RuntimeWarning, match=r"compiled kernel is not available \(cython: not built\)"):
         opt = fastadam.Adam([np.zeros(3)])
     assert opt.backend in ("numba", "numpy")
-    monkeypatch.setitem(_backends._LOADERS, "numba", missing)
+    monkeypatch.setitem(_backends._MAKERS, "numba", missing)
     with pytest.warns(RuntimeWarning, match="using backend='numpy'"):
         assert fastadam.Adam([np.zeros(3)]).backend == "numpy"
     with pytest.raises(ImportError, match="fastadam backend 'cython' is not available: not built"):

@@ -1,0 +1,235 @@
+"""What every entry point of fastadam accepts: one definition of the rules and their messages.
+
+The constructor, ``step``, ``add_param_group``, ``state_dict``/``load_state_dict``,
+``save``/``load`` and ``FlatParameters`` all validate through these functions;
+no other module states a rule of its own.  The compiled fast path
+(``_kernel.Plan.verify``) accepts only a subset that it can verify exactly and
+cheaply (exact ``float``/``int``/``bool`` objects, the very arrays already
+checked here, unchanged) and hands anything else back to the checked path,
+which applies these rules in full.
+
+Hyperparameters follow ``torch.optim.Adam``: the same ranges and, where torch
+has one, the same message.
+"""
+import numbers
+
+import numpy as np
+
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# A step count must stay exactly representable in the double that computes
+# beta ** step: 2**53 steps is ~285 years at one step a microsecond.
+MAX_STEP = 2 ** 53 - 1
+# More threads than this is a mistake, not a plan: each is an OS thread with
+# its own stack, and the OpenMP runtime aborts the process when it cannot
+# create one (10**6 threads segfaulted).  Oversubscription below it is allowed.
+MAX_THREADS = 1024
+
+
+def describe(obj):
+    """``module.Type`` of an object, for messages."""
+    return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+# -- scalars ------------------------------------------------------------------
+
+def real(value, name, where=""):
+    """A real number (not a bool) as a Python float."""
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}{where}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float: {value!r}{where}") from None
+
+
+def flag(value, name, where=""):
+    """True or False exactly (1, 'no' and numpy.bool_ are refused, as a typo would be)."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name} must be True or False, got {value!r}{where}")
+    return value
+
+
+def is_immutable_number(value):
+    """Whether a validated hyperparameter object can be remembered by identity: its
+    value can never change (a NumPy scalar); a user's class might."""
+    return isinstance(value, np.generic)
+
+
+def hyperparameters(group, where=""):
+    """A group's hyperparameters, validated with torch's messages, as plain Python
+    values: ``(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize)``."""
+    for key in HYPERPARAMETERS:
+        if key not in group:
+            raise KeyError(f"parameter group has no {key!r}{where}")
+    lr = real(group["lr"], "lr", where)
+    betas = group["betas"]
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+    beta1, beta2 = real(betas[0], "betas[0]", where), real(betas[1], "betas[1]", where)
+    eps = real(group["eps"], "eps", where)
+    weight_decay = real(group["weight_decay"], "weight_decay", where)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}{where}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}{where}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
+    amsgrad = flag(group["amsgrad"], "amsgrad", where)
+    maximize = flag(group["maximize"], "maximize", where)
+    return lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+
+
+def num_threads(value):
+    """The ``num_threads`` argument: None (the thread policy decides) or 1..MAX_THREADS."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_threads must be None or a positive int, got {value!r}")
+    if not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"num_threads must be None or a positive int up to {MAX_THREADS}, "
+                         f"got {value}")
+    return int(value)
+
+
+def step_count(value, where):
+    """A stored step count: an int from 0 to MAX_STEP (numpy integers accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            0 <= value <= MAX_STEP):
+        raise ValueError(f"{where}['step'] must be an int from 0 to 2**53 - 1, got {value!r}")
+    return int(value)
+
+
+# -- arrays -------------------------------------------------------------------
+
+def parameter(p, name):
+    """A parameter must be updatable in place: never silently copied."""
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(p)} "
+                        "(parameters are updated in place, so they cannot be converted)")
+    if p.dtype not in FLOAT_DTYPES or not p.dtype.isnative:
+        raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32 or float64)")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{name} is not C-contiguous; an in-place update needs a contiguous "
+                         "array (np.ascontiguousarray would update a copy)")
+    if not p.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its dtype")
+    if not p.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+def gradient_list(grads, n_params):
+    """``grads``: a list or tuple with one entry per parameter."""
+    if isinstance(grads, np.ndarray) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list or tuple of arrays, one per parameter, "
+                        f"got {describe(grads)}")
+    if len(grads) != n_params:
+        raise ValueError(f"grads has {len(grads)} arrays but the optimizer has "
+                         f"{n_params} parameters (one gradient per parameter)")
+
+
+def gradient(g, p, k):
+    """``grads[k]`` against ``params[k]``: read only, so read-only arrays are fine."""
+    if not isinstance(g, np.ndarray):
+        raise TypeError(f"grads[{k}]: expected a numpy.ndarray, got {describe(g)}")
+    if g.dtype != p.dtype or not g.dtype.isnative:
+        raise TypeError(f"grads[{k}]: dtype {g.dtype} does not match params[{k}] dtype {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"grads[{k}]: shape {g.shape} does not match params[{k}] shape {p.shape}")
+    if not g.flags.c_contiguous or not g.flags.aligned:
+        raise ValueError(f"grads[{k}] is not C-contiguous and aligned")
+
+
+def state_entry(entry, param, where, amsgrad, live=True):
+    """One parameter's state against the parameter; returns its step count.
+
+    ``live``: the buffers will be written by the kernel as they are (an
+    optimizer's own state), so they must be writeable, C-contiguous, native and
+    aligned; a loaded state dict is copied in, so only dtype and shape matter.
+    """
+    if not isinstance(entry, dict):
+        raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
+    step = step_count(entry.get("step"), where)
+    for key in STATE_BUFFERS[:3 if amsgrad else 2]:
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r}")
+        a = entry[key]
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{where}[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
+        if a.dtype != param.dtype:
+            raise TypeError(f"{where}[{key!r}]: dtype {a.dtype} does not match the parameter's "
+                            f"dtype {param.dtype}")
+        if a.shape != param.shape:
+            raise ValueError(f"{where}[{key!r}]: shape {a.shape} does not match the parameter's "
+                             f"shape {param.shape}")
+        if live and not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable
+                         and a.dtype.isnative):
+            raise ValueError(f"{where}[{key!r}] must be a writeable, C-contiguous, native array")
+    return step
+
+
+def _span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def no_overlap(named_arrays):
+    """Refuse any two of the (name, array) pairs that share memory (all C-contiguous).
+    Returns the sorted (start, end) spans."""
+    spans = sorted((*_span(a), name) for name, a in named_arrays if a.nbytes)
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{n0} and {n1} share memory; each must be its own buffer")
+    return [(start, end) for start, end, _ in spans]
+
+
+def gradient_not_written(g, k, spans):
+    """``grads[k]`` must not share memory with anything the step writes (sorted ``spans``)."""
+    if not g.nbytes:
+        return
+    lo, hi = _span(g)
+    a, b = 0, len(spans)
+    while a < b:  # the last span starting before hi
+        mid = (a + b) // 2
+        if spans[mid][0] < hi:
+            a = mid + 1
+        else:
+            b = mid
+    if a > 0 and spans[a - 1][1] > lo:
+        raise ValueError(f"grads[{k}] shares memory with a parameter or the optimizer "
+                         "state; pass a separate gradient buffer")
+
+
+# -- FlatParameters -----------------------------------------------------------
+
+def flat_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def flat_align(align, itemsize):
+    if isinstance(align, bool) or not isinstance(align, int) or align < itemsize or align % itemsize:
+        raise ValueError(f"align must be a positive multiple of the item size ({itemsize}), "
+                         f"got {align!r}")
+    return align
+
+
+def flat_shape(name, shape):
+    shape = (shape,) if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool) else shape
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shapes[{name!r}] must be a tuple of non-negative ints, got {shape!r}") from None
+    if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        raise ValueError(f"shapes[{name!r}] must be a tuple of non-negative ints, got {shape}")
+    return tuple(int(d) for d in shape)
