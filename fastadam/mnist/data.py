@@ -38,41 +38,99 @@ class IDXError(ValueError):
     """A file that is not a valid IDX file (the message names the file)."""
 
 
-def read_bytes(path):
-    """The file's bytes, decompressed if it is gzip."""
+# Deflate expands at most ~1032:1, so a gzip file of c bytes holds at most this
+# many times c bytes: a header declaring more is refused before anything is allocated.
+_MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 20
+
+
+def _open(path):
+    """The file as a binary stream, decompressing if it is gzip; and its size on disk."""
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    f = open(path, "rb")
+    size = os.fstat(f.fileno()).st_size
+    if f.read(2) == _GZIP_MAGIC:
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f, mode="rb"), size, True
+    f.seek(0)
+    return f, size, False
+
+
+def _read_exact(stream, n, name):
+    """``n`` bytes from ``stream`` into a new array, in chunks; fewer is an IDXError."""
+    out = np.empty(n, np.uint8)
+    view, got = memoryview(out), 0
+    try:
+        while got < n:
+            k = stream.readinto(view[got:got + min(_CHUNK, n - got)])
+            if not k:
+                break
+            got += k
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IDXError(f"{name}: corrupt or truncated gzip data ({e})") from None
+    if got != n:
+        raise IDXError(f"{name}: truncated ({got} of {n} bytes)")
+    return out
+
+
+def read_idx(path, expect_ndim=None):
+    """An IDX file (plain or gzip) as a uint8 array of its declared shape.
+
+    The header is read and checked first; the declared size is checked against
+    what the file can hold (its exact size, or for gzip the most deflate can
+    expand it to) before the data is allocated and read, and any trailing data
+    is refused."""
+    name = str(path)
+    stream, size_on_disk, compressed = _open(path)
+    with stream:
         try:
-            return gzip.decompress(raw)
+            head = stream.read(4)
+            if len(head) < 4:
+                raise IDXError(f"{name}: too short for an IDX header ({len(head)} bytes)")
+            if head[:2] != b"\x00\x00" or head[2] != 0x08:
+                raise IDXError(f"{name}: bad magic number 0x{head.hex()} "
+                               "(expected 0x0000080N: unsigned bytes, N dimensions)")
+            ndim = head[3]
+            if expect_ndim is not None and ndim != expect_ndim:
+                raise IDXError(f"{name}: {ndim} dimensions, expected {expect_ndim}")
+            dims = stream.read(4 * ndim)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IDXError(f"{name}: corrupt or truncated gzip data ({e})") from None
+        if len(dims) < 4 * ndim:
+            raise IDXError(f"{name}: truncated header")
+        shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+        header = 4 + 4 * ndim
+        declared = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if compressed:
+            if declared > _MAX_DEFLATE_RATIO * size_on_disk:
+                raise IDXError(f"{name}: the header's shape {shape} needs {declared} bytes, more than "
+                               f"a {size_on_disk}-byte gzip file can hold (corrupt header)")
+        elif header + declared != size_on_disk:
+            raise IDXError(f"{name}: {size_on_disk} bytes, but the header's shape {shape} needs "
+                           f"{header + declared} ("
+                           f"{'truncated' if size_on_disk < header + declared else 'trailing data'})")
+        data = _read_exact(stream, declared, name)
+        try:
+            trailing = stream.read(1)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IDXError(f"{name}: corrupt or truncated gzip data ({e})") from None
+        if trailing:
+            raise IDXError(f"{name}: trailing data after the {declared} bytes its header's shape "
+                           f"{shape} needs")
+    return data.reshape(shape)
+
+
+def sha256_of(path):
+    """SHA-256 of the file's contents, decompressed if it is gzip (read in chunks)."""
+    digest = hashlib.sha256()
+    stream, _, _ = _open(path)
+    with stream:
+        try:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise IDXError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    return raw
-
-
-def parse_idx(data, name="<bytes>", expect_ndim=None):
-    """An IDX file's contents as a uint8 array of its declared shape."""
-    if len(data) < 4:
-        raise IDXError(f"{name}: too short for an IDX header ({len(data)} bytes)")
-    zero, dtype_code, ndim = data[:2], data[2], data[3]
-    if zero != b"\x00\x00" or dtype_code != 0x08:
-        raise IDXError(f"{name}: bad magic number 0x{data[:4].hex()} "
-                       "(expected 0x0000080N: unsigned bytes, N dimensions)")
-    if expect_ndim is not None and ndim != expect_ndim:
-        raise IDXError(f"{name}: {ndim} dimensions, expected {expect_ndim}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{name}: truncated header")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        raise IDXError(f"{name}: {len(data)} bytes, but the header's shape {shape} needs "
-                       f"{expected} ({'truncated' if len(data) < expected else 'trailing data'})")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
-
-
-def load_idx(path, expect_ndim=None):
-    return parse_idx(read_bytes(path), str(path), expect_ndim)
+    return digest.hexdigest()
 
 
 def find_file(directory, stem):
@@ -93,7 +151,7 @@ def load_dataset(directory):
         path = find_file(directory, stem)
         if path is None:
             raise FileNotFoundError(f"{directory}: no {stem}[.gz]")
-        arrays[key] = load_idx(path, expect_ndim=3 if "images" in key else 1)
+        arrays[key] = read_idx(path, expect_ndim=3 if "images" in key else 1)
         arrays[key + "_path"] = path
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -167,7 +225,7 @@ def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
                         while chunk := response.read(1 << 16):
                             out.write(chunk)
                             bar.update(len(chunk))
-                digest = hashlib.sha256(read_bytes(tmp)).hexdigest()
+                digest = sha256_of(tmp)
                 if digest != SHA256[stem]:
                     raise IDXError(f"{url}: SHA-256 {digest} does not match the canonical {SHA256[stem]}")
                 os.replace(tmp, target)
@@ -179,7 +237,3 @@ def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
         else:
             raise FileNotFoundError(_where_to_put_files() + ". Download failed: " + "; ".join(errors))
     return directory
-
-
-def sha256_of(path):
-    return hashlib.sha256(read_bytes(path)).hexdigest()
