@@ -13,7 +13,6 @@ The math is in adam_kernel.hpp.
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.long cimport PyLong_AsDouble, PyLong_AsLongLong
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -53,6 +52,12 @@ cdef extern from "adam_kernel.hpp" nogil:
                         int64_t t, int64_t n_threads)
     void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
                           int64_t t, int64_t n_threads)
+
+# Declared here without Cython's "except? -1" so that an overflow is a value the
+# fast path can refuse (UNVERIFIED), not an exception it raises.
+cdef extern from "Python.h":
+    long long exact_long_long "PyLong_AsLongLong"(object)
+    double exact_long_as_double "PyLong_AsDouble"(object)
 
 cdef extern from "fa_openmp.h" nogil:
     const int fa_openmp_enabled
@@ -432,7 +437,7 @@ cdef class Plan:
             out[0] = PyFloat_AS_DOUBLE(x)
             return True
         if type(x) is int:
-            out[0] = PyLong_AsDouble(x)
+            out[0] = exact_long_as_double(x)
             if out[0] == -1.0 and PyErr_Occurred() != NULL:  # beyond double
                 PyErr_Clear()
                 return False
@@ -544,7 +549,7 @@ cdef class Plan:
                 ptr = PyDict_GetItem(st, "step")
                 if ptr == NULL or type(<object>ptr) is not int:
                     return False
-                step = PyLong_AsLongLong(<object>ptr)
+                step = exact_long_long(<object>ptr)
                 if step == -1 and PyErr_Occurred() != NULL:  # beyond long long
                     PyErr_Clear()
                     return False
