@@ -180,7 +180,10 @@ def _read_member(zf, info, dtype_ok, shape_ok, max_bytes):
             raise _Corrupt(f"{info.filename}: holds {'Fortran-order ' if fortran else ''}"
                            f"{dtype} of shape {shape}, which this model does not need")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes > max_bytes or info.file_size != f.tell() + nbytes:
+        if nbytes > max_bytes:
+            raise _Corrupt(f"{info.filename}: declares {nbytes} bytes of data, more than the "
+                           f"{max_bytes} it can hold here")
+        if info.file_size != f.tell() + nbytes:
             raise _Corrupt(f"{info.filename}: declares {info.file_size} bytes, but its header "
                            f"describes {f.tell() + nbytes}")
         data = f.read(nbytes)

@@ -229,3 +229,35 @@ def test_one_optimizer_from_two_threads_is_safe_or_refused(backend, rng):
     for _ in range(1 + applied[0]):
         serial.step([g])
     np.testing.assert_array_equal(p, q)
+
+
+def test_no_import_cycles_in_the_package():
+    """The package's modules import each other as a DAG (at module level and inside
+    functions alike): no module needs another that needs it back."""
+    import ast
+    import pathlib
+    root = pathlib.Path(fastadam.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                deps |= {f"{target}.{a.name}" for a in node.names} | {target}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d.startswith("fastadam")}
+    modules = set(graph)
+    graph = {m: {d for d in deps if d in modules and d != m and d != "fastadam"} for m, deps in graph.items()}
+
+    def visit(m, path):
+        if m in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        for d in graph.get(m, ()):
+            visit(d, path + [m])
+
+    for m in graph:
+        visit(m, [])

@@ -175,3 +175,104 @@ def test_save_replaces_atomically_and_leaves_no_temporary(rng, tmp_path):
     fresh = make([p.copy() for p in ps], "numpy")
     fresh.load(path)
     assert fresh.state[0]["step"] == 1
+
+
+# -- crafted files: checked before anything large is read -------------------------
+
+def _rewrite_member(path, name, payload):
+    """Replace one member of the .npz at ``path`` with raw ``payload`` bytes."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    members[name] = payload
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+
+
+def _npy_header(descr, shape):
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("huge_member", r"state/0/exp_avg.npy: holds float32 of shape \(1000000000000,\)"),
+    ("short_member", r"state/0/exp_avg.npy: declares .* bytes, but its header describes"),
+    ("wrong_dtype", r"state/2/exp_avg_sq.npy: holds float32"),
+    ("huge_meta", r"meta.npy: declares 400000000 bytes of data, more than the 67108864"),
+    ("object_member", r"state/1/exp_avg.npy: holds"),
+    ("extra_member", r"holds members this optimizer does not read: state/9/exp_avg.npy"),
+    ("unknown_index", r"state for parameter '9', which this model does not have"),
+])
+def test_crafted_checkpoint_is_refused_without_allocating(case, match, rng, tmp_path):
+    """A file whose members declare sizes or types the model does not need is refused,
+    naming the file, before any large allocation (no MemoryError for 10**12 elements)."""
+    import json
+    import tracemalloc
+    import zipfile
+    ps = model(rng)
+    opt = make(ps, "numpy")
+    opt.step([np.ones_like(p) for p in ps])
+    path = tmp_path / "crafted.npz"
+    opt.save(path)
+    if case == "huge_member":
+        _rewrite_member(path, "state/0/exp_avg.npy", _npy_header("<f4", (10 ** 12,)) + bytes(64))
+    elif case == "short_member":
+        _rewrite_member(path, "state/0/exp_avg.npy", _npy_header("<f4", (6, 4)) + bytes(10))
+    elif case == "wrong_dtype":
+        _rewrite_member(path, "state/2/exp_avg_sq.npy", _npy_header("<f4", (5,)) + bytes(20))
+    elif case == "huge_meta":
+        _rewrite_member(path, "meta.npy", _npy_header("<U100000000", ()) + bytes(100))
+    elif case == "object_member":
+        _rewrite_member(path, "state/1/exp_avg.npy", _npy_header("|O", (9,)) + bytes(72))
+    elif case == "extra_member":
+        _rewrite_member(path, "state/9/exp_avg.npy", _npy_header("<f4", (3,)) + bytes(12))
+    elif case == "unknown_index":
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(str(np.load(zf.open("meta.npy"))[()]))
+        meta["steps"]["9"] = 1
+        import io
+        buf = io.BytesIO()
+        np.save(buf, np.array(json.dumps(meta)))
+        _rewrite_member(path, "meta.npy", buf.getvalue())
+    snap = snapshot(opt)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match) as info:
+            opt.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    assert peak < 8 << 20, f"{peak} bytes allocated while refusing"
+    assert_unchanged(opt, snap)
+
+
+def test_adamw_checkpoint_is_refused_by_adam_and_back(rng, tmp_path):
+    ps = model(rng)
+    adamw = make(ps, "numpy", cls=fastadam.AdamW)
+    adamw.step([np.ones_like(p) for p in ps])
+    adamw.save(tmp_path / "w.npz")
+    adam = make([p.copy() for p in ps], "numpy", cls=fastadam.Adam)
+    snap = snapshot(adam)
+    with pytest.raises(ValueError, match=r"w.npz: saved by 'AdamW'; this optimizer is 'Adam'"):
+        adam.load(tmp_path / "w.npz")
+    assert_unchanged(adam, snap)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] was saved by AdamW; this optimizer is Adam"):
+        adam.load_state_dict(adamw.state_dict())
+    assert_unchanged(adam, snap)
+    adam.save(tmp_path / "a.npz")
+    with pytest.raises(ValueError, match=r"a.npz: saved by 'Adam'; this optimizer is 'AdamW'"):
+        adamw.load(tmp_path / "a.npz")
+
+
+def test_torch_state_dict_marks_the_optimizer_kind(rng):
+    """state_dict's groups carry torch's decoupled_weight_decay key; loading strips it."""
+    ps = model(rng)
+    opt = make(ps, "numpy", cls=fastadam.AdamW)
+    sd = opt.state_dict()
+    assert all(g["decoupled_weight_decay"] is True for g in sd["param_groups"])
+    opt.load_state_dict(sd)
+    assert all("decoupled_weight_decay" not in g for g in opt.param_groups)

@@ -209,3 +209,25 @@ def test_fashion_mnist_trains_unchanged(tmp_path):
     json_path = tmp_path / "f.json"
     assert main(["--data", str(FASHION), "--epochs", "1", "--json", str(json_path), "--no-progress"]) == 0
     assert json.loads(json_path.read_text())["epochs"][0]["test_acc"] > 0.75
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_crafted_idx_header_is_refused_before_allocating(tmp_path, compress):
+    """A header declaring far more data than the file can hold is refused from the
+    header alone (a 1.5 MB file used to be inflated whole first: 3 GB)."""
+    import tracemalloc
+    write_dataset(tmp_path, compress=compress)
+    header = b"\x00\x00\x08\x03" + struct.pack(">III", 2_000_000_000, 28, 28)
+    raw = header + bytes(100_000)
+    name = "train-images-idx3-ubyte" + (".gz" if compress else "")
+    for stale in tmp_path.glob("train-images-idx3-ubyte*"):
+        stale.unlink()
+    (tmp_path / name).write_bytes(gzip.compress(raw) if compress else raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(mnist_data.IDXError, match=name + r": .*(more than a \d+-byte gzip file can hold|truncated)"):
+            mnist_data.load_dataset(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak

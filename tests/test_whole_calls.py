@@ -275,12 +275,13 @@ def test_many_threads_up_to_the_limit_run(backend):
     np.testing.assert_array_equal(p, q)
 
 
-def test_numpy_scalar_hyperparameters_are_remembered_not_rechecked(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalar_hyperparameters_are_remembered_not_rechecked(backend, rng):
     """A NumPy scalar lr, validated once, is accepted by identity on later steps; a new
     value goes through the checked path; the bits are the reference's either way."""
     p = rng.standard_normal(100).astype(np.float32)
     q = p.copy()
-    opt = fastadam.Adam([p], backend="cython" if "cython" in fastadam.show_config.__module__ or True else "numpy")
+    opt = fastadam.Adam([p], backend=backend)
     ref = fastadam.Adam([q], backend="numpy")
     for opt_ in (opt, ref):
         opt_.param_groups[0]["lr"] = np.float64(0.01)
