@@ -191,46 +191,6 @@ def test_show_config_reports_the_installation():
     assert out.returncode == 0 and "backend numpy" in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_one_optimizer_from_two_threads_is_safe_or_refused(backend, rng):
-    """Two threads stepping one optimizer: every step either applies whole or is refused
-    with a clear error, and the result equals the applied steps run one after another."""
-    n = 2_000_000
-    p0 = rng.standard_normal(n).astype(np.float32)
-    g = rng.standard_normal(n).astype(np.float32)
-    p = p0.copy()
-    opt = fastadam.Adam([p], backend=backend, num_threads=1)
-    opt.step([g])
-    applied, refused, errors = [0], [0], []
-    barrier = threading.Barrier(2)
-
-    def run():
-        barrier.wait()
-        for _ in range(10):
-            try:
-                opt.step([g])
-                applied[0] += 1
-            except RuntimeError as e:
-                assert "two threads at once" in str(e)
-                refused[0] += 1
-            except Exception as e:  # anything else is a failure
-                errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert applied[0] + refused[0] == 20
-    assert opt.state[0]["step"] == 1 + applied[0]
-    q = p0.copy()
-    serial = fastadam.Adam([q], backend=backend)
-    for _ in range(1 + applied[0]):
-        serial.step([g])
-    np.testing.assert_array_equal(p, q)
-
-
 def test_no_import_cycles_in_the_package():
     """The package's modules import each other as a DAG (at module level and inside
     functions alike): no module needs another that needs it back."""

@@ -32,6 +32,30 @@ def run_child(code, timeout=240):
     return proc.stdout
 
 
+def alongside(background, foreground):
+    """Run ``background()`` in a loop on another thread while ``foreground()`` runs;
+    return the exceptions the background raised and how often it ran."""
+    errors, runs = [], [0]
+    done = threading.Event()
+
+    def loop():
+        while not done.is_set():
+            try:
+                background()
+                runs[0] += 1
+            except Exception as e:
+                errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        foreground()
+    finally:
+        done.set()
+        t.join()
+    return errors, runs[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_dropped_by_another_thread_mid_step(backend):
     """Another thread replaces the caller's gradients while the kernel runs (GIL
@@ -106,22 +130,13 @@ def test_state_dict_while_another_thread_steps_is_never_torn(backend):
     for s in range(1, 61):
         ref.step([np.full(16, 0.5, np.float32)])
         expected_m[s] = float(ref.state[0]["exp_avg"][0])
-    snapshots, errors = [], []
-    done = threading.Event()
+    snapshots = []
 
-    def snap():
-        while not done.is_set():
-            try:
-                snapshots.append(opt.state_dict())
-            except Exception as e:
-                errors.append(e)
+    def steps():
+        for _ in range(60):
+            opt.step(grads)
 
-    t = threading.Thread(target=snap)
-    t.start()
-    for _ in range(60):
-        opt.step(grads)
-    done.set()
-    t.join()
+    errors, _ = alongside(lambda: snapshots.append(opt.state_dict()), steps)
     assert not errors
     assert snapshots
     for sd in snapshots:
@@ -140,24 +155,13 @@ def test_load_state_dict_while_another_thread_steps(backend):
     grads = [np.full(n, 0.5, np.float32) for _ in range(k)]
     opt.step(grads)
     saved = opt.state_dict()
-    errors, loads = [], [0]
-    done = threading.Event()
 
-    def load():
-        while not done.is_set():
-            try:
-                opt.load_state_dict(saved)
-                loads[0] += 1
-            except Exception as e:
-                errors.append(e)
+    def steps():
+        for _ in range(40):
+            opt.step(grads)
 
-    t = threading.Thread(target=load)
-    t.start()
-    for _ in range(40):
-        opt.step(grads)
-    done.set()
-    t.join()
-    assert not errors and loads[0] > 0
+    errors, loads = alongside(lambda: opt.load_state_dict(saved), steps)
+    assert not errors and loads > 0
     steps = {opt.state[i]["step"] for i in range(k)}
     assert len(steps) == 1
     # Whatever interleaving happened, the state is that of a serial run at that step.
