@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._reference import WD_DECOUPLED, WD_L2
+from ._reference import WD_DECOUPLED, WD_L2, FlushToZero
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -38,31 +38,69 @@ _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
 
 
+# The flush-to-zero rule of fastadam/_reference.py, one operation at a time: a
+# result below the smallest normal (after rounding with an unbounded exponent:
+# `scaled` is the same operation with its operands scaled by 2**SCALE_EXP) is a
+# zero of its sign; r * 0 is that zero (r is finite there).
+@njit(inline="always", error_model="numpy")
+def _ftz(r, scaled, c):
+    a = abs(r)
+    if a < c[0] or (a == c[0] and abs(scaled) < c[1]):
+        return r * c[3]
+    return r
+
+
+@njit(inline="always", error_model="numpy")
+def _daz(x, c):
+    return x * c[3] if abs(x) < c[0] else x
+
+
+@njit(inline="always", error_model="numpy")
+def _mul(a, b, c):
+    return _ftz(a * b, (a * c[2]) * b, c)
+
+
+@njit(inline="always", error_model="numpy")
+def _add(a, b, c):
+    return _ftz(a + b, a * c[2] + b * c[2], c)
+
+
+@njit(inline="always", error_model="numpy")
+def _sub(a, b, c):
+    return _ftz(a - b, a * c[2] - b * c[2], c)
+
+
+@njit(inline="always", error_model="numpy")
+def _div(a, b, c):
+    return _ftz(a / b, (a * c[2]) / b, c)
+
+
 @njit(inline="always", error_model="numpy")
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
-                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                    min_normal, zero):
-    gi = zero if abs(g[i]) < min_normal else g[i]  # see src/adam_kernel.hpp
+                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2, c):
+    """One element; ``c`` = (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T."""
+    gi = _daz(g[i], c)
     gi = -gi if maximize else gi
-    pi = p[i]
+    pi = _daz(p[i], c)
     if wd_mode == WD_L2:
-        gi = gi + weight_decay * pi
+        gi = _add(gi, _mul(weight_decay, pi, c), c)
     elif wd_mode == WD_DECOUPLED:
-        pi = pi * decay
-    mi = beta1 * m[i] + one_minus_beta1 * gi
-    mi = zero if abs(mi) < min_normal else mi  # see src/adam_kernel.hpp: no subnormal crawl
-    vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+        pi = _mul(pi, decay, c)
+    mi = _add(_mul(beta1, _daz(m[i], c), c), _mul(one_minus_beta1, gi, c), c)
+    vi = _add(_mul(beta2, _daz(v[i], c), c), _mul(one_minus_beta2, _mul(gi, gi, c), c), c)
     m[i] = mi
     v[i] = vi
     vd = vi
     if amsgrad:
-        old = vmax[i]
+        old = _daz(vmax[i], c)
         if old >= vi or old != old:  # np.maximum: NaN on either side wins
             vd = old
         vmax[i] = vd
     # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which
     # vectorises (np.sqrt becomes a call to libm sqrtf, which may set errno).
-    p[i] = pi - step_size * (mi / (math.sqrt(vd) * inv_sqrt_bc2 + eps))
+    # The sqrt of a normal or zero v is never tiny.
+    denom = _add(_mul(math.sqrt(vd), inv_sqrt_bc2, c), eps, c)
+    p[i] = _sub(pi, _mul(step_size, _div(mi, denom, c), c), c)
 
 
 def _make_variant(wd_mode, amsgrad, maximize):
@@ -71,21 +109,23 @@ def _make_variant(wd_mode, amsgrad, maximize):
     closures hold nothing else, so Numba's cache key is the same in every process."""
 
     def update_range(p, g, m, v, vmax, start, stop, beta1, one_minus_beta1, beta2,
-                     one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+                     one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
+                     tiny, scaled_tiny, scale, zero):
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
-        min_normal, zero = np.finfo(p.dtype).tiny, beta1 - beta1
+        c = (tiny, scaled_tiny, scale, zero)
         for i in range(p.shape[0]):
             _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
                             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-                            step_size, inv_sqrt_bc2, min_normal, zero)
+                            step_size, inv_sqrt_bc2, c)
 
     def update_parallel(p, g, m, v, vmax, n_threads, beta1, one_minus_beta1, beta2,
-                        one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2):
+                        one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
+                        tiny, scaled_tiny, scale, zero):
         n = p.shape[0]
-        min_normal, zero = np.finfo(p.dtype).tiny, beta1 - beta1
+        c = (tiny, scaled_tiny, scale, zero)
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
@@ -94,7 +134,7 @@ def _make_variant(wd_mode, amsgrad, maximize):
             for i in range(ps.shape[0]):
                 _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, beta1,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                                decay, step_size, inv_sqrt_bc2, min_normal, zero)
+                                decay, step_size, inv_sqrt_bc2, c)
 
     serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
@@ -105,12 +145,13 @@ def _make_variant(wd_mode, amsgrad, maximize):
 
 
 def _signatures(n_ints):
-    """Eager signatures for float32 and float64: 5 arrays, then ints, then 9 scalars."""
+    """Eager signatures for float32 and float64: 5 arrays, then ints, then 9 step scalars
+    and the 4 constants of the flush-to-zero rule."""
     sigs = []
     for t in (numba.float32, numba.float64):
         array = t[::1]
         ints = (numba.int64,) * (2 if n_ints == 7 else 1)
-        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 9))
+        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 13))
     return sigs
 
 
@@ -154,12 +195,12 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
                 amsgrad, maximize, num_threads=1):
     """One in-place step of one tensor; the signature of _reference.adam_update.
     ``num_threads``: as resolved by the thread policy (fastadam/_threads.py)."""
-    t = param.dtype.type
     flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
     if not flat[1].flags.writeable:  # the signatures take writeable arrays; g is only read
         flat[1] = flat[1].copy()
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
-    scalars = [t(x) for x in s]
+    f = FlushToZero(param.dtype)
+    scalars = [f.scalar(x) for x in s] + [f.tiny, f.scaled_tiny, f.scale, f.zero]
     n = param.size
     threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     if threads <= 1 or n < PARALLEL_THRESHOLD or _in_forked_child:

@@ -1,21 +1,42 @@
-"""The pure-NumPy reference: the oracle of the tests and the baseline of the benchmarks.
+"""The pure-NumPy reference: the oracle of the tests.
 
 Kingma & Ba's Algorithm 1 in PyTorch's arrangement (``torch.optim.Adam`` with
-``foreach=False``), written the textbook way, one NumPy operation at a time
-with its temporaries.  For a step ``t`` (1-based) and gradient ``g``::
+``foreach=False``), one NumPy operation at a time.  For a step ``t`` (1-based)
+and gradient ``g``::
 
-    g   <- 0 where |g| < the dtype's smallest normal number (no subnormal arithmetic)
     g   <- -g                                   if maximize
     g   <- g + wd * p                           Adam: L2 weight decay
     p   <- p * (1 - lr * wd)                    AdamW: decoupled weight decay
     m   <- beta1 * m + (1 - beta1) * g
-    m   <- 0 where |m| < the dtype's smallest normal number (no subnormal crawl)
-    v   <- beta2 * v + (1 - beta2) * g^2
+    v   <- beta2 * v + (1 - beta2) * (g * g)
     v^  <- max(v^, v)                           AMSGrad (the denominator uses v^)
-    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    p   <- p - lr / (1 - beta1^t) * (m / (sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps))
 
-The compiled kernels perform the same float operations in the same order, so
-their results are bitwise equal to this one's.
+every operation rounded in the arrays' dtype T (the scalars are computed once
+per step in double and rounded to T once), under one rule for subnormal
+numbers, **flush to zero**, which is what x86's FTZ and DAZ modes do (and
+``torch.set_flush_denormal(True)``):
+
+- every operand whose magnitude is below T's smallest normal number is read as
+  a zero of its sign (DAZ), scalars included;
+- every result whose magnitude, rounded to T's precision with an unbounded
+  exponent, is below the smallest normal number is a zero of its sign (FTZ).
+  (x86 detects this "tininess" after rounding: a result just below the
+  smallest normal that rounds up to it is kept.)
+
+So no subnormal number is ever stored in p, m, v or v^, and no operation ever
+works on one (each costs a ~100-cycle microcode assist).  With ``eps=0`` the
+rule shows: a gradient whose square underflows (|g| < ~3e-18 in float32 with
+beta2 = 0.999) leaves v = 0 beside a nonzero m, and m / 0 moves p to +-inf, as
+torch does under ``set_flush_denormal(True)``; where m and v are both 0 the
+update is 0/0 = NaN, as in torch.  The default eps = 1e-8 has neither.
+
+The compiled kernel sets FTZ and DAZ around its loops; IEEE arithmetic, which
+NumPy does, rounds into the subnormal range instead, so here every operation
+is followed by the flush, and a result IEEE rounds to exactly the smallest
+normal is recomputed with its operands scaled by a power of two (exact) to see
+where the unbounded rounding lands.  The compiled kernel, the Numba backend and
+this reference are bitwise equal.
 """
 import math
 from typing import NamedTuple
@@ -53,8 +74,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
                 amsgrad, maximize, num_threads=None):
     """One in-place step of one tensor; ``s`` is a :class:`StepScalars`.
 
-    Every scalar is rounded to the array's dtype once, as the compiled kernel
-    does.  ``num_threads`` is ignored: NumPy's elementwise operations use one thread.
+    ``num_threads`` is ignored: NumPy's elementwise operations use one thread.
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         # Overflow to inf and NaN are documented results (README), as in the compiled kernels.
@@ -62,26 +82,82 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
                 maximize)
 
 
+# Scaling by 2**SCALE_EXP lifts a result near the smallest normal into the normal
+# range without rounding (the operands of such a result are at most ~4 in magnitude).
+SCALE_EXP = {np.dtype(np.float32): 64, np.dtype(np.float64): 512}
+
+
+class FlushToZero:
+    """The arithmetic of the rule above, in dtype ``t``, on arrays or T scalars."""
+
+    def __init__(self, dtype):
+        self.t = dtype.type
+        self.tiny = self.t(np.finfo(dtype).smallest_normal)
+        self.scale = self.t(2.0 ** SCALE_EXP[dtype])
+        self.scaled_tiny = self.tiny * self.scale
+        self.zero = self.t(0)
+
+    def scalar(self, x):
+        """A double rounded to T, as the kernel converts it (under FTZ)."""
+        r = np.array(self.t(x))
+        return self._result(r, lambda e: self.t(x * 2.0 ** SCALE_EXP[np.dtype(self.t)]))[()]
+
+    def operand(self, x):
+        """DAZ: below the smallest normal, a zero of its sign."""
+        magnitude = np.abs(x)
+        if not (magnitude < self.tiny).any():  # the usual case: nothing to flush
+            return x
+        return np.where(magnitude < self.tiny, np.copysign(self.zero, x), x).astype(self.t)
+
+    def _result(self, r, scaled):
+        """FTZ for r = op(...); ``scaled(mask)`` recomputes op with scaled operands at mask."""
+        magnitude = np.abs(r)
+        if not (magnitude <= self.tiny).any():  # the usual case: nothing near the edge
+            return r
+        out = np.where(magnitude < self.tiny, np.copysign(self.zero, r), r).astype(self.t)
+        edge = magnitude == self.tiny
+        if edge.any():
+            tiny_before = np.abs(scaled(edge)) < self.scaled_tiny
+            out[edge] = np.where(tiny_before, np.copysign(self.zero, r[edge]), r[edge])
+        return out
+
+    @staticmethod
+    def _at(x, mask):
+        return np.broadcast_to(x, mask.shape)[mask]
+
+    def mul(self, a, b):
+        return self._result(a * b, lambda e: (self._at(a, e) * self.scale) * self._at(b, e))
+
+    def add(self, a, b):
+        return self._result(a + b, lambda e: self._at(a, e) * self.scale + self._at(b, e) * self.scale)
+
+    def sub(self, a, b):
+        return self._result(a - b, lambda e: self._at(a, e) * self.scale - self._at(b, e) * self.scale)
+
+    def div(self, a, b):
+        return self._result(a / b, lambda e: (self._at(a, e) * self.scale) / self._at(b, e))
+
+
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
             maximize):
-    t = param.dtype.type
-    tiny = np.finfo(param.dtype).smallest_normal
-    grad = np.where(np.abs(grad) < tiny, t(0), grad)
+    f = FlushToZero(param.dtype)
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, \
+        inv_sqrt_bc2 = (f.scalar(x) for x in s)
+    g = f.operand(grad)
     if maximize:
-        grad = -grad
+        g = -g
+    p = f.operand(param)
     if weight_decay_mode == WD_L2:
-        grad = grad + t(s.weight_decay) * param
+        g = f.add(g, f.mul(weight_decay, p))
     elif weight_decay_mode == WD_DECOUPLED:
-        param *= t(s.decay)
-    exp_avg *= t(s.beta1)
-    exp_avg += t(s.one_minus_beta1) * grad
-    exp_avg[np.abs(exp_avg) < np.finfo(param.dtype).smallest_normal] = 0
-    exp_avg_sq *= t(s.beta2)
-    exp_avg_sq += t(s.one_minus_beta2) * (grad * grad)
+        p = f.mul(p, decay)
+    m = f.add(f.mul(beta1, f.operand(exp_avg)), f.mul(one_minus_beta1, g))
+    v = f.add(f.mul(beta2, f.operand(exp_avg_sq)), f.mul(one_minus_beta2, f.mul(g, g)))
+    exp_avg[...] = m
+    exp_avg_sq[...] = v
     if amsgrad:
-        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        second_moment = max_exp_avg_sq
-    else:
-        second_moment = exp_avg_sq
-    denom = np.sqrt(second_moment) * t(s.inv_sqrt_bc2) + t(s.eps)
-    param -= t(s.step_size) * (exp_avg / denom)
+        v = np.maximum(f.operand(max_exp_avg_sq), v)
+        max_exp_avg_sq[...] = v
+    # sqrt of a normal or zero v is never tiny: no flush needed after it.
+    denom = f.add(f.mul(np.sqrt(v), inv_sqrt_bc2), eps)
+    param[...] = f.sub(p, f.mul(step_size, f.div(m, denom)))

@@ -4,27 +4,25 @@
 // Per element, in this exact order (every operation rounded in T; the
 // scalars are computed once per step in double and rounded to T once):
 //
-//   g  = 0 where |g| < the smallest normal number of T (see below)
 //   g  = maximize ? -g : g
 //   g  = g + wd * p                       (Adam, L2 weight decay)
 //   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
 //   m  = beta1 * m + (1 - beta1) * g
-//   m  = 0 where |m| < the smallest normal number of T (see below)
 //   v  = beta2 * v + (1 - beta2) * (g * g)
 //   vm = max(vm, v)                       (AMSGrad; the denominator uses vm)
 //   d  = sqrt(v) * (1 / sqrt(bc2)) + eps  (bc2 = 1 - beta2^step)
 //   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
 //
-// Where a gradient is zero (a dead ReLU unit, an unused embedding row) m shrinks
-// by beta1 every step and would crawl through the subnormal range for ~200
-// steps, every operation on it a ~100-cycle microcode assist: measured, an MNIST
-// MLP step slowed 4x as 3% of m went subnormal.  Storing such an m as zero ends
-// that at once; its contribution to p, m / (sqrt(v)/sqrt(bc2) + eps), was below
-// 1e-30 relative.  v is left alone: with eps = 0 a zeroed v would turn 0/v into 0/0.
-// A subnormal gradient is read as 0 for the same reason (measured: a 1M step took
-// 6.9 ms instead of 0.95 ms with subnormal gradients): g*g underflows to 0 anyway,
-// and adding it to a normal m or wd*p changes nothing.  The compare and the select
-// are the only operations that see the subnormal, and they cost no assist.
+// under the flush-to-zero rule of fastadam/_reference.py (its docstring states
+// it): every loop runs with the FTZ and DAZ bits of MXCSR set (fa_run_share),
+// so no operation reads or produces a subnormal number and none is stored.  A
+// subnormal is a ~100-cycle microcode assist per operation: measured, an MNIST
+// MLP step slowed 4x as 3% of m decayed through the subnormal range, and a 1M
+// step with subnormal gradients took 6.9 ms instead of 0.95 ms.  MXCSR is
+// per thread and restored after the loop, so nothing else in the process sees
+// the change.  The only value that passes from memory to memory without an
+// arithmetic operation is vm's old value through max(); it is flushed by a
+// compare and select, which DAZ evaluates as the arithmetic would.
 //
 // The build uses -ffp-contract=off, so no multiply-add is fused: the vector
 // main loop, its scalar tail and the NumPy reference (fastadam/_reference.py)
@@ -45,6 +43,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
 enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
@@ -83,6 +84,8 @@ static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __b
 static inline __attribute__((always_inline)) double fa_sqrt(double x) { return __builtin_sqrt(x); }
 static inline __attribute__((always_inline)) float fa_abs(float x) { return __builtin_fabsf(x); }
 static inline __attribute__((always_inline)) double fa_abs(double x) { return __builtin_fabs(x); }
+static inline __attribute__((always_inline)) float fa_signed_zero(float x) { return __builtin_copysignf(0.0f, x); }
+static inline __attribute__((always_inline)) double fa_signed_zero(double x) { return __builtin_copysign(0.0, x); }
 template <typename T> struct fa_min_normal;
 template <> struct fa_min_normal<float> { static constexpr float value = __FLT_MIN__; };
 template <> struct fa_min_normal<double> { static constexpr double value = __DBL_MIN__; };
@@ -98,19 +101,20 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     T *__restrict__ v = (T *)it.exp_avg_sq;
     T *__restrict__ vmax = (T *)it.max_exp_avg_sq;
     for (int64_t i = start; i < stop; ++i) {
-        T gi = fa_abs(g[i]) < fa_min_normal<T>::value ? (T)0 : g[i];
-        gi = MAXIMIZE ? -gi : gi;
+        T gi = MAXIMIZE ? -g[i] : g[i];
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
-        T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
-        mi = fa_abs(mi) < fa_min_normal<T>::value ? (T)0 : mi;
+        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
         const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
         m[i] = mi;
         v[i] = vi;
         T vd = vi;
         if (AMSGRAD) {
-            const T old = vmax[i];
+            // Stored as it is, a subnormal old value would survive: flush it (DAZ
+            // makes the compare see it as zero, so the select picks the zero).
+            const T old = fa_abs(vmax[i]) < fa_min_normal<T>::value ? fa_signed_zero(vmax[i])
+                                                                    : vmax[i];
             // np.maximum semantics: a NaN on either side wins.
             vd = (old >= vi || old != old) ? old : vi;
             vmax[i] = vd;
@@ -265,10 +269,23 @@ static inline void fa_for_share(const fa_item *items, const int64_t *offsets, in
     }
 }
 
+// FTZ (bit 15) and DAZ (bit 6) of MXCSR: the flush-to-zero rule, in hardware.
+#define FA_MXCSR_FTZ_DAZ 0x8040u
+
 static inline void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                                 int64_t t, int64_t n_threads) {
+#if defined(__x86_64__)
+    // Set here, on the thread that runs the loops, and restored after them; the
+    // loops are behind an indirect call (fa_adam_range), so no floating-point
+    // operation can be moved across the two.
+    const unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved | FA_MXCSR_FTZ_DAZ);
+#endif
     fa_for_share(items, offsets, n_items, t, n_threads,
                  [](const fa_item &it, int64_t a, int64_t b) { fa_adam_range(it, a, b); });
+#if defined(__x86_64__)
+    _mm_setcsr(saved);
+#endif
 }
 
 // 1 if every gradient in thread t's share is finite (a read-only pass, for skip_if_nonfinite).
