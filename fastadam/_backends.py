@@ -4,12 +4,14 @@ Every backend offers one thing to the optimizer: ``new_plan(layout)``, a plan
 over an optimizer's validated buffers with the same operations whatever the
 backend (see ``_kernel.Plan``, the compiled one):
 
-    step(lock, groups, grads, state, num_threads, skip_if_nonfinite)
+    step(lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm)
         the fast path, holding the optimizer's lock (see new_lock): APPLIED,
         SKIPPED or UNVERIFIED (nothing changed; the optimizer's checked path
-        decides)
+        decides); max_grad_norm < 0 means no clipping
     load(hypers, remembered, grads, entries, steps)   a step from checked values
-    all_finite(num_threads), run(num_threads), commit_steps(), release()
+    inspect_gradients(num_threads, want_norm) -> (all finite, norm or None)
+    scale_gradients_by(c), run(num_threads), commit_steps(), release()
+    last_grad_norm                                    the last norm computed
 
 so the optimizer never branches on a backend's name.
 """
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _interrupts, _threads
-from ._reference import WD_DECOUPLED, WD_L2, WD_NONE, step_scalars
+from ._reference import WD_DECOUPLED, WD_L2, WD_NONE, clip_coefficient, grad_norm, step_scalars
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -52,8 +54,9 @@ class _CheckedOnlyPlan:
         self._update = update
         self._default_threads = default_threads
         self._work = None
+        self.last_grad_norm = None
 
-    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite):
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm):
         return UNVERIFIED
 
     def load(self, hypers, remembered, grads, entries, steps):
@@ -64,13 +67,23 @@ class _CheckedOnlyPlan:
             wd_mode = WD_NONE if weight_decay == 0 else (
                 WD_DECOUPLED if self._layout.decoupled else WD_L2)
             for _ in range(size):
-                work.append((grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                    steps[k] + 1), wd_mode, amsgrad, maximize))
+                work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
+                                                    steps[k] + 1), wd_mode, amsgrad, maximize])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
 
-    def all_finite(self, num_threads):
-        return all(np.isfinite(grad).all() for grad, *_ in self._work[0])
+    def inspect_gradients(self, num_threads, want_norm):
+        grads = [grad for grad, *_ in self._work[0]]
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = all(np.isfinite(grad).all() for grad in grads)
+            norm = grad_norm(grads) if want_norm else None
+        if want_norm:
+            self.last_grad_norm = norm
+        return finite, norm
+
+    def scale_gradients_by(self, c):
+        for item in self._work[0]:
+            item[1] = item[1]._replace(grad_scale=c)
 
     def run(self, num_threads):
         L = self._layout
@@ -97,14 +110,23 @@ class _NumbaPlan:
         self._update = update
         self._default_threads = default_threads
 
-    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite):
+    @property
+    def last_grad_norm(self):
+        return self._checks.last_grad_norm
+
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm):
         checks = self._checks
         with lock:
             if not checks.verify(groups, grads, state):
                 return UNVERIFIED
             try:
-                if skip_if_nonfinite and not checks.all_finite(num_threads):
-                    return SKIPPED
+                clip = max_grad_norm >= 0
+                if skip_if_nonfinite or clip:
+                    finite, norm = checks.inspect_gradients(num_threads, clip)
+                    if skip_if_nonfinite and not finite:
+                        return SKIPPED
+                    if clip:
+                        checks.scale_gradients_by(clip_coefficient(max_grad_norm, norm))
                 with _interrupts.deferred():  # the tensors are updated one call at a time
                     self.run(num_threads)
                     checks.commit_steps()
@@ -115,8 +137,11 @@ class _NumbaPlan:
     def load(self, hypers, remembered, grads, entries, steps):
         self._checks.load(hypers, remembered, grads, entries, steps)
 
-    def all_finite(self, num_threads):
-        return self._checks.all_finite(num_threads)
+    def inspect_gradients(self, num_threads, want_norm):
+        return self._checks.inspect_gradients(num_threads, want_norm)
+
+    def scale_gradients_by(self, c):
+        self._checks.scale_gradients_by(c)
 
     def run(self, num_threads):
         L = self._layout

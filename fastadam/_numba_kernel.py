@@ -77,9 +77,10 @@ def _div(a, b, c):
 
 @njit(inline="always", error_model="numpy")
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
-                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2, c):
+                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
+                    grad_scale, c):
     """One element; ``c`` = (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T."""
-    gi = _daz(g[i], c)
+    gi = _mul(_daz(g[i], c), grad_scale, c)
     gi = -gi if maximize else gi
     pi = _daz(p[i], c)
     if wd_mode == WD_L2:
@@ -110,7 +111,7 @@ def _make_variant(wd_mode, amsgrad, maximize):
 
     def update_range(p, g, m, v, vmax, start, stop, beta1, one_minus_beta1, beta2,
                      one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                     tiny, scaled_tiny, scale, zero):
+                     grad_scale, tiny, scaled_tiny, scale, zero):
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
@@ -119,11 +120,11 @@ def _make_variant(wd_mode, amsgrad, maximize):
         for i in range(p.shape[0]):
             _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
                             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-                            step_size, inv_sqrt_bc2, c)
+                            step_size, inv_sqrt_bc2, grad_scale, c)
 
     def update_parallel(p, g, m, v, vmax, n_threads, beta1, one_minus_beta1, beta2,
                         one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                        tiny, scaled_tiny, scale, zero):
+                        grad_scale, tiny, scaled_tiny, scale, zero):
         n = p.shape[0]
         c = (tiny, scaled_tiny, scale, zero)
         for t in prange(n_threads):
@@ -134,7 +135,7 @@ def _make_variant(wd_mode, amsgrad, maximize):
             for i in range(ps.shape[0]):
                 _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, beta1,
                                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                                decay, step_size, inv_sqrt_bc2, c)
+                                decay, step_size, inv_sqrt_bc2, grad_scale, c)
 
     serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
@@ -145,13 +146,13 @@ def _make_variant(wd_mode, amsgrad, maximize):
 
 
 def _signatures(n_ints):
-    """Eager signatures for float32 and float64: 5 arrays, then ints, then 9 step scalars
+    """Eager signatures for float32 and float64: 5 arrays, then ints, then 10 step scalars
     and the 4 constants of the flush-to-zero rule."""
     sigs = []
     for t in (numba.float32, numba.float64):
         array = t[::1]
         ints = (numba.int64,) * (2 if n_ints == 7 else 1)
-        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 13))
+        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 14))
     return sigs
 
 

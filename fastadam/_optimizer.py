@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _interrupts, _rules
+from . import _backends, _checkpoint, _interrupts, _reference, _rules
 from ._backends import APPLIED, SKIPPED, UNVERIFIED
 
 
@@ -49,19 +49,27 @@ class Adam:
             step (parameters and state untouched; ``step`` returns False and
             ``skipped_steps`` counts it).  Off by default, as in torch, where a
             NaN gradient propagates into the parameters.
+        max_grad_norm: clip the gradients by their global L2 norm, as
+            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before the
+            step would, fused into it: the norm is computed in the read-only
+            pass ``skip_if_nonfinite`` makes (one pass for both), in float64 and
+            the same for any thread count; the coefficient scales g as it is
+            read, so the caller's gradients are not modified.
+            ``last_grad_norm`` holds the norm before clipping.  None: off.
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False):
+                 skip_if_nonfinite=False, max_grad_norm=None):
         self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              amsgrad=amsgrad, maximize=maximize)
         _rules.hyperparameters(self.defaults)
         self._lock = _backends.new_lock()
         self.num_threads = num_threads
         self.skip_if_nonfinite = skip_if_nonfinite
+        self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
         self._backend = _backends.load(backend)
         self.param_groups = []
@@ -101,6 +109,23 @@ class Adam:
     @skip_if_nonfinite.setter
     def skip_if_nonfinite(self, value):
         self._skip_if_nonfinite = _rules.flag(value, "skip_if_nonfinite")
+
+    @property
+    def max_grad_norm(self):
+        """Global-norm gradient clipping's threshold (None: off); validated when set."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value):
+        self._max_grad_norm = _rules.max_grad_norm(value)
+        self._max_grad_norm_arg = -1.0 if value is None else self._max_grad_norm
+
+    @property
+    def last_grad_norm(self):
+        """The gradients' global L2 norm (before clipping) at the last step that
+        clipped; None before the first."""
+        plan = self._plan
+        return None if plan is None else plan.last_grad_norm
 
     def __repr__(self):
         lines = [f"{type(self).__name__} (backend={self.backend!r})"]
@@ -162,7 +187,7 @@ class Adam:
         plan = self._plan
         if plan is not None:  # the fast path; it takes the lock and checks under it
             status = plan.step(self._lock, self.param_groups, grads, self.state, self._threads_arg,
-                               self._skip_if_nonfinite)
+                               self._skip_if_nonfinite, self._max_grad_norm_arg)
             if status == APPLIED:
                 return True
             if status == SKIPPED:
@@ -228,8 +253,15 @@ class Adam:
         plan = self._backend.new_plan(layout)
         plan.load(hypers, remembered, grads, entries, steps)
         try:
-            if self._skip_if_nonfinite and not plan.all_finite(self._threads_arg):
-                return SKIPPED
+            clip = self._max_grad_norm is not None
+            if self._skip_if_nonfinite or clip:
+                finite, norm = plan.inspect_gradients(self._threads_arg, clip)
+                if clip:
+                    self._plan = plan  # last_grad_norm reads it, applied or skipped
+                if self._skip_if_nonfinite and not finite:
+                    return SKIPPED
+                if clip:
+                    plan.scale_gradients_by(_reference.clip_coefficient(self._max_grad_norm, norm))
             with _interrupts.deferred():
                 self.state.update(new_state)
                 plan.run(self._threads_arg)
@@ -284,7 +316,8 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False):
+                 skip_if_nonfinite=False, max_grad_norm=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, backend=backend,
-                         num_threads=num_threads, skip_if_nonfinite=skip_if_nonfinite)
+                         num_threads=num_threads, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)

@@ -4,6 +4,7 @@ Kingma & Ba's Algorithm 1 in PyTorch's arrangement (``torch.optim.Adam`` with
 ``foreach=False``), one NumPy operation at a time.  For a step ``t`` (1-based)
 and gradient ``g``::
 
+    g   <- c * g                                gradient clipping (c = 1 when off; see below)
     g   <- -g                                   if maximize
     g   <- g + wd * p                           Adam: L2 weight decay
     p   <- p * (1 - lr * wd)                    AdamW: decoupled weight decay
@@ -30,6 +31,11 @@ rule shows: a gradient whose square underflows (|g| < ~3e-18 in float32 with
 beta2 = 0.999) leaves v = 0 beside a nonzero m, and m / 0 moves p to +-inf, as
 torch does under ``set_flush_denormal(True)``; where m and v are both 0 the
 update is 0/0 = NaN, as in torch.  The default eps = 1e-8 has neither.
+
+Gradient clipping (``max_grad_norm``), torch's ``clip_grad_norm_`` folded into
+the step: the global L2 norm of all the step's gradients (``grad_norm``, in
+IEEE double, in an order fixed by element indices alone, so the same bits for
+every thread count), then ``c = clip_coefficient(max_grad_norm, norm)``.
 
 The compiled kernel sets FTZ and DAZ around its loops; IEEE arithmetic, which
 NumPy does, rounds into the subnormal range instead, so here every operation
@@ -58,6 +64,7 @@ class StepScalars(NamedTuple):
     decay: float         # 1 - lr * weight_decay (AdamW)
     step_size: float     # lr / (1 - beta1^step)
     inv_sqrt_bc2: float  # 1 / sqrt(1 - beta2^step)
+    grad_scale: float = 1.0  # gradient clipping's coefficient (clip_coefficient)
 
 
 def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
@@ -80,6 +87,32 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
         # Overflow to inf and NaN are documented results (README), as in the compiled kernels.
         _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
                 maximize)
+
+
+NORM_BLOCK, NORM_LANES = 4096, 16  # src/adam_kernel.hpp: FA_NORM_BLOCK, FA_NORM_LANES
+
+
+def grad_norm(grads):
+    """The global L2 norm of ``grads`` in float64, summed in the kernel's fixed order:
+    the concatenated gradients in blocks of NORM_BLOCK elements; within a block,
+    element i adds g*g to lane i mod NORM_LANES, one after another; a block's sum
+    is its lanes added in order; the norm is the square root of the blocks' sums
+    added in order.  (np.cumsum adds in sequence, unlike np.sum.)"""
+    flat = np.concatenate([np.asarray(g, np.float64).reshape(-1) for g in grads] or [np.zeros(0)])
+    if flat.size == 0:
+        return 0.0
+    n_blocks = -(-flat.size // NORM_BLOCK)
+    squares = np.zeros(n_blocks * NORM_BLOCK)
+    squares[:flat.size] = flat * flat
+    lanes = np.cumsum(squares.reshape(n_blocks, NORM_BLOCK // NORM_LANES, NORM_LANES), axis=1)[:, -1]
+    blocks = np.cumsum(lanes, axis=1)[:, -1]
+    return float(np.sqrt(np.cumsum(blocks)[-1]))
+
+
+def clip_coefficient(max_norm, norm):
+    """torch's clip_grad_norm_: max_norm / (norm + 1e-6), at most 1 (a NaN norm gives NaN)."""
+    c = max_norm / (norm + 1e-6)
+    return 1.0 if c > 1.0 else c
 
 
 # Scaling by 2**SCALE_EXP lifts a result near the smallest normal into the normal
@@ -142,8 +175,8 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mo
             maximize):
     f = FlushToZero(param.dtype)
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, \
-        inv_sqrt_bc2 = (f.scalar(x) for x in s)
-    g = f.operand(grad)
+        inv_sqrt_bc2, grad_scale = (f.scalar(x) for x in s)
+    g = f.mul(f.operand(grad), grad_scale)
     if maximize:
         g = -g
     p = f.operand(param)

@@ -100,6 +100,16 @@ def num_threads(value):
     return int(value)
 
 
+def max_grad_norm(value):
+    """The ``max_grad_norm`` argument: None (no clipping) or a finite real >= 0."""
+    if value is None:
+        return None
+    value = real(value, "max_grad_norm")
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"max_grad_norm must be None or a finite number >= 0, got {value}")
+    return value
+
+
 def step_count(value, where):
     """A stored step count: an int from 0 to MAX_STEP (numpy integers accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (

@@ -39,7 +39,7 @@ cdef extern from "adam_kernel.hpp" nogil:
         int dtype
         int variant
         double beta1, one_minus_beta1, beta2, one_minus_beta2
-        double eps, weight_decay, decay, step_size, inv_sqrt_bc2
+        double eps, weight_decay, decay, step_size, inv_sqrt_bc2, grad_scale
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
@@ -48,8 +48,9 @@ cdef extern from "adam_kernel.hpp" nogil:
     int fa_isa_in_use
     void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                       int64_t t, int64_t n_threads)
-    int fa_finite_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
-                        int64_t t, int64_t n_threads)
+    int fa_prepass_block(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                         int64_t block, int want_sum, double *sum)
+    int64_t fa_prepass_blocks(const int64_t *offsets, int64_t n_items)
     void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
                           int64_t t, int64_t n_threads)
 
@@ -143,19 +144,35 @@ cdef void run_items(const fa_item *items, const int64_t *offsets, int64_t n_item
         fa_run_share(items, offsets, n_items, t, num_threads)
 
 
-cdef bint all_finite(const fa_item *items, const int64_t *offsets, int64_t n_items,
-                     int num_threads) noexcept nogil:
-    """Whether every gradient of the step is finite: a read-only pass, split between
-    threads as the update is."""
-    cdef int t
+cdef bint prepass(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                  int num_threads, bint want_norm, double *partial, double *norm) noexcept nogil:
+    """The read-only pass over the gradients: whether all are finite, and with
+    ``want_norm`` their global L2 norm in *norm (float64, the same bits for every
+    thread count: see fa_prepass_block).  ``partial`` has one double per block."""
+    cdef int64_t b, n_blocks
     cdef int ok = 1
+    cdef double sumsq = 0.0
     if n_items == 0 or offsets[n_items] == 0:
+        norm[0] = 0.0
         return True
+    n_blocks = fa_prepass_blocks(offsets, n_items)
     if num_threads <= 1 or offsets[n_items] < _parallel_threshold:
-        return fa_finite_share(items, offsets, n_items, 0, 1) != 0
-    for t in prange(num_threads, schedule='static', num_threads=num_threads):
-        ok &= fa_finite_share(items, offsets, n_items, t, num_threads)
+        for b in range(n_blocks):
+            ok &= fa_prepass_block(items, offsets, n_items, b, want_norm, &partial[b])
+    else:
+        for b in prange(n_blocks, schedule='static', num_threads=num_threads):
+            ok &= fa_prepass_block(items, offsets, n_items, b, want_norm, &partial[b])
+    if want_norm:
+        for b in range(n_blocks):
+            sumsq += partial[b]
+        norm[0] = sqrt(sumsq)
     return ok != 0
+
+
+cdef inline double clip_coefficient(double max_norm, double norm) noexcept nogil:
+    """fastadam._reference.clip_coefficient, in C (the same double operations)."""
+    cdef double c = max_norm / (norm + 1e-6)
+    return 1.0 if c > 1.0 else c
 
 
 def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, int num_threads=0):
@@ -275,7 +292,8 @@ cdef class Plan:
           step's scalars are set and the gradients are held until ``release``.
       ``load(hypers, remembered, grads, entries, steps)``: the same, from values
           the checked path has validated: it cannot refuse.
-      ``all_finite(threads)``, ``run(threads)``, ``commit_steps()``,
+      ``inspect_gradients(threads, want_norm)``, ``scale_gradients_by(c)``,
+          ``run(threads)``, ``commit_steps()``,
           ``release()``, ``scalars()``: the parts of a step, for the checked
           path and the Numba backend.
     """
@@ -297,6 +315,8 @@ cdef class Plan:
     # step counts a commit sets, and the new counts.
     cdef tuple held_grads
     cdef list held_entries, new_steps
+    cdef double *partial       # one double per pre-pass block
+    cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
                   list group_sizes, bint decoupled):
@@ -325,6 +345,7 @@ cdef class Plan:
         self.dims = <cnp.npy_intp *>calloc(max(n_dims, 1), sizeof(cnp.npy_intp))
         self.group_sizes = <Py_ssize_t *>calloc(max(self.n_groups, 1), sizeof(Py_ssize_t))
         self.remembered_values = <double *>calloc(max(N_SLOTS * self.n_groups, 1), sizeof(double))
+        self.last_grad_norm = None
         if (self.items == NULL or self.offsets == NULL or self.written == NULL
                 or self.typenums == NULL or self.ndims == NULL or self.dims_at == NULL
                 or self.dims == NULL or self.group_sizes == NULL or self.remembered_values == NULL):
@@ -365,6 +386,9 @@ cdef class Plan:
                 NULL if self.max_exp_avg_sqs[k] is None
                 else cnp.PyArray_DATA(<cnp.ndarray>self.max_exp_avg_sqs[k]))
             self.offsets[k + 1] = self.offsets[k] + self.items[k].numel
+        self.partial = <double *>calloc(max(fa_prepass_blocks(self.offsets, self.n), 1), sizeof(double))
+        if self.partial == NULL:
+            raise MemoryError()
         qsort(self.written, self.n_written, 2 * sizeof(int64_t), compare_int64)
         for j in range(1, self.n_written):
             if self.written[2 * j] < self.written[2 * j - 1]:
@@ -380,6 +404,7 @@ cdef class Plan:
         free(self.dims)
         free(self.group_sizes)
         free(self.remembered_values)
+        free(self.partial)
 
     # -- what verify compares ------------------------------------------------
 
@@ -464,6 +489,7 @@ cdef class Plan:
         it.decay = 1.0 - lr * weight_decay
         it.step_size = lr / bc1
         it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
+        it.grad_scale = 1.0
 
     # -- the operations --------------------------------------------------------
 
@@ -579,27 +605,39 @@ cdef class Plan:
         return True
 
     cpdef int step(self, Lock lock, object groups, object grads, object state, int num_threads,
-                   bint skip_if_nonfinite):
+                   bint skip_if_nonfinite, double max_grad_norm):
         """The whole fast path in one call, holding the optimizer's ``lock``:
-        APPLIED, SKIPPED or UNVERIFIED."""
+        APPLIED, SKIPPED or UNVERIFIED.  ``max_grad_norm`` < 0: no clipping."""
         cdef int threads = resolve_num_threads(num_threads)
         cdef bint finite = True
+        cdef bint clip = max_grad_norm >= 0.0
+        cdef double norm = 0.0
         lock.take()
         try:
             if not self.verify_c(groups, grads, state):
                 return _UNVERIFIED
             with nogil:
-                if skip_if_nonfinite:
-                    finite = all_finite(self.items, self.offsets, self.n, threads)
-                if finite:
+                if skip_if_nonfinite or clip:
+                    finite = prepass(self.items, self.offsets, self.n, threads, clip,
+                                     self.partial, &norm)
+                    if clip:
+                        self.scale_gradients(clip_coefficient(max_grad_norm, norm))
+                if finite or not skip_if_nonfinite:
                     run_items(self.items, self.offsets, self.n, threads)
-            if not finite:
+            if clip:
+                self.last_grad_norm = norm
+            if skip_if_nonfinite and not finite:
                 return _SKIPPED
             self.commit_steps_c()
             return _APPLIED
         finally:
             self.held_grads = None
             lock.give()
+
+    cdef void scale_gradients(self, double c) noexcept nogil:
+        cdef Py_ssize_t k
+        for k in range(self.n):
+            self.items[k].grad_scale = c
 
     def verify(self, groups, grads, state):
         """See the class docstring; True means the plan holds this step's gradients."""
@@ -638,13 +676,22 @@ cdef class Plan:
         self.held_entries[:] = entries
         self.new_steps[:] = [s + 1 for s in steps]
 
-    def all_finite(self, int num_threads):
-        """Whether every held gradient is finite (a read-only pass)."""
+    def inspect_gradients(self, int num_threads, bint want_norm):
+        """The read-only pre-pass over the held gradients: (all finite, global L2
+        norm or None)."""
         cdef int threads = resolve_num_threads(num_threads)
         cdef bint finite
+        cdef double norm = 0.0
         with nogil:
-            finite = all_finite(self.items, self.offsets, self.n, threads)
-        return finite
+            finite = prepass(self.items, self.offsets, self.n, threads, want_norm, self.partial,
+                             &norm)
+        if want_norm:
+            self.last_grad_norm = norm
+        return finite, (norm if want_norm else None)
+
+    def scale_gradients_by(self, double c):
+        """Gradient clipping's coefficient for this step (see clip_coefficient)."""
+        self.scale_gradients(c)
 
     def run(self, int num_threads):
         """The kernel over every tensor, with the GIL released."""
@@ -671,9 +718,9 @@ cdef class Plan:
 
     def scalars(self):
         """Per tensor: (variant, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-        decay, step_size, 1/sqrt(bc2)) of the verified or loaded step."""
+        decay, step_size, 1/sqrt(bc2), grad_scale) of the verified or loaded step."""
         return [(it.variant, it.beta1, it.one_minus_beta1, it.beta2, it.one_minus_beta2, it.eps,
-                 it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2)
+                 it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2, it.grad_scale)
                 for it in self.items[:self.n]]
 
 

@@ -4,6 +4,7 @@
 // Per element, in this exact order (every operation rounded in T; the
 // scalars are computed once per step in double and rounded to T once):
 //
+//   g  = g * c                            (c: gradient clipping's coefficient, 1 when off)
 //   g  = maximize ? -g : g
 //   g  = g + wd * p                       (Adam, L2 weight decay)
 //   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
@@ -67,17 +68,19 @@ typedef struct {
     int variant;           // FA_VARIANT(...)
     double beta1, one_minus_beta1, beta2, one_minus_beta2;
     double eps, weight_decay, decay, step_size, inv_sqrt_bc2;
+    double grad_scale;     // gradient clipping's coefficient (1 when off)
 } fa_item;
 
 template <typename T>
 struct fa_scalars {
     T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-        step_size, inv_sqrt_bc2;
+        step_size, inv_sqrt_bc2, grad_scale;
     explicit fa_scalars(const fa_item &it)
         : beta1((T)it.beta1), one_minus_beta1((T)it.one_minus_beta1),
           beta2((T)it.beta2), one_minus_beta2((T)it.one_minus_beta2),
           eps((T)it.eps), weight_decay((T)it.weight_decay), decay((T)it.decay),
-          step_size((T)it.step_size), inv_sqrt_bc2((T)it.inv_sqrt_bc2) {}
+          step_size((T)it.step_size), inv_sqrt_bc2((T)it.inv_sqrt_bc2),
+          grad_scale((T)it.grad_scale) {}
 };
 
 static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __builtin_sqrtf(x); }
@@ -101,7 +104,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     T *__restrict__ v = (T *)it.exp_avg_sq;
     T *__restrict__ vmax = (T *)it.max_exp_avg_sq;
     for (int64_t i = start; i < stop; ++i) {
-        T gi = MAXIMIZE ? -g[i] : g[i];
+        T gi = g[i] * s.grad_scale;
+        gi = MAXIMIZE ? -gi : gi;
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
@@ -139,6 +143,36 @@ static inline __attribute__((always_inline)) int fa_all_finite_loop(const T *__r
     return largest < INF;
 }
 
+// The gradients' sum of squares, for global-norm clipping: in double, in an
+// order fixed by the element indices alone, so the norm is bitwise the same for
+// every thread count (and fastadam._reference.grad_norm reproduces it).  The
+// concatenated gradients are cut into blocks of FA_NORM_BLOCK elements; in a
+// block, element i adds g*g to lane (i mod FA_NORM_LANES); a block's sum is
+// its lanes added in order 0..15; the norm is the blocks' sums added in order.
+// Sixteen independent lanes let the loop vectorise without reassociation.
+#define FA_NORM_BLOCK 4096
+#define FA_NORM_LANES 16
+
+template <typename T>
+static inline __attribute__((always_inline)) void
+fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, double *__restrict__ acc) {
+    int64_t i = a;
+    for (; i < b && ((lane0 + i - a) % FA_NORM_LANES) != 0; ++i) {
+        const double x = (double)g[i];
+        acc[(lane0 + i - a) % FA_NORM_LANES] += x * x;
+    }
+    for (; i + FA_NORM_LANES <= b; i += FA_NORM_LANES) {
+        for (int j = 0; j < FA_NORM_LANES; ++j) {
+            const double x = (double)g[i + j];
+            acc[j] += x * x;
+        }
+    }
+    for (; i < b; ++i) {
+        const double x = (double)g[i];
+        acc[(lane0 + i - a) % FA_NORM_LANES] += x * x;
+    }
+}
+
 // One function per (ISA, dtype): a switch over the variants, outside the loop.
 #define FA_VARIANT_CASES(T)                                                            \
     switch (it.variant) {                                                              \
@@ -171,6 +205,13 @@ static inline __attribute__((always_inline)) int fa_all_finite_loop(const T *__r
                 (const float *)it.grad, a, b);                                         \
         return fa_all_finite_loop<double, uint64_t, 0x7fffffffffffffffull,            \
                                   0x7ff0000000000000ull>((const double *)it.grad, a, b); \
+    }                                                                                  \
+    TARGET static void fa_sumsq_range_##NAME(const fa_item &it, int64_t lane0, int64_t a, \
+                                             int64_t b, double *acc) {                 \
+        if (it.dtype == FA_FLOAT32)                                                    \
+            fa_sumsq_loop<float>((const float *)it.grad, lane0, a, b, acc);           \
+        else                                                                           \
+            fa_sumsq_loop<double>((const double *)it.grad, lane0, a, b, acc);         \
     }
 
 FA_DEFINE_ISA(baseline, )
@@ -184,10 +225,12 @@ FA_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,
 
 typedef void (*fa_range_fn)(const fa_item &, int64_t, int64_t);
 typedef int (*fa_check_fn)(const fa_item &, int64_t, int64_t);
+typedef void (*fa_sumsq_fn)(const fa_item &, int64_t, int64_t, int64_t, double *);
 
 // The functions every update and every finiteness check go through; set by fa_select_isa.
 static fa_range_fn fa_adam_range = fa_adam_range_baseline;
 static fa_check_fn fa_finite_range = fa_finite_range_baseline;
+static fa_sumsq_fn fa_sumsq_range = fa_sumsq_range_baseline;
 static int fa_isa_in_use = FA_ISA_BASELINE;
 
 static inline int fa_isa_supported(int isa) {
@@ -222,6 +265,9 @@ static inline int fa_select_isa(int forced) {
     fa_finite_range = isa == FA_ISA_AVX512 ? fa_finite_range_avx512
                       : isa == FA_ISA_AVX2 ? fa_finite_range_avx2
                                            : fa_finite_range_baseline;
+    fa_sumsq_range = isa == FA_ISA_AVX512 ? fa_sumsq_range_avx512
+                     : isa == FA_ISA_AVX2 ? fa_sumsq_range_avx2
+                                          : fa_sumsq_range_baseline;
 #endif
     fa_isa_in_use = isa;
     return isa;
@@ -288,13 +334,41 @@ static inline void fa_run_share(const fa_item *items, const int64_t *offsets, in
 #endif
 }
 
-// 1 if every gradient in thread t's share is finite (a read-only pass, for skip_if_nonfinite).
-static inline int fa_finite_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
-                                  int64_t t, int64_t n_threads) {
+// The read-only pre-pass over block `block` of the concatenated gradients
+// (skip_if_nonfinite and clipping share it): returns 1 if every value is
+// finite; with `want_sum`, stores the block's sum of squares in *sum.
+static inline int fa_prepass_block(const fa_item *items, const int64_t *offsets, int64_t n_items,
+                                   int64_t block, int want_sum, double *sum) {
+    const int64_t total = offsets[n_items];
+    const int64_t begin = block * FA_NORM_BLOCK;
+    const int64_t end = begin + FA_NORM_BLOCK < total ? begin + FA_NORM_BLOCK : total;
+    double acc[FA_NORM_LANES] = {0};
     int ok = 1;
-    fa_for_share(items, offsets, n_items, t, n_threads,
-                 [&ok](const fa_item &it, int64_t a, int64_t b) { ok &= fa_finite_range(it, a, b); });
+#if defined(__x86_64__)
+    // IEEE arithmetic here whatever the caller's mode (the reference's norm is IEEE).
+    const unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved & ~FA_MXCSR_FTZ_DAZ);
+#endif
+    for (int64_t k = fa_find_item(offsets, n_items, begin); k < n_items && offsets[k] < end; ++k) {
+        const int64_t a = begin > offsets[k] ? begin - offsets[k] : 0;
+        const int64_t b = (end < offsets[k + 1] ? end : offsets[k + 1]) - offsets[k];
+        if (b <= a) continue;
+        ok &= fa_finite_range(items[k], a, b);
+        if (want_sum) fa_sumsq_range(items[k], (offsets[k] + a - begin) % FA_NORM_LANES, a, b, acc);
+    }
+    if (want_sum) {
+        double s = 0.0;
+        for (int j = 0; j < FA_NORM_LANES; ++j) s += acc[j];
+        *sum = s;
+    }
+#if defined(__x86_64__)
+    _mm_setcsr(saved);
+#endif
     return ok;
+}
+
+static inline int64_t fa_prepass_blocks(const int64_t *offsets, int64_t n_items) {
+    return (offsets[n_items] + FA_NORM_BLOCK - 1) / FA_NORM_BLOCK;
 }
 
 // The roofline: Adam's memory traffic (read p, g, m, v; write p, m, v) with
