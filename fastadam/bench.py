@@ -158,6 +158,8 @@ IMPLEMENTATIONS = {
     "fastadam-cython": _fastadam("cython"),
     "fastadam-numba": _fastadam("numba"),
     "fastadam-skip-nonfinite": _fastadam("cython", skip_if_nonfinite=True),
+    "fastadam-clip": _fastadam("cython", max_grad_norm=1.0),
+    "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
     "torch-foreach": _torch("foreach"),
     "torch-fused": _torch("fused"),
     "deepspeed-cpu-adam": _deepspeed,

@@ -231,3 +231,26 @@ def test_crafted_idx_header_is_refused_before_allocating(tmp_path, compress):
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20, peak
+
+
+def test_cli_max_grad_norm_clips_and_is_recorded(tmp_path):
+    """--max-grad-norm reaches the optimizer: a threshold no gradient reaches gives the
+    unclipped run's curves to the bit (the coefficient is exactly 1), a tiny one changes
+    them; the JSON records it."""
+    results = {}
+    for norm in (None, 1e9, 1e-4):
+        json_path = tmp_path / f"run-{norm}.json"
+        argv = ["--epochs", "1", "--json", str(json_path), "--no-progress"]
+        if norm is not None:
+            argv += ["--max-grad-norm", str(norm)]
+        assert main(argv) == 0
+        results[norm] = json.loads(json_path.read_text())
+
+    def curve(r):
+        return [(e["train_loss"], e["test_loss"], e["test_acc"]) for e in r["epochs"]]
+
+    assert [r["config"]["max_grad_norm"] for r in results.values()] == [None, 1e9, 1e-4]
+    assert curve(results[1e9]) == curve(results[None])
+    assert curve(results[1e-4]) != curve(results[None])
+    with pytest.raises(SystemExit):
+        main(["--max-grad-norm", "-1"])

@@ -92,6 +92,7 @@ class Twins(RuleBasedStateMachine):
     def same_bits(self):
         assert_same(buffers(self.opts["fast"]), buffers(self.opts["ref"]))
         assert self.opts["fast"].skipped_steps == self.opts["ref"].skipped_steps
+        assert repr(self.opts["fast"].last_grad_norm) == repr(self.opts["ref"].last_grad_norm)
 
     @rule(seed=st.integers(0, 2 ** 16), kind=st.sampled_from(
         ["good", "good", "good", "tuple", "readonly", "nan", "shape", "dtype", "noncontiguous",
@@ -207,6 +208,10 @@ class Twins(RuleBasedStateMachine):
                 a.dtype = native
                 a.shape = SHAPES[k][0]
         self.both(change)
+
+    @rule(value=st.sampled_from([None, 1.0, 0.05, 1e-9, 0, -1.0, float("nan"), "2", np.float32(3)]))
+    def set_max_grad_norm(self, value):
+        self.both(lambda opt, ps: setattr(opt, "max_grad_norm", value))
 
     @rule(value=st.sampled_from([False, True, 1, "yes"]))
     def set_skip_if_nonfinite(self, value):
