@@ -221,3 +221,17 @@ def test_no_import_cycles_in_the_package():
 
     for m in graph:
         visit(m, [])
+
+
+def test_numba_follows_the_same_thread_policy_as_the_compiled_kernel():
+    """One thread policy: with the compiled extension built, the Numba backend's default
+    thread count is the compiled kernel's, so threadpoolctl limits it too."""
+    pytest.importorskip("numba")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    kernel = _backends.compiled_or_none()
+    if kernel is None or not kernel.OPENMP_ENABLED or _threads.cpu_limit() < 2:
+        pytest.skip("needs the compiled kernel with OpenMP and two CPUs")
+    backend = _backends.load("numba")
+    assert backend.default_num_threads() == kernel.default_num_threads() == _threads.cpu_limit()
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert backend.default_num_threads() == 1
