@@ -22,6 +22,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport pow, sqrt
 from libc.stdint cimport int64_t, intptr_t
 from libc.stdlib cimport calloc, free, qsort
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cimport numpy as cnp
 from cython.parallel cimport prange
@@ -169,6 +170,29 @@ cdef bint prepass(const fa_item *items, const int64_t *offsets, int64_t n_items,
     return ok != 0
 
 
+cdef inline double monotonic_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
+
+
+cdef inline double median5(double *x) noexcept nogil:
+    """The median of x[0:5] (sorts a copy)."""
+    cdef double a[5]
+    cdef double t
+    cdef int i, j
+    for i in range(5):
+        a[i] = x[i]
+    for i in range(1, 5):
+        t = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > t:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = t
+    return a[2]
+
+
 cdef inline double clip_coefficient(double max_norm, double norm) noexcept nogil:
     """fastadam._reference.clip_coefficient, in C (the same double operations)."""
     cdef double c = max_norm / (norm + 1e-6)
@@ -226,6 +250,13 @@ cdef enum:
 
 # The largest stored step count a step may start from (fastadam._rules.MAX_STEP).
 cdef long long MAX_STEP = (1LL << 53) - 1
+
+# The thread planner (Plan.threads_for_step): steps timed per candidate in a
+# trial (median5 takes the median of five), and steps between trials.
+cdef enum:
+    PLANNER_SAMPLES = 5
+    PLANNER_REPLAN_EVERY = 1000
+TRIAL_SAMPLES, REPLAN_EVERY = PLANNER_SAMPLES, PLANNER_REPLAN_EVERY
 
 cdef object _NOTHING = object()  # an empty remembered slot: no user value is this object
 
@@ -316,6 +347,12 @@ cdef class Plan:
     cdef tuple held_grads
     cdef list held_entries, new_steps
     cdef double *partial       # one double per pre-pass block
+    # The thread planner: candidates 1 and the policy's maximum, timed in turn.
+    cdef int planned_max, trial_left, trial_index
+    cdef public int chosen_threads
+    cdef int64_t steps_since_trial
+    cdef double samples[2][PLANNER_SAMPLES]
+    cdef int n_samples[2]
     cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
@@ -346,6 +383,7 @@ cdef class Plan:
         self.group_sizes = <Py_ssize_t *>calloc(max(self.n_groups, 1), sizeof(Py_ssize_t))
         self.remembered_values = <double *>calloc(max(N_SLOTS * self.n_groups, 1), sizeof(double))
         self.last_grad_norm = None
+        self.chosen_threads = 1
         if (self.items == NULL or self.offsets == NULL or self.written == NULL
                 or self.typenums == NULL or self.ndims == NULL or self.dims_at == NULL
                 or self.dims == NULL or self.group_sizes == NULL or self.remembered_values == NULL):
@@ -491,6 +529,64 @@ cdef class Plan:
         it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
         it.grad_scale = 1.0
 
+    # -- the thread planner ----------------------------------------------------
+    #
+    # With num_threads None, the thread count of a step is chosen by measuring
+    # in the context the step actually runs in: inside a NumPy training loop the
+    # step follows matrix products whose BLAS threads keep spinning on the other
+    # cores, and a second OpenMP thread then only competes with them (measured on
+    # two), while alone the same step is twice as fast on two threads.  So the
+    # planner times PLANNER_SAMPLES steps at the policy's maximum and as many at
+    # 1 thread (each block after one warm-up step), keeps the lower median, and repeats the
+    # trial every PLANNER_REPLAN_EVERY steps and whenever the maximum changes.  Results
+    # are bitwise the same for every thread count, so switching is free.
+
+    cdef int threads_for(self, int requested) noexcept:
+        cdef int most
+        if requested > 0:
+            return requested
+        most = resolve_num_threads(0)
+        if most <= 1 or self.offsets[self.n] < _parallel_threshold:
+            return 1
+        if most != self.planned_max or (self.trial_left == 0
+                                        and self.steps_since_trial >= PLANNER_REPLAN_EVERY):
+            self.planned_max = most
+            self.trial_left = 2 * (PLANNER_SAMPLES + 1)
+            self.n_samples[0] = self.n_samples[1] = 0
+        if self.trial_left > 0:
+            # A block of steps at the maximum, then a block at 1 thread: in turn, a
+            # parallel step would pay for waking workers that slept through the
+            # serial one, which steps taken back to back do not.
+            self.trial_index = 0 if self.trial_left <= PLANNER_SAMPLES + 1 else 1
+            return 1 if self.trial_index == 0 else most
+        return self.chosen_threads
+
+    cdef void record(self, int threads, double seconds) noexcept:
+        """The duration of a step taken with ``threads`` (from threads_for)."""
+        cdef int i
+        if self.trial_left == 0:
+            self.steps_since_trial += 1
+            return
+        i = self.trial_index
+        # The first step of a block warms up (threads, caches): not a sample.
+        if self.trial_left != PLANNER_SAMPLES + 1 and self.trial_left != 2 * (PLANNER_SAMPLES + 1):
+            if self.n_samples[i] < PLANNER_SAMPLES:
+                self.samples[i][self.n_samples[i]] = seconds
+                self.n_samples[i] += 1
+        self.trial_left -= 1
+        if self.trial_left == 0:
+            self.chosen_threads = (1 if median5(self.samples[0]) < median5(self.samples[1])
+                                   else self.planned_max)
+            self.steps_since_trial = 0
+
+    def threads_for_step(self, int requested):
+        """The thread count for the next step (``requested`` > 0 is taken as it is)."""
+        return self.threads_for(requested)
+
+    def record_step(self, int threads, double seconds):
+        """Report how long a step took with ``threads``, for the planner."""
+        self.record(threads, seconds)
+
     # -- the operations --------------------------------------------------------
 
     cdef bint verify_c(self, object groups, object grads, object state) except -1:
@@ -608,14 +704,17 @@ cdef class Plan:
                    bint skip_if_nonfinite, double max_grad_norm):
         """The whole fast path in one call, holding the optimizer's ``lock``:
         APPLIED, SKIPPED or UNVERIFIED.  ``max_grad_norm`` < 0: no clipping."""
-        cdef int threads = resolve_num_threads(num_threads)
+        cdef int threads
         cdef bint finite = True
         cdef bint clip = max_grad_norm >= 0.0
         cdef double norm = 0.0
+        cdef double started
         lock.take()
         try:
             if not self.verify_c(groups, grads, state):
                 return _UNVERIFIED
+            threads = self.threads_for(num_threads)
+            started = monotonic_seconds()
             with nogil:
                 if skip_if_nonfinite or clip:
                     finite = prepass(self.items, self.offsets, self.n, threads, clip,
@@ -624,6 +723,7 @@ cdef class Plan:
                         self.scale_gradients(clip_coefficient(max_grad_norm, norm))
                 if finite or not skip_if_nonfinite:
                     run_items(self.items, self.offsets, self.n, threads)
+            self.record(threads, monotonic_seconds() - started)
             if clip:
                 self.last_grad_norm = norm
             if skip_if_nonfinite and not finite:

@@ -235,3 +235,51 @@ def test_numba_follows_the_same_thread_policy_as_the_compiled_kernel():
     assert backend.default_num_threads() == kernel.default_num_threads() == _threads.cpu_limit()
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert backend.default_num_threads() == 1
+
+
+def _planner_plan():
+    kernel = _backends.compiled_or_none()
+    if kernel is None or not kernel.OPENMP_ENABLED or kernel.default_num_threads() < 2:
+        pytest.skip("needs the compiled kernel with OpenMP and two usable CPUs")
+    p = np.zeros(1 << 17, np.float32)
+    opt = fastadam.Adam([p])
+    opt.step([np.ones_like(p)])
+    return kernel, opt._plan
+
+
+@pytest.mark.parametrize("faster", ["serial", "parallel"])
+def test_thread_planner_keeps_the_faster_count(faster):
+    """The planner's mechanics, with synthetic durations: a block of steps at the
+    policy's maximum, then at one thread (each block's first step not counted), the
+    lower median kept until the next trial."""
+    kernel, plan = _planner_plan()
+    most = kernel.default_num_threads()
+    seen = []
+    for i in range(2 * (kernel.TRIAL_SAMPLES + 1)):
+        t = plan.threads_for_step(0)
+        seen.append(t)
+        slow = (t == 1) == (faster == "parallel")
+        # the warm-up step of each block is very slow and must not count
+        duration = 1.0 if i in (0, kernel.TRIAL_SAMPLES + 1) else (2e-3 if slow else 1e-3)
+        plan.record_step(t, duration)
+    assert seen == [most] * (kernel.TRIAL_SAMPLES + 1) + [1] * (kernel.TRIAL_SAMPLES + 1)
+    chosen = 1 if faster == "serial" else most
+    assert plan.chosen_threads == chosen
+    for _ in range(kernel.REPLAN_EVERY):
+        assert plan.threads_for_step(0) == chosen
+        plan.record_step(chosen, 1e-3)
+    assert plan.threads_for_step(0) == most  # a new trial begins
+    assert plan.threads_for_step(3) == 3     # an explicit num_threads is taken as it is
+
+
+def test_thread_planner_results_are_the_reference_bits(rng):
+    """Whatever the planner chooses along the way, the bits are the reference's."""
+    p0 = rng.standard_normal(1 << 17).astype(np.float32)
+    grads = [rng.standard_normal(p0.size).astype(np.float32) for _ in range(30)]
+    p, q = p0.copy(), p0.copy()
+    opt = fastadam.Adam([p])
+    ref = fastadam.Adam([q], backend="numpy")
+    for g in grads:
+        opt.step([g])
+        ref.step([g])
+    np.testing.assert_array_equal(p, q)
