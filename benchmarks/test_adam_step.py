@@ -117,3 +117,31 @@ def test_mnist_epoch(benchmark, mnist, optimizer):
               log=lambda s: None)
     benchmark.group = "MNIST MLP epoch"
     benchmark.pedantic(epoch, rounds=3, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("context", ["alone", "cache-cold", "in-the-loop"])
+@pytest.mark.parametrize("policy", ["policy", "1-thread", "all-threads"])
+def test_mnist_mlp_step_in_context(benchmark, mnist, context, policy):
+    """The MLP 784-256-128-10 optimizer step alone, cache-cold (40 MB touched before it)
+    and right after a forward/backward pass (the training loop), per thread setting:
+    the loop, not the kernel, sets what a step costs (fastadam.bench.step_in_context)."""
+    x_train, y_train, _, _ = mnist
+    threads = {"policy": None, "1-thread": 1, "all-threads": bench.all_threads()}[policy]
+    model = MLP([784, 256, 128, 10], np.random.default_rng(0))
+    opt = fastadam.Adam([model.flat.data], num_threads=threads)
+    rng = np.random.default_rng(1)
+    model.flat.grad[...] = rng.standard_normal(model.flat.grad.size) * 1e-2
+    junk = np.ones(10_000_000, np.float32)
+    for _ in range(20):  # the planner's trial
+        opt.step([model.flat.grad])
+
+    def setup():
+        if context == "in-the-loop":
+            batch = rng.integers(0, len(x_train), 128)
+            model.loss_and_backward(x_train[batch], y_train[batch])
+        elif context == "cache-cold":
+            junk[...] += 1.0
+
+    benchmark.group = f"MNIST MLP step in context: {context}"
+    benchmark.pedantic(lambda: opt.step([model.flat.grad]), setup=setup, rounds=200, iterations=1,
+                       warmup_rounds=5)

@@ -17,6 +17,7 @@ so the optimizer never branches on a backend's name.
 """
 import functools
 import threading
+import time
 import warnings
 from typing import NamedTuple
 
@@ -104,11 +105,10 @@ class _CheckedOnlyPlan:
 class _NumbaPlan:
     """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math."""
 
-    def __init__(self, checks, layout, update, default_threads):
+    def __init__(self, checks, layout, update):
         self._checks = checks
         self._layout = layout
         self._update = update
-        self._default_threads = default_threads
 
     @property
     def last_grad_norm(self):
@@ -146,11 +146,13 @@ class _NumbaPlan:
     def run(self, num_threads):
         L = self._layout
         grads = self._checks.gradients()
-        threads = num_threads or self._default_threads()
+        threads = self._checks.threads_for_step(num_threads)  # the compiled plan's planner
+        started = time.perf_counter()
         for k, (variant, *scalars) in enumerate(self._checks.scalars()):
             self._update(L.params[k], grads[k], L.exp_avgs[k], L.exp_avg_sqs[k],
                          L.max_exp_avg_sqs[k], scalars, variant & 3, bool(variant & 4),
                          bool(variant & 8), num_threads=threads)
+        self._checks.record_step(threads, time.perf_counter() - started)
 
     def commit_steps(self):
         self._checks.commit_steps()
@@ -185,7 +187,7 @@ class NumbaBackend:
         update = self.module.adam_update
         if self._compiled is None:
             return _CheckedOnlyPlan(layout, update, self.default_num_threads)
-        return _NumbaPlan(self._compiled.Plan(*layout), layout, update, self.default_num_threads)
+        return _NumbaPlan(self._compiled.Plan(*layout), layout, update)
 
 
 class ReferenceBackend:

@@ -16,13 +16,12 @@ The implementations (``IMPLEMENTATIONS``) are shared with benchmarks/ (pytest-be
 import argparse
 import gc
 import json
+import math
 import platform
 import random
 import statistics
 import sys
 import time
-
-import math
 
 import numpy as np
 
@@ -290,6 +289,54 @@ def plot(results, path):
     plt.close(fig)
 
 
+# -- the step in context: alone, cache-cold, inside a training loop -----------
+
+def step_in_context(rounds=200, hidden=(256, 128), batch_size=128, log=print):
+    """The MNIST MLP's optimizer step (784-256-128-10 by default, 235,152 parameters)
+    in three contexts, per thread setting (None: the thread policy, which plans in
+    context; 1; every usable CPU), medians in us:
+
+    - alone: back to back, buffers hot in cache;
+    - cache-cold: 40 MB touched before each step;
+    - in the loop: right after the forward and backward pass of a batch (NumPy's
+      BLAS threads have just run), as in ``python -m fastadam.mnist``.
+    The step costs what the loop makes it cost; this keeps the gap visible."""
+    from .mnist import data
+    from .mnist.model import MLP
+
+    x_train, y_train, _, _ = data.load_dataset(data.locate(download=False))
+    junk = np.ones(10_000_000, np.float32)
+    rows = []
+    for threads in (None, 1, all_threads()):
+        row = {"threads": "policy" if threads is None else threads}
+        for context in ("alone", "cache-cold", "in the loop"):
+            model = MLP([784, *hidden, 10], np.random.default_rng(0))
+            opt = fastadam.Adam([model.flat.data], num_threads=threads)
+            rng = np.random.default_rng(1)
+            times = []
+            if context == "alone":
+                time.sleep(0.5)  # let BLAS threads that spin after a matrix product go to sleep
+            for i in range(rounds + 20):
+                if context == "in the loop":
+                    batch = rng.integers(0, len(x_train), batch_size)
+                    model.loss_and_backward(x_train[batch], y_train[batch])
+                elif context == "cache-cold":
+                    junk += 1.0
+                elif i == 0:  # alone: no BLAS call anywhere near the steps
+                    model.flat.grad[...] = rng.standard_normal(model.flat.grad.size) * 1e-2
+                start = time.perf_counter()
+                opt.step([model.flat.grad])
+                times.append(time.perf_counter() - start)
+            row[context] = float(np.median(times[20:])) * 1e6  # after the planner's trial
+        rows.append(row)
+    log(f"\nMNIST MLP step in context ({784}-{'-'.join(map(str, hidden))}-10, median us)")
+    log(f"  {'threads':>8s} {'alone':>10s} {'cache-cold':>11s} {'in the loop':>12s}")
+    for row in rows:
+        log(f"  {str(row['threads']):>8s} {row['alone']:10.0f} {row['cache-cold']:11.0f} "
+            f"{row['in the loop']:12.0f}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastadam.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +345,8 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
     p.add_argument("--threads", default="1,all", help="comma-separated thread counts ('all' = every usable CPU)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--context-rounds", type=int, default=200,
+                   help="steps per cell of the step-in-context table (0: leave it out)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--plot", default="bench.png")
     args = p.parse_args(argv)
@@ -312,8 +361,10 @@ def main(argv=None):
     print(f"machine: {info}", flush=True)
     results = measure(sizes, impls, threads_list, args.rounds, log=lambda s: print(s, file=sys.stderr))
     table(results)
+    context = step_in_context(args.context_rounds) if args.context_rounds > 0 else []
     with open(args.json, "w") as f:
-        json.dump({"machine": info, "command": " ".join(sys.argv), "results": results}, f, indent=1)
+        json.dump({"machine": info, "command": " ".join(sys.argv), "results": results,
+                   "step_in_context": context}, f, indent=1)
     plot(results, args.plot)
     print(f"\nwrote {args.json} and {args.plot}")
     return 0
