@@ -543,8 +543,8 @@ cdef class Plan:
 
     cdef int threads_for(self, int requested) noexcept:
         cdef int most
-        if requested > 0:
-            return requested
+        if requested > 0 or not fa_openmp_enabled or _in_forked_child:
+            return resolve_num_threads(requested)  # the request, or 1 where only 1 can run
         most = resolve_num_threads(0)
         if most <= 1 or self.offsets[self.n] < _parallel_threshold:
             return 1
