@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _interrupts, _threads
-from ._reference import WD_DECOUPLED, WD_L2, WD_NONE, clip_coefficient, grad_norm, step_scalars
+from ._reference import (WD_DECOUPLED, WD_L2, WD_NONE, adam_update_bf16, clip_coefficient,
+                         grad_norm, rounding_key, step_scalars)
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -42,6 +43,8 @@ class Layout(NamedTuple):
     max_exp_avg_sqs: list   # an array or None per tensor
     group_sizes: list       # tensors per parameter group
     decoupled: bool         # AdamW's weight decay
+    state_dtype: str = "float32"  # how m and v are stored (fastadam._rules.STATE_DTYPES)
+    seed: int = 0           # the stochastic rounding's seed (compressed state)
 
 
 class _CheckedOnlyPlan:
@@ -89,9 +92,16 @@ class _CheckedOnlyPlan:
     def run(self, num_threads):
         L = self._layout
         threads = num_threads or self._default_threads()
+        steps = self._work[2]
         for k, (grad, scalars, wd_mode, amsgrad, maximize) in enumerate(self._work[0]):
-            self._update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k],
-                         scalars, wd_mode, amsgrad, maximize, num_threads=threads)
+            if L.state_dtype == "bfloat16":
+                keys = [rounding_key(L.seed, k, steps[k], moment) for moment in range(3)]
+                adam_update_bf16(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                                 L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize, keys)
+            else:
+                self._update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                             L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize,
+                             num_threads=threads)
 
     def commit_steps(self):
         _, entries, new_steps = self._work
@@ -163,6 +173,7 @@ class _NumbaPlan:
 
 class CompiledBackend:
     name = "cython"
+    state_dtypes = ("float32", "bfloat16")
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -175,6 +186,7 @@ class NumbaBackend:
     """The Numba kernel; with the compiled extension built, its fast checks too."""
 
     name = "numba"
+    state_dtypes = ("float32",)
 
     def __init__(self, module, compiled):
         self.module = module
@@ -192,6 +204,7 @@ class NumbaBackend:
 
 class ReferenceBackend:
     name = "numpy"
+    state_dtypes = ("float32", "bfloat16")
 
     def __init__(self, module):
         self.module = module

@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from . import _rules
+from . import _reference, _rules
 
 FORMAT = "fastadam-optimizer-state"
 VERSION = 1
@@ -94,12 +94,30 @@ def check_state_dict(opt, sd, source="state_dict"):
         step = _rules.state_entry(entry, params[index], where,
                                   amsgrad=isinstance(entry, dict) and "max_exp_avg_sq" in entry,
                                   live=False)
+        target = _rules.state_storage(params[index].dtype, opt.state_dtype)
         new_state[int(index)] = {
-            key: (np.array(value, order="C", copy=True) if key in _rules.STATE_BUFFERS else value)
+            key: (_convert_state(value, target, f"{where}[{key!r}]")
+                  if key in _rules.STATE_BUFFERS else value)
             for key, value in entry.items()
         }
         new_state[int(index)]["step"] = step
     return new_groups, new_state
+
+
+def _convert_state(a, target, where):
+    """A state buffer as a new C-contiguous array of dtype ``target``, converting
+    between float32 and bfloat16 (uint16 bits, or ml_dtypes.bfloat16) where they
+    differ: bfloat16 -> float32 exactly, float32 -> bfloat16 rounded to nearest."""
+    if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
+        a = a.view(np.uint16)
+    if a.dtype == target:
+        return np.array(a, order="C", copy=True)
+    if target == np.uint16 and a.dtype == np.float32:
+        return np.ascontiguousarray(_reference.bf16_round_nearest(a).reshape(a.shape))
+    if target == np.float32 and a.dtype == np.uint16:
+        return np.ascontiguousarray(_reference.bf16_decode(a).reshape(a.shape))
+    raise TypeError(f"{where}: dtype {a.dtype} does not match the state's dtype {target} and "
+                    "does not convert to it (float32 and bfloat16 convert into each other)")
 
 
 def load_state_dict(opt, sd, source="state_dict"):
@@ -122,7 +140,7 @@ def file_meta(opt, snapshot):
     """The ``meta`` member of a file holding ``snapshot`` (a state_dict of ``opt``)."""
     return {
         "format": FORMAT, "version": VERSION, "optimizer": optimizer_kind(opt),
-        "model": _model_signature(opt),
+        "state_dtype": opt.state_dtype, "model": _model_signature(opt),
         "steps": {str(index): entry["step"] for index, entry in snapshot["state"].items()},
         "param_groups": [{k: v for k, v in g.items() if k != "decoupled_weight_decay"}
                          for g in snapshot["param_groups"]],
@@ -254,9 +272,10 @@ def _read_checked(zf, path, opt):
         entry = {"step": step}
         for buffer in _rules.STATE_BUFFERS:
             info = members.pop(f"state/{index}/{buffer}.npy", None)
-            if info is not None:
-                entry[buffer] = _read_member(zf, info, lambda dt: dt == p.dtype,
-                                             lambda shape: shape == p.shape, p.nbytes)
+            if info is not None:  # float32 or bfloat16 state (converted by load_state_dict)
+                entry[buffer] = _read_member(
+                    zf, info, lambda dt: dt == p.dtype or (p.dtype == np.float32 and dt == np.uint16),
+                    lambda shape: shape == p.shape, p.nbytes)
         state[index] = entry
     if members:
         raise ValueError(f"{path}: holds members this optimizer does not read: "

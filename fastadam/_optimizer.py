@@ -56,22 +56,34 @@ class Adam:
             the same for any thread count; the coefficient scales g as it is
             read, so the caller's gradients are not modified.
             ``last_grad_norm`` holds the norm before clipping.  None: off.
+        state_dtype: how m and v are stored: ``"float32"`` (the parameters' dtype)
+            or ``"bfloat16"`` (float32 parameters only; the upper 16 bits of each
+            float32 value, in uint16 arrays, rounded stochastically: see
+            :mod:`fastadam._reference`), which halves the state's memory and the
+            step's traffic in it.
+        seed: the stochastic rounding's seed: with the same seed, a run is
+            reproduced bit for bit, for any thread count.
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False, max_grad_norm=None):
+                 skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0):
         self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              amsgrad=amsgrad, maximize=maximize)
         _rules.hyperparameters(self.defaults)
+        self.state_dtype = _rules.state_dtype(state_dtype)
+        self.seed = _rules.seed(seed)
         self._lock = _backends.new_lock()
         self.num_threads = num_threads
         self.skip_if_nonfinite = skip_if_nonfinite
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
         self._backend = _backends.load(backend)
+        if self.state_dtype not in self._backend.state_dtypes:
+            raise ValueError(f"backend {self.backend!r} does not support state_dtype="
+                             f"{self.state_dtype!r}; use backend='cython' (or 'numpy')")
         self.param_groups = []
         self.state = {}
         self._plan = None
@@ -167,7 +179,9 @@ class Adam:
             _rules.hyperparameters(group, where)
             existing = self._parameters()
             for j, p in enumerate(params):
-                _rules.parameter(p, f"param_groups[{len(self.param_groups)}]['params'][{j}]")
+                name = f"param_groups[{len(self.param_groups)}]['params'][{j}]"
+                _rules.parameter(p, name)
+                _rules.parameter_for_state(p, name, self.state_dtype)
             if any(p is q for p in params for q in existing) or len({id(p) for p in params}) != len(params):
                 raise ValueError("some parameters appear in more than one parameter group")
             _rules.no_overlap((f"params[{k}]", p) for k, p in enumerate(existing + params))
@@ -208,7 +222,8 @@ class Adam:
         grads = tuple(grads)  # held: another thread may change the caller's list
         hypers, remembered, steps, written = [], [], [], []
         entries, new_state = [], {}
-        layout = _backends.Layout([], [], [], [], [], self._decoupled)
+        layout = _backends.Layout([], [], [], [], [], self._decoupled, self.state_dtype, self.seed)
+        zeros = self._new_state_buffer
         k = 0
         for i, group in enumerate(self.param_groups):
             hyper = _rules.hyperparameters(group, f" (param_groups[{i}])")
@@ -219,21 +234,22 @@ class Adam:
             amsgrad = hyper[5]
             for p in group["params"]:
                 _rules.parameter(p, f"params[{k}]")
+                _rules.parameter_for_state(p, f"params[{k}]", self.state_dtype)
                 _rules.gradient(grads[k], p, k)
                 entry = self.state.get(k)
                 if entry is None:
-                    entry = new_state[k] = {"step": 0, "exp_avg": np.zeros_like(p),
-                                            "exp_avg_sq": np.zeros_like(p)}
+                    entry = new_state[k] = {"step": 0, "exp_avg": zeros(p), "exp_avg_sq": zeros(p)}
                     step = 0
                 else:
                     step = _rules.state_entry(entry, p, f"state[{k}]",
-                                              amsgrad=amsgrad and "max_exp_avg_sq" in entry)
+                                              amsgrad=amsgrad and "max_exp_avg_sq" in entry,
+                                              kind=self.state_dtype)
                     if step >= _rules.MAX_STEP:
                         raise ValueError(f"state[{k}]['step'] is {step}: no further step can be "
                                          "counted exactly (the limit is 2**53 - 1)")
                 if amsgrad and "max_exp_avg_sq" not in entry:
                     # AMSGrad switched on after the first step: its running max starts at zero.
-                    entry = new_state[k] = dict(entry, max_exp_avg_sq=np.zeros_like(p))
+                    entry = new_state[k] = dict(entry, max_exp_avg_sq=zeros(p))
                 layout.params.append(p)
                 layout.exp_avgs.append(entry["exp_avg"])
                 layout.exp_avg_sqs.append(entry["exp_avg_sq"])
@@ -271,7 +287,17 @@ class Adam:
         finally:
             plan.release()
 
+    def _new_state_buffer(self, p):
+        """A zero state buffer for parameter p (bfloat16 zero is all-zero bits)."""
+        return np.zeros(p.shape, _rules.state_storage(p.dtype, self.state_dtype))
+
     # -- state --------------------------------------------------------------
+
+    def state_nbytes(self):
+        """Bytes held by the optimizer state (m, v and AMSGrad's running max)."""
+        with self._lock:
+            return sum(value.nbytes for entry in self.state.values() for key, value in entry.items()
+                       if key in _rules.STATE_BUFFERS and isinstance(value, np.ndarray))
 
     def state_dict(self):
         """torch's structure: ``{"state": {index: {...}}, "param_groups": [...]}``.
@@ -316,8 +342,8 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False, max_grad_norm=None):
+                 skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, backend=backend,
                          num_threads=num_threads, skip_if_nonfinite=skip_if_nonfinite,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, state_dtype=state_dtype, seed=seed)

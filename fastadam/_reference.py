@@ -77,6 +77,91 @@ def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
     )
 
 
+# -- bfloat16 optimizer state (state_dtype="bfloat16") ----------------------------
+#
+# m, v (and v^) are stored as the upper 16 bits of their float32 value (bfloat16,
+# in uint16 arrays).  A step decodes them exactly (a shift), updates in float32
+# as above, updates p from the new float32 m and v, then stores them rounded to
+# bfloat16 *stochastically*: the 16 bits cut off are compared with a random
+# 16-bit number, i.e. r is added below the kept bits before truncating, so a
+# value rounds up with probability equal to its distance from the lower
+# neighbour.  Round-to-nearest would make v stagnate: with beta2 = 0.999,
+# beta2 * v differs from v by 0.1%, below bfloat16's half-spacing (~0.4%), so
+# v would never decay.  r comes from a counter-based hash of (seed, tensor index,
+# step, moment, element index): the same for every thread count and run.
+BF16_MOMENTS = {"exp_avg": 0, "exp_avg_sq": 1, "max_exp_avg_sq": 2}
+
+
+def mix32(x):
+    """A 32-bit integer hash (the "lowbias32" mixer: xor-shift, multiply, twice)."""
+    x = np.asarray(x, np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def rounding_key(seed, tensor, step, moment):
+    """The per-(seed, tensor, step, moment) key of the stochastic rounding stream."""
+    with np.errstate(over="ignore"):
+        key = mix32(np.uint32(seed & 0xFFFFFFFF) ^ mix32(np.uint32((seed >> 32) & 0xFFFFFFFF)))
+        key = mix32(key ^ np.uint32(tensor & 0xFFFFFFFF))
+        key = mix32(key ^ np.uint32(step & 0xFFFFFFFF) ^ mix32(np.uint32(step >> 32)))
+        return int(mix32(key ^ np.uint32(moment)))
+
+
+def rounding_bits(key, n):
+    """16 random bits per element 0..n-1 of one stream: mix32(i ^ key) >> 16."""
+    with np.errstate(over="ignore"):
+        i = np.arange(n, dtype=np.uint64)
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hi = (i >> np.uint64(32)).astype(np.uint32) * np.uint32(0x9E3779B9)
+        return mix32(lo ^ hi ^ np.uint32(key)) >> np.uint32(16)
+
+
+def bf16_decode(bits):
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def bf16_round_stochastic(x, random16):
+    """float32 -> bfloat16 bits, adding ``random16`` below the kept bits; NaN stays NaN."""
+    b = np.asarray(x, np.float32).view(np.uint32)
+    out = ((b + random16.astype(np.uint32)) >> np.uint32(16)).astype(np.uint16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        out[nan] = ((b[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return out
+
+
+def bf16_round_nearest(x):
+    """float32 -> bfloat16 bits, round to nearest even (checkpoint conversion)."""
+    b = np.asarray(x, np.float32).view(np.uint32)
+    with np.errstate(over="ignore"):
+        out = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        out[nan] = ((b[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return out
+
+
+def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
+                     amsgrad, maximize, keys):
+    """One in-place step of one float32 tensor whose state is bfloat16 bits; ``keys``
+    are the rounding_key of each moment (exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    m = bf16_decode(exp_avg)
+    v = bf16_decode(exp_avg_sq)
+    vmax = bf16_decode(max_exp_avg_sq) if amsgrad else None
+    adam_update(param, grad, m, v, vmax, s, weight_decay_mode, amsgrad, maximize)
+    n = param.size
+    exp_avg[...] = bf16_round_stochastic(m, rounding_bits(keys[0], n)).reshape(exp_avg.shape)
+    exp_avg_sq[...] = bf16_round_stochastic(v, rounding_bits(keys[1], n)).reshape(exp_avg_sq.shape)
+    if amsgrad:
+        max_exp_avg_sq[...] = bf16_round_stochastic(vmax, rounding_bits(keys[2], n)).reshape(
+            max_exp_avg_sq.shape)
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                 amsgrad, maximize, num_threads=None):
     """One in-place step of one tensor; ``s`` is a :class:`StepScalars`.

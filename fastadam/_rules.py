@@ -110,6 +110,37 @@ def max_grad_norm(value):
     return value
 
 
+STATE_DTYPES = ("float32", "bfloat16")
+STATE_STORAGE = {"bfloat16": np.dtype(np.uint16)}  # how a compressed state is stored
+
+
+def state_dtype(value):
+    """The ``state_dtype`` argument: how m and v are stored."""
+    if not isinstance(value, str) or value not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {', '.join(map(repr, STATE_DTYPES))}, "
+                         f"got {value!r}")
+    return value
+
+
+def seed(value):
+    """The ``seed`` argument (stochastic rounding of compressed state): an int 0..2**64-1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            0 <= value < 2 ** 64):
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {value!r}")
+    return int(value)
+
+
+def state_storage(param_dtype, kind):
+    """The dtype a state buffer of a parameter of ``param_dtype`` has with state_dtype ``kind``."""
+    return STATE_STORAGE.get(kind, param_dtype)
+
+
+def parameter_for_state(p, name, kind):
+    """Compressed state is for float32 parameters."""
+    if kind != "float32" and p.dtype != np.float32:
+        raise TypeError(f"{name}: state_dtype={kind!r} needs float32 parameters, got {p.dtype}")
+
+
 def step_count(value, where):
     """A stored step count: an int from 0 to MAX_STEP (numpy integers accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
@@ -158,25 +189,28 @@ def gradient(g, p, k):
         raise ValueError(f"grads[{k}] is not C-contiguous and aligned")
 
 
-def state_entry(entry, param, where, amsgrad, live=True):
+def state_entry(entry, param, where, amsgrad, live=True, kind="float32"):
     """One parameter's state against the parameter; returns its step count.
 
-    ``live``: the buffers will be written by the kernel as they are (an
-    optimizer's own state), so they must be writeable, C-contiguous, native and
-    aligned; a loaded state dict is copied in, so only dtype and shape matter.
+    ``kind``: the optimizer's state_dtype, which fixes the buffers' dtype
+    (``state_storage``).  ``live``: the buffers will be written by the kernel as
+    they are (an optimizer's own state), so they must be writeable,
+    C-contiguous, native and aligned; a loaded state dict is copied (and
+    converted) in, so only shape matters there and the caller converts dtypes.
     """
     if not isinstance(entry, dict):
         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
     step = step_count(entry.get("step"), where)
+    expected = state_storage(param.dtype, kind)
     for key in STATE_BUFFERS[:3 if amsgrad else 2]:
         if key not in entry:
             raise ValueError(f"{where} has no {key!r}")
         a = entry[key]
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{where}[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")
-        if a.dtype != param.dtype:
-            raise TypeError(f"{where}[{key!r}]: dtype {a.dtype} does not match the parameter's "
-                            f"dtype {param.dtype}")
+        if live and a.dtype != expected:
+            raise TypeError(f"{where}[{key!r}]: dtype {a.dtype} does not match the state's "
+                            f"dtype {expected}" + (f" (state_dtype={kind!r})" if kind != "float32" else ""))
         if a.shape != param.shape:
             raise ValueError(f"{where}[{key!r}]: shape {a.shape} does not match the parameter's "
                              f"shape {param.shape}")

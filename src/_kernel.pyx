@@ -20,7 +20,7 @@ from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport pow, sqrt
-from libc.stdint cimport int64_t, intptr_t
+from libc.stdint cimport int64_t, intptr_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, qsort
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -41,9 +41,13 @@ cdef extern from "adam_kernel.hpp" nogil:
         int variant
         double beta1, one_minus_beta1, beta2, one_minus_beta2
         double eps, weight_decay, decay, step_size, inv_sqrt_bc2, grad_scale
+        int state
+        uint32_t keys[3]
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
+        FA_STATE_NATIVE, FA_STATE_BF16
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
+    uint32_t fa_mix32(uint32_t x)
     int fa_select_isa(int forced)
     int fa_isa_supported(int isa)
     int fa_isa_in_use
@@ -168,6 +172,15 @@ cdef bint prepass(const fa_item *items, const int64_t *offsets, int64_t n_items,
             sumsq += partial[b]
         norm[0] = sqrt(sumsq)
     return ok != 0
+
+
+cdef inline uint32_t rounding_key(uint64_t seed, uint64_t tensor, uint64_t step,
+                                  uint32_t moment) noexcept nogil:
+    """fastadam._reference.rounding_key, in C (the same 32-bit operations)."""
+    cdef uint32_t key = fa_mix32(<uint32_t>seed ^ fa_mix32(<uint32_t>(seed >> 32)))
+    key = fa_mix32(key ^ <uint32_t>tensor)
+    key = fa_mix32(key ^ <uint32_t>step ^ fa_mix32(<uint32_t>(step >> 32)))
+    return fa_mix32(key ^ moment)
 
 
 cdef inline double monotonic_seconds() noexcept nogil:
@@ -333,7 +346,10 @@ cdef class Plan:
     cdef int64_t *written      # sorted pairs (start, end) of the memory the kernel writes
     cdef Py_ssize_t n_written
     cdef Py_ssize_t n, n_groups
-    cdef int *typenums         # per tensor
+    cdef int *typenums         # per tensor: the parameter's dtype
+    cdef int *state_typenums   # per tensor: the state's dtype (the parameter's, or uint16 for bfloat16)
+    cdef int state_kind        # enum fa_state
+    cdef uint64_t seed
     cdef int *ndims            # per tensor
     cdef Py_ssize_t *dims_at   # per tensor: where its shape starts in dims
     cdef cnp.npy_intp *dims
@@ -356,7 +372,7 @@ cdef class Plan:
     cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list group_sizes, bint decoupled):
+                  list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0):
         cdef Py_ssize_t k, j, n_dims = 0
         cdef cnp.ndarray buf, p
         self.n = len(params)
@@ -373,10 +389,15 @@ cdef class Plan:
         self.held_entries = [None] * self.n
         self.new_steps = [None] * self.n
         self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
+        if state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"Plan: state_dtype {state_dtype!r}")
+        self.state_kind = FA_STATE_BF16 if state_dtype == "bfloat16" else FA_STATE_NATIVE
+        self.seed = seed
         self.items = <fa_item *>calloc(max(self.n, 1), sizeof(fa_item))
         self.offsets = <int64_t *>calloc(self.n + 1, sizeof(int64_t))
         self.written = <int64_t *>calloc(max(8 * self.n, 2), sizeof(int64_t))
         self.typenums = <int *>calloc(max(self.n, 1), sizeof(int))
+        self.state_typenums = <int *>calloc(max(self.n, 1), sizeof(int))
         self.ndims = <int *>calloc(max(self.n, 1), sizeof(int))
         self.dims_at = <Py_ssize_t *>calloc(max(self.n, 1), sizeof(Py_ssize_t))
         self.dims = <cnp.npy_intp *>calloc(max(n_dims, 1), sizeof(cnp.npy_intp))
@@ -385,7 +406,7 @@ cdef class Plan:
         self.last_grad_norm = None
         self.chosen_threads = 1
         if (self.items == NULL or self.offsets == NULL or self.written == NULL
-                or self.typenums == NULL or self.ndims == NULL or self.dims_at == NULL
+                or self.typenums == NULL or self.state_typenums == NULL or self.ndims == NULL or self.dims_at == NULL
                 or self.dims == NULL or self.group_sizes == NULL or self.remembered_values == NULL):
             raise MemoryError()
         for j in range(self.n_groups):
@@ -402,12 +423,17 @@ cdef class Plan:
                 n_dims += 1
             if dtype_code(self.typenums[k]) < 0:
                 raise ValueError("Plan: parameters must be float32 or float64")
+            if self.state_kind == FA_STATE_BF16 and self.typenums[k] != cnp.NPY_FLOAT32:
+                raise ValueError("Plan: bfloat16 state needs float32 parameters")
+            self.state_typenums[k] = (cnp.NPY_UINT16 if self.state_kind == FA_STATE_BF16
+                                      else self.typenums[k])
             buffers = (p, self.exp_avgs[k], self.exp_avg_sqs[k], self.max_exp_avg_sqs[k])
             for j, obj in enumerate(buffers):
                 if obj is None and j == 3:
                     continue
                 buf = <cnp.ndarray?>obj
-                if not self.same_memory(buf, cnp.PyArray_DATA(buf), k):
+                if not self.same_memory(buf, cnp.PyArray_DATA(buf), k,
+                                        self.typenums[k] if j == 0 else self.state_typenums[k]):
                     raise ValueError("Plan: state buffers must be writeable, C-contiguous, "
                                      "and match their parameter's dtype and shape")
                 if cnp.PyArray_NBYTES(buf) > 0:
@@ -415,6 +441,7 @@ cdef class Plan:
                     self.written[2 * self.n_written + 1] = (
                         self.written[2 * self.n_written] + cnp.PyArray_NBYTES(buf))
                     self.n_written += 1
+            self.items[k].state = self.state_kind
             self.items[k].param = cnp.PyArray_DATA(p)
             self.items[k].numel = cnp.PyArray_SIZE(p)
             self.items[k].dtype = dtype_code(self.typenums[k])
@@ -437,6 +464,7 @@ cdef class Plan:
         free(self.offsets)
         free(self.written)
         free(self.typenums)
+        free(self.state_typenums)
         free(self.ndims)
         free(self.dims_at)
         free(self.dims)
@@ -456,12 +484,13 @@ cdef class Plan:
                 return False
         return True
 
-    cdef inline bint same_memory(self, cnp.ndarray a, void *data, Py_ssize_t k) noexcept:
+    cdef inline bint same_memory(self, cnp.ndarray a, void *data, Py_ssize_t k,
+                                 int typenum) noexcept:
         """Whether the planned array ``a`` is still the memory the kernel was given:
-        the same data pointer, C-contiguous, aligned and writeable, the tensor's
-        native dtype and shape."""
+        the same data pointer, C-contiguous, aligned and writeable, dtype
+        ``typenum`` in native byte order, and tensor k's shape."""
         return (cnp.PyArray_DATA(a) == data and cnp.PyArray_ISCARRAY(a)
-                and cnp.PyArray_TYPE(a) == self.typenums[k] and cnp.PyArray_ISNOTSWAPPED(a)
+                and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISNOTSWAPPED(a)
                 and self.same_shape(a, k))
 
     cdef inline bint fits_as_gradient(self, object obj, Py_ssize_t k) noexcept:
@@ -528,6 +557,10 @@ cdef class Plan:
         it.step_size = lr / bc1
         it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
         it.grad_scale = 1.0
+        if self.state_kind == FA_STATE_BF16:
+            it.keys[0] = rounding_key(self.seed, k, step, 0)
+            it.keys[1] = rounding_key(self.seed, k, step, 1)
+            it.keys[2] = rounding_key(self.seed, k, step, 2)
 
     # -- the thread planner ----------------------------------------------------
     #
@@ -592,7 +625,7 @@ cdef class Plan:
     cdef bint verify_c(self, object groups, object grads, object state) except -1:
         cdef Py_ssize_t gi, j, k, n_in_group, slot
         cdef double lr, beta1, beta2, eps, weight_decay
-        cdef int variant
+        cdef int variant, st_type
         cdef bint amsgrad, maximize
         cdef long long step
         cdef PyObject *ptr
@@ -683,11 +716,13 @@ cdef class Plan:
                         and (not amsgrad or PyDict_GetItem(st, "max_exp_avg_sq")
                              == <PyObject *>self.max_exp_avg_sqs[k])):
                     return False
-                if not (self.same_memory(<cnp.ndarray>self.params[k], it.param, k)
-                        and self.same_memory(<cnp.ndarray>self.exp_avgs[k], it.exp_avg, k)
-                        and self.same_memory(<cnp.ndarray>self.exp_avg_sqs[k], it.exp_avg_sq, k)
+                st_type = self.state_typenums[k]
+                if not (self.same_memory(<cnp.ndarray>self.params[k], it.param, k, self.typenums[k])
+                        and self.same_memory(<cnp.ndarray>self.exp_avgs[k], it.exp_avg, k, st_type)
+                        and self.same_memory(<cnp.ndarray>self.exp_avg_sqs[k], it.exp_avg_sq, k,
+                                             st_type)
                         and (not amsgrad or self.same_memory(
-                            <cnp.ndarray>self.max_exp_avg_sqs[k], it.max_exp_avg_sq, k))):
+                            <cnp.ndarray>self.max_exp_avg_sqs[k], it.max_exp_avg_sq, k, st_type))):
                     return False
                 gobj = <object>PyTuple_GET_ITEM(held, k)
                 if not self.fits_as_gradient(gobj, k):

@@ -51,8 +51,11 @@
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
 enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
 enum fa_isa { FA_ISA_BASELINE = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 };
+// How m, v (and v^) are stored: in the parameter's dtype, or as bfloat16 bits.
+enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1 };
 
-// Variant code: bits 0-1 weight-decay mode, bit 2 amsgrad, bit 3 maximize.
+// Variant code: bits 0-1 weight-decay mode, bit 2 amsgrad, bit 3 maximize; the
+// state storage (enum fa_state) is a separate field of the item.
 #define FA_VARIANT(wd, amsgrad, maximize) ((wd) | ((amsgrad) << 2) | ((maximize) << 3))
 #define FA_N_VARIANTS 12
 
@@ -69,6 +72,8 @@ typedef struct {
     double beta1, one_minus_beta1, beta2, one_minus_beta2;
     double eps, weight_decay, decay, step_size, inv_sqrt_bc2;
     double grad_scale;     // gradient clipping's coefficient (1 when off)
+    int state;             // enum fa_state
+    uint32_t keys[3];      // bfloat16 state: the rounding key of m, v, v^ (fastadam._reference)
 } fa_item;
 
 template <typename T>
@@ -93,35 +98,73 @@ template <typename T> struct fa_min_normal;
 template <> struct fa_min_normal<float> { static constexpr float value = __FLT_MIN__; };
 template <> struct fa_min_normal<double> { static constexpr double value = __DBL_MIN__; };
 
+// The state's storage.  Native: the parameter's dtype.  bfloat16 (float32
+// parameters only): the upper 16 bits of the float32 value, decoded exactly and
+// stored with stochastic rounding (fastadam/_reference.py says why and how):
+// 16 random bits, mix32(i ^ key) >> 16 for element i, are added below the kept
+// bits before truncating; a NaN stays a (quiet) NaN.
+static inline __attribute__((always_inline)) uint32_t fa_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+template <typename T, int STATE> struct fa_storage {
+    typedef T stored;
+    static inline __attribute__((always_inline)) T load(const stored *a, int64_t i) { return a[i]; }
+    static inline __attribute__((always_inline)) void store(stored *a, int64_t i, T x, uint32_t) { a[i] = x; }
+};
+
+template <> struct fa_storage<float, FA_STATE_BF16> {
+    typedef uint16_t stored;
+    static inline __attribute__((always_inline)) float load(const stored *a, int64_t i) {
+        const uint32_t bits = (uint32_t)a[i] << 16;
+        float x;
+        memcpy(&x, &bits, sizeof x);
+        return x;
+    }
+    static inline __attribute__((always_inline)) void store(stored *a, int64_t i, float x, uint32_t key) {
+        uint32_t bits;
+        memcpy(&bits, &x, sizeof bits);
+        const uint32_t r = fa_mix32((uint32_t)i ^ ((uint32_t)((uint64_t)i >> 32) * 0x9e3779b9u) ^ key) >> 16;
+        const uint32_t nan = (bits & 0x7fffffffu) > 0x7f800000u;
+        a[i] = (uint16_t)(nan ? ((bits >> 16) | 0x0040u) : ((bits + r) >> 16));
+    }
+};
+
 // The loop over [start, stop) of one tensor, for one variant.
-template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE>
+template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE, int STATE = FA_STATE_NATIVE>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
+    typedef fa_storage<T, STATE> S;
     const fa_scalars<T> s(it);
     T *__restrict__ p = (T *)it.param;
     const T *__restrict__ g = (const T *)it.grad;
-    T *__restrict__ m = (T *)it.exp_avg;
-    T *__restrict__ v = (T *)it.exp_avg_sq;
-    T *__restrict__ vmax = (T *)it.max_exp_avg_sq;
+    typename S::stored *__restrict__ m = (typename S::stored *)it.exp_avg;
+    typename S::stored *__restrict__ v = (typename S::stored *)it.exp_avg_sq;
+    typename S::stored *__restrict__ vmax = (typename S::stored *)it.max_exp_avg_sq;
     for (int64_t i = start; i < stop; ++i) {
         T gi = g[i] * s.grad_scale;
         gi = MAXIMIZE ? -gi : gi;
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
-        const T mi = s.beta1 * m[i] + s.one_minus_beta1 * gi;
-        const T vi = s.beta2 * v[i] + s.one_minus_beta2 * (gi * gi);
-        m[i] = mi;
-        v[i] = vi;
+        const T mi = s.beta1 * S::load(m, i) + s.one_minus_beta1 * gi;
+        const T vi = s.beta2 * S::load(v, i) + s.one_minus_beta2 * (gi * gi);
+        S::store(m, i, mi, it.keys[0]);
+        S::store(v, i, vi, it.keys[1]);
         T vd = vi;
         if (AMSGRAD) {
             // Stored as it is, a subnormal old value would survive: flush it (DAZ
             // makes the compare see it as zero, so the select picks the zero).
-            const T old = fa_abs(vmax[i]) < fa_min_normal<T>::value ? fa_signed_zero(vmax[i])
-                                                                    : vmax[i];
+            const T stored = S::load(vmax, i);
+            const T old = fa_abs(stored) < fa_min_normal<T>::value ? fa_signed_zero(stored) : stored;
             // np.maximum semantics: a NaN on either side wins.
             vd = (old >= vi || old != old) ? old : vi;
-            vmax[i] = vd;
+            S::store(vmax, i, vd, it.keys[2]);
         }
         const T denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
         p[i] = pi - s.step_size * (mi / denom);
@@ -191,9 +234,28 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
     default: break;                                                                    \
     }
 
+#define FA_VARIANT_CASES_BF16                                                          \
+    switch (it.variant) {                                                              \
+    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<float, FA_WD_NONE, false, false, FA_STATE_BF16>(it, a, b); break;           \
+    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<float, FA_WD_NONE, false, true, FA_STATE_BF16>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<float, FA_WD_NONE, true, false, FA_STATE_BF16>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<float, FA_WD_NONE, true, true, FA_STATE_BF16>(it, a, b); break;             \
+    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<float, FA_WD_L2, false, false, FA_STATE_BF16>(it, a, b); break;               \
+    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<float, FA_WD_L2, false, true, FA_STATE_BF16>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<float, FA_WD_L2, true, false, FA_STATE_BF16>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<float, FA_WD_L2, true, true, FA_STATE_BF16>(it, a, b); break;                 \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<float, FA_WD_DECOUPLED, false, false, FA_STATE_BF16>(it, a, b); break; \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<float, FA_WD_DECOUPLED, false, true, FA_STATE_BF16>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<float, FA_WD_DECOUPLED, true, false, FA_STATE_BF16>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<float, FA_WD_DECOUPLED, true, true, FA_STATE_BF16>(it, a, b); break;   \
+    default: break;                                                                    \
+    }
+
 #define FA_DEFINE_ISA(NAME, TARGET)                                                    \
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
-        if (it.dtype == FA_FLOAT32) {                                                  \
+        if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
+            FA_VARIANT_CASES_BF16                                                      \
+        } else if (it.dtype == FA_FLOAT32) {                                           \
             FA_VARIANT_CASES(float)                                                    \
         } else {                                                                       \
             FA_VARIANT_CASES(double)                                                   \
