@@ -126,8 +126,8 @@ def bf16_decode(bits):
 
 
 def bf16_round_stochastic(x, random16):
-    """float32 -> bfloat16 bits, adding ``random16`` below the kept bits; NaN stays NaN."""
-    b = np.asarray(x, np.float32).view(np.uint32)
+    """float32 -> bfloat16 bits (flat), adding ``random16`` below the kept bits; NaN stays NaN."""
+    b = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint32)
     out = ((b + random16.astype(np.uint32)) >> np.uint32(16)).astype(np.uint16)
     nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     if nan.any():
