@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from . import _reference, _rules
+from . import _flat, _reference, _rules
 
 FORMAT = "fastadam-optimizer-state"
 VERSION = 1
@@ -96,7 +96,7 @@ def check_state_dict(opt, sd, source="state_dict"):
                                   live=False)
         target = _rules.state_storage(params[index].dtype, opt.state_dtype)
         new_state[int(index)] = {
-            key: (_convert_state(value, target, f"{where}[{key!r}]")
+            key: (_convert_state(value, target, f"{where}[{key!r}]", key, opt.state_dtype)
                   if key in _rules.STATE_BUFFERS else value)
             for key, value in entry.items()
         }
@@ -104,20 +104,27 @@ def check_state_dict(opt, sd, source="state_dict"):
     return new_groups, new_state
 
 
-def _convert_state(a, target, where):
-    """A state buffer as a new C-contiguous array of dtype ``target``, converting
+def _convert_state(a, target, where, key, kind):
+    """State buffer ``key`` as a new C-contiguous array of dtype ``target``, converting
     between float32 and bfloat16 (uint16 bits, or ml_dtypes.bfloat16) where they
-    differ: bfloat16 -> float32 exactly, float32 -> bfloat16 rounded to nearest."""
+    differ: bfloat16 -> float32 exactly, float32 -> bfloat16 rounded to nearest.
+    Compressed state is placed as the optimizer places it (_flat.state_zeros)."""
     if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
         a = a.view(np.uint16)
     if a.dtype == target:
-        return np.array(a, order="C", copy=True)
-    if target == np.uint16 and a.dtype == np.float32:
-        return np.ascontiguousarray(_reference.bf16_round_nearest(a).reshape(a.shape))
-    if target == np.float32 and a.dtype == np.uint16:
-        return np.ascontiguousarray(_reference.bf16_decode(a).reshape(a.shape))
-    raise TypeError(f"{where}: dtype {a.dtype} does not match the state's dtype {target} and "
-                    "does not convert to it (float32 and bfloat16 convert into each other)")
+        values = a
+    elif target == np.uint16 and a.dtype == np.float32:
+        values = _reference.bf16_round_nearest(a).reshape(a.shape)
+    elif target == np.float32 and a.dtype == np.uint16:
+        values = _reference.bf16_decode(a).reshape(a.shape)
+    else:
+        raise TypeError(f"{where}: dtype {a.dtype} does not match the state's dtype {target} and "
+                        "does not convert to it (float32 and bfloat16 convert into each other)")
+    if kind == "float32":
+        return np.array(values, order="C", copy=True)
+    out = _flat.state_zeros(a.shape, target, key)
+    out[...] = values
+    return out
 
 
 def load_state_dict(opt, sd, source="state_dict"):

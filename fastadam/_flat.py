@@ -54,3 +54,21 @@ def _aligned_zeros(n, dtype, align):
     raw = np.zeros(n * dtype.itemsize + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+# Where in a page each compressed-state buffer starts (fastadam allocates them).
+# bfloat16 m and v are read at half the stride of p and g, so their addresses drift
+# through p's and g's; when all four start at the same page offset, as large NumPy
+# arrays do, power-of-two sizes alias in the caches: a bfloat16 step over 64M
+# parameters took 0.656 ns/param with m and v at p's page offset and 0.375-0.441
+# with them staggered (2 threads, AMD EPYC), against 0.507 for float32 state.
+STATE_PAGE_OFFSETS = {"exp_avg": 17 * 64, "exp_avg_sq": 41 * 64, "max_exp_avg_sq": 59 * 64}
+
+
+def state_zeros(shape, dtype, key):
+    """Zeros for state buffer ``key``, starting at its STATE_PAGE_OFFSETS within a page."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.zeros(n * dtype.itemsize + 8192, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 4096 + STATE_PAGE_OFFSETS[key]
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)

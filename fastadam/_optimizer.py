@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _interrupts, _reference, _rules
+from . import _backends, _checkpoint, _flat, _interrupts, _reference, _rules
 from ._backends import APPLIED, SKIPPED, UNVERIFIED
 
 
@@ -238,7 +238,8 @@ class Adam:
                 _rules.gradient(grads[k], p, k)
                 entry = self.state.get(k)
                 if entry is None:
-                    entry = new_state[k] = {"step": 0, "exp_avg": zeros(p), "exp_avg_sq": zeros(p)}
+                    entry = new_state[k] = {"step": 0, "exp_avg": zeros(p, "exp_avg"),
+                                            "exp_avg_sq": zeros(p, "exp_avg_sq")}
                     step = 0
                 else:
                     step = _rules.state_entry(entry, p, f"state[{k}]",
@@ -249,7 +250,7 @@ class Adam:
                                          "counted exactly (the limit is 2**53 - 1)")
                 if amsgrad and "max_exp_avg_sq" not in entry:
                     # AMSGrad switched on after the first step: its running max starts at zero.
-                    entry = new_state[k] = dict(entry, max_exp_avg_sq=zeros(p))
+                    entry = new_state[k] = dict(entry, max_exp_avg_sq=zeros(p, "max_exp_avg_sq"))
                 layout.params.append(p)
                 layout.exp_avgs.append(entry["exp_avg"])
                 layout.exp_avg_sqs.append(entry["exp_avg_sq"])
@@ -287,9 +288,13 @@ class Adam:
         finally:
             plan.release()
 
-    def _new_state_buffer(self, p):
-        """A zero state buffer for parameter p (bfloat16 zero is all-zero bits)."""
-        return np.zeros(p.shape, _rules.state_storage(p.dtype, self.state_dtype))
+    def _new_state_buffer(self, p, key):
+        """A zero state buffer ``key`` for parameter p (bfloat16 zero is all-zero bits);
+        compressed state starts at a staggered page offset (see _flat.state_zeros)."""
+        dtype = _rules.state_storage(p.dtype, self.state_dtype)
+        if self.state_dtype == "float32":
+            return np.zeros(p.shape, dtype)
+        return _flat.state_zeros(p.shape, dtype, key)
 
     # -- state --------------------------------------------------------------
 

@@ -87,8 +87,13 @@ def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
 # value rounds up with probability equal to its distance from the lower
 # neighbour.  Round-to-nearest would make v stagnate: with beta2 = 0.999,
 # beta2 * v differs from v by 0.1%, below bfloat16's half-spacing (~0.4%), so
-# v would never decay.  r comes from a counter-based hash of (seed, tensor index,
-# step, moment, element index): the same for every thread count and run.
+# v would never decay.  The random bits come from a counter-based hash of (seed,
+# tensor index, step, element index): the same for every thread count and run.
+# The per-step key is a full hash (rounding_key); per element it is combined
+# with the index and multiplied by an odd constant (a bijection, so uniform for
+# each element, and independent from step to step as the keys are).  The 32
+# bits serve m (low half) and v (high half); AMSGrad's v^ takes the low half
+# of a second stream (moment 2).
 BF16_MOMENTS = {"exp_avg": 0, "exp_avg_sq": 1, "max_exp_avg_sq": 2}
 
 
@@ -112,12 +117,12 @@ def rounding_key(seed, tensor, step, moment):
 
 
 def rounding_bits(key, n):
-    """16 random bits per element 0..n-1 of one stream: mix32(i ^ key) >> 16."""
+    """32 random bits per element 0..n-1 of one stream: (lo(i) ^ hi(i) * C ^ key) * K."""
     with np.errstate(over="ignore"):
         i = np.arange(n, dtype=np.uint64)
         lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         hi = (i >> np.uint64(32)).astype(np.uint32) * np.uint32(0x9E3779B9)
-        return mix32(lo ^ hi ^ np.uint32(key)) >> np.uint32(16)
+        return (lo ^ hi ^ np.uint32(key)) * np.uint32(0x9E3779B1)
 
 
 def bf16_decode(bits):
@@ -149,17 +154,20 @@ def bf16_round_nearest(x):
 def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                      amsgrad, maximize, keys):
     """One in-place step of one float32 tensor whose state is bfloat16 bits; ``keys``
-    are the rounding_key of each moment (exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    are rounding_key(seed, tensor, step, moment) for moments 0, 1, 2 (1 is unused:
+    m and v share stream 0)."""
     m = bf16_decode(exp_avg)
     v = bf16_decode(exp_avg_sq)
     vmax = bf16_decode(max_exp_avg_sq) if amsgrad else None
     adam_update(param, grad, m, v, vmax, s, weight_decay_mode, amsgrad, maximize)
     n = param.size
-    exp_avg[...] = bf16_round_stochastic(m, rounding_bits(keys[0], n)).reshape(exp_avg.shape)
-    exp_avg_sq[...] = bf16_round_stochastic(v, rounding_bits(keys[1], n)).reshape(exp_avg_sq.shape)
+    r = rounding_bits(keys[0], n)
+    low, high = r & np.uint32(0xFFFF), r >> np.uint32(16)
+    exp_avg[...] = bf16_round_stochastic(m, low).reshape(exp_avg.shape)
+    exp_avg_sq[...] = bf16_round_stochastic(v, high).reshape(exp_avg_sq.shape)
     if amsgrad:
-        max_exp_avg_sq[...] = bf16_round_stochastic(vmax, rounding_bits(keys[2], n)).reshape(
-            max_exp_avg_sq.shape)
+        low2 = rounding_bits(keys[2], n) & np.uint32(0xFFFF)
+        max_exp_avg_sq[...] = bf16_round_stochastic(vmax, low2).reshape(max_exp_avg_sq.shape)
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,

@@ -159,6 +159,7 @@ IMPLEMENTATIONS = {
     "fastadam-numba": _fastadam("numba"),
     "fastadam-skip-nonfinite": _fastadam("cython", skip_if_nonfinite=True),
     "fastadam-clip": _fastadam("cython", max_grad_norm=1.0),
+    "fastadam-bf16": _fastadam("cython", state_dtype="bfloat16"),
     "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
     "torch-foreach": _torch("foreach"),
     "torch-fused": _torch("fused"),

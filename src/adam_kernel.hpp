@@ -101,8 +101,13 @@ template <> struct fa_min_normal<double> { static constexpr double value = __DBL
 // The state's storage.  Native: the parameter's dtype.  bfloat16 (float32
 // parameters only): the upper 16 bits of the float32 value, decoded exactly and
 // stored with stochastic rounding (fastadam/_reference.py says why and how):
-// 16 random bits, mix32(i ^ key) >> 16 for element i, are added below the kept
-// bits before truncating; a NaN stays a (quiet) NaN.
+// 16 random bits are added below the kept bits before truncating; a NaN stays a
+// (quiet) NaN.  Element i's random bits are r = (lo(i) ^ hi(i)*C ^ key) * K:
+// the key is a full hash of (seed, tensor, step), so for each element r is
+// uniform (multiplying by the odd K is a bijection) and independent from step
+// to step, which is all stochastic rounding needs; m takes r's low half, v its
+// high half (independent halves of a uniform word), AMSGrad's v^ the low half
+// of a second stream.
 static inline __attribute__((always_inline)) uint32_t fa_mix32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -111,6 +116,8 @@ static inline __attribute__((always_inline)) uint32_t fa_mix32(uint32_t x) {
     x ^= x >> 16;
     return x;
 }
+#define FA_INDEX_HI_MULTIPLIER 0x9e3779b9u
+#define FA_ROUNDING_MULTIPLIER 0x9e3779b1u
 
 template <typename T, int STATE> struct fa_storage {
     typedef T stored;
@@ -126,12 +133,11 @@ template <> struct fa_storage<float, FA_STATE_BF16> {
         memcpy(&x, &bits, sizeof x);
         return x;
     }
-    static inline __attribute__((always_inline)) void store(stored *a, int64_t i, float x, uint32_t key) {
+    static inline __attribute__((always_inline)) void store(stored *a, int64_t i, float x, uint32_t random16) {
         uint32_t bits;
         memcpy(&bits, &x, sizeof bits);
-        const uint32_t r = fa_mix32((uint32_t)i ^ ((uint32_t)((uint64_t)i >> 32) * 0x9e3779b9u) ^ key) >> 16;
         const uint32_t nan = (bits & 0x7fffffffu) > 0x7f800000u;
-        a[i] = (uint16_t)(nan ? ((bits >> 16) | 0x0040u) : ((bits + r) >> 16));
+        a[i] = (uint16_t)(nan ? ((bits >> 16) | 0x0040u) : ((bits + random16) >> 16));
     }
 };
 
@@ -146,7 +152,14 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     typename S::stored *__restrict__ m = (typename S::stored *)it.exp_avg;
     typename S::stored *__restrict__ v = (typename S::stored *)it.exp_avg_sq;
     typename S::stored *__restrict__ vmax = (typename S::stored *)it.max_exp_avg_sq;
-    for (int64_t i = start; i < stop; ++i) {
+    // Chunks of 2^32 elements, so that the index's high half enters the rounding
+    // keys once per chunk (one chunk for any tensor under 4G elements).
+    for (int64_t chunk = start; chunk < stop;) {
+    const int64_t chunk_stop = ((chunk >> 32) + 1) << 32 < stop ? ((chunk >> 32) + 1) << 32 : stop;
+    const uint32_t hi = (uint32_t)((uint64_t)chunk >> 32) * FA_INDEX_HI_MULTIPLIER;
+    const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi;
+    for (int64_t i = chunk; i < chunk_stop; ++i) {
+        const uint32_t r = STATE == FA_STATE_BF16 ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
         T gi = g[i] * s.grad_scale;
         gi = MAXIMIZE ? -gi : gi;
         T pi = p[i];
@@ -154,8 +167,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
         const T mi = s.beta1 * S::load(m, i) + s.one_minus_beta1 * gi;
         const T vi = s.beta2 * S::load(v, i) + s.one_minus_beta2 * (gi * gi);
-        S::store(m, i, mi, it.keys[0]);
-        S::store(v, i, vi, it.keys[1]);
+        S::store(m, i, mi, r & 0xffffu);
+        S::store(v, i, vi, r >> 16);
         T vd = vi;
         if (AMSGRAD) {
             // Stored as it is, a subnormal old value would survive: flush it (DAZ
@@ -164,10 +177,13 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
             const T old = fa_abs(stored) < fa_min_normal<T>::value ? fa_signed_zero(stored) : stored;
             // np.maximum semantics: a NaN on either side wins.
             vd = (old >= vi || old != old) ? old : vi;
-            S::store(vmax, i, vd, it.keys[2]);
+            S::store(vmax, i, vd,
+                     STATE == FA_STATE_BF16 ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }
         const T denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
         p[i] = pi - s.step_size * (mi / denom);
+    }
+    chunk = chunk_stop;
     }
 }
 
