@@ -254,3 +254,12 @@ def test_cli_max_grad_norm_clips_and_is_recorded(tmp_path):
     assert curve(results[1e-4]) != curve(results[None])
     with pytest.raises(SystemExit):
         main(["--max-grad-norm", "-1"])
+
+
+def test_cli_state_dtype_bfloat16_trains_and_is_recorded(tmp_path):
+    json_path = tmp_path / "bf16.json"
+    assert main(["--epochs", "1", "--state-dtype", "bfloat16", "--json", str(json_path),
+                 "--no-progress"]) == 0
+    result = json.loads(json_path.read_text())
+    assert result["config"]["state_dtype"] == "bfloat16"
+    assert result["epochs"][0]["test_acc"] > 0.88  # softmax regression after one epoch

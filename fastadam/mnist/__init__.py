@@ -57,6 +57,8 @@ def build_parser():
                    help="also train with the NumPy reference from the same seed and overlay both")
     p.add_argument("--max-grad-norm", type=_positive(float), default=None, metavar="NORM",
                    help="clip the gradients by their global L2 norm (fused into the step)")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="how the optimizer stores m and v (bfloat16: half the memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", metavar="DIR", help="a directory with the four MNIST-format files "
                    "(default: the bundled data/mnist, else the download cache)")
@@ -145,7 +147,7 @@ def plot_runs(runs, path, title=""):
 def _make_optimizer(kind, model, args):
     backend = "numpy" if kind == "numpy" else args.backend
     return fastadam.Adam([model.flat.data], lr=args.lr, backend=backend,
-                         max_grad_norm=args.max_grad_norm)
+                         max_grad_norm=args.max_grad_norm, state_dtype=args.state_dtype)
 
 
 def main(argv=None):
@@ -180,7 +182,8 @@ def main(argv=None):
               f"optimizer time {speed:.1f}x less")
     config = {"model": model_name, "sizes": sizes, "hidden": args.hidden, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "lr_decay": args.lr_decay,
-              "max_grad_norm": args.max_grad_norm, "optimizer": args.optimizer,
+              "max_grad_norm": args.max_grad_norm, "state_dtype": args.state_dtype,
+              "optimizer": args.optimizer,
               "backend": backends.get("fastadam", backends.get(args.optimizer)), "seed": args.seed,
               "data": str(directory), "n_parameters": int(sum(
                   a * b + b for a, b in zip(sizes, sizes[1:]))),
