@@ -37,6 +37,10 @@ def main():
             for dtype in (np.float32, np.float64):
                 check(cls, kw, dtype, [1, 7, 17, 1000], 1, rng)
         check(fastadam.Adam, {}, np.float32, [70_001, 5, 40_003], 2, rng)  # the parallel path
+        for cls, kw in variants:  # bfloat16 state, serial and parallel, clipping
+            check(cls, dict(kw, state_dtype="bfloat16"), np.float32, [1, 7, 17, 1000], 1, rng)
+        check(fastadam.Adam, dict(state_dtype="bfloat16", max_grad_norm=1.0), np.float32,
+              [70_001, 5, 40_003], 2, rng)
         print("checked", isa, flush=True)
     p = np.zeros(50_000, np.float32)
     opt = fastadam.Adam([p], skip_if_nonfinite=True, num_threads=2)
