@@ -94,7 +94,6 @@ def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
 # each element, and independent from step to step as the keys are).  The 32
 # bits serve m (low half) and v (high half); AMSGrad's v^ takes the low half
 # of a second stream (moment 2).
-BF16_MOMENTS = {"exp_avg": 0, "exp_avg_sq": 1, "max_exp_avg_sq": 2}
 
 
 def mix32(x):

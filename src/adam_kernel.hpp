@@ -30,8 +30,9 @@
 // then round identically, and results are bitwise independent of the
 // instruction set and of how the elements are split between threads.
 //
-// Weight-decay mode, AMSGrad and maximize are template parameters: each of the
-// twelve variants is its own loop with no branch inside.  Each variant is
+// Weight-decay mode, AMSGrad, maximize and the state's storage (native or
+// bfloat16) are template parameters: each variant is its own loop with no
+// branch inside.  Each variant is
 // compiled three times, for baseline x86-64 (SSE2), AVX2 and AVX-512; the
 // widest one the CPU and OS support is picked once at import time
 // (fa_select_isa), or forced with FASTADAM_ISA.  The AVX-512 variant keeps
@@ -232,49 +233,33 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
     }
 }
 
-// One function per (ISA, dtype): a switch over the variants, outside the loop.
-#define FA_VARIANT_CASES(T)                                                            \
+// One function per ISA: a switch over the variants, outside the loop, for each
+// (dtype, state storage) pair that exists.
+#define FA_VARIANT_CASES(T, STATE)                                                     \
     switch (it.variant) {                                                              \
-    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false>(it, a, b); break;           \
-    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true>(it, a, b); break;             \
-    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false>(it, a, b); break;               \
-    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true>(it, a, b); break;                 \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false>(it, a, b); break; \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true>(it, a, b); break;   \
-    default: break;                                                                    \
-    }
-
-#define FA_VARIANT_CASES_BF16                                                          \
-    switch (it.variant) {                                                              \
-    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<float, FA_WD_NONE, false, false, FA_STATE_BF16>(it, a, b); break;           \
-    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<float, FA_WD_NONE, false, true, FA_STATE_BF16>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<float, FA_WD_NONE, true, false, FA_STATE_BF16>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<float, FA_WD_NONE, true, true, FA_STATE_BF16>(it, a, b); break;             \
-    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<float, FA_WD_L2, false, false, FA_STATE_BF16>(it, a, b); break;               \
-    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<float, FA_WD_L2, false, true, FA_STATE_BF16>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<float, FA_WD_L2, true, false, FA_STATE_BF16>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<float, FA_WD_L2, true, true, FA_STATE_BF16>(it, a, b); break;                 \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<float, FA_WD_DECOUPLED, false, false, FA_STATE_BF16>(it, a, b); break; \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<float, FA_WD_DECOUPLED, false, true, FA_STATE_BF16>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<float, FA_WD_DECOUPLED, true, false, FA_STATE_BF16>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<float, FA_WD_DECOUPLED, true, true, FA_STATE_BF16>(it, a, b); break;   \
+    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false, STATE>(it, a, b); break;           \
+    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true, STATE>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false, STATE>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true, STATE>(it, a, b); break;             \
+    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false, STATE>(it, a, b); break;               \
+    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true, STATE>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false, STATE>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true, STATE>(it, a, b); break;                 \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false, STATE>(it, a, b); break; \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true, STATE>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false, STATE>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true, STATE>(it, a, b); break;   \
     default: break;                                                                    \
     }
 
 #define FA_DEFINE_ISA(NAME, TARGET)                                                    \
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
         if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
-            FA_VARIANT_CASES_BF16                                                      \
+            FA_VARIANT_CASES(float, FA_STATE_BF16)                                     \
         } else if (it.dtype == FA_FLOAT32) {                                           \
-            FA_VARIANT_CASES(float)                                                    \
+            FA_VARIANT_CASES(float, FA_STATE_NATIVE)                                   \
         } else {                                                                       \
-            FA_VARIANT_CASES(double)                                                   \
+            FA_VARIANT_CASES(double, FA_STATE_NATIVE)                                  \
         }                                                                              \
     }                                                                                  \
     TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
