@@ -70,15 +70,18 @@ class Twins(RuleBasedStateMachine):
     """A compiled-backend optimizer and a NumPy-reference one, mutated alike."""
 
     backend = "cython"
+    state_dtype = "float32"
+    shapes = SHAPES
 
     def __init__(self):
         super().__init__()
         rng = np.random.default_rng(7)
-        init = [rng.standard_normal(shape).astype(dtype) for shape, dtype in SHAPES]
+        init = [rng.standard_normal(shape).astype(dtype) for shape, dtype in self.shapes]
         self.params = {name: [a.copy() for a in init] for name in ("fast", "ref")}
         self.opts = {
             name: fastadam.Adam([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.01}],
-                                backend=self.backend if name == "fast" else "numpy")
+                                backend=self.backend if name == "fast" else "numpy",
+                                state_dtype=self.state_dtype)
             for name, ps in self.params.items()}
         self.rng = rng
 
@@ -197,7 +200,7 @@ class Twins(RuleBasedStateMachine):
             a = ps[k] if which == "param" else opt.state.get(k, {}).get("exp_avg")
             if a is None:
                 return
-            native = SHAPES[k][1]
+            native = self.shapes[k][1]
             if view == "int":
                 a.dtype = np.int32 if native == np.float32 else np.int64
             elif view == "swapped":
@@ -206,7 +209,7 @@ class Twins(RuleBasedStateMachine):
                 a.shape = (a.size,)
             else:  # back to what it was
                 a.dtype = native
-                a.shape = SHAPES[k][0]
+                a.shape = self.shapes[k][0]
         self.both(change)
 
     @rule(value=st.sampled_from([None, 1.0, 0.05, 1e-9, 0, -1.0, float("nan"), "2", np.float32(3)]))
@@ -219,8 +222,11 @@ class Twins(RuleBasedStateMachine):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_compiled_and_reference_agree_under_mutation(backend):
-    machine = type(f"Twins_{backend}", (Twins,), {"backend": backend})
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_compiled_and_reference_agree_under_mutation(backend, state_dtype):
+    shapes = SHAPES if state_dtype == "float32" else [(s, np.float32) for s, _ in SHAPES]
+    machine = type(f"Twins_{backend}_{state_dtype}", (Twins,),
+                   {"backend": backend, "state_dtype": state_dtype, "shapes": shapes})
     runner = machine.TestCase
     runner.settings = settings(max_examples=int(os.environ.get("FASTADAM_STATEFUL_EXAMPLES", 80)), stateful_step_count=30, deadline=None,
                                suppress_health_check=list(HealthCheck))
