@@ -24,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _interrupts, _threads
-from ._reference import (WD_DECOUPLED, WD_L2, WD_NONE, adam_update_bf16, clip_coefficient,
-                         grad_norm, rounding_key, step_scalars)
+from ._reference import (WD_DECOUPLED, WD_L2, WD_NONE, adam_update_bf16, adam_update_int8,
+                         clip_coefficient, grad_norm, rounding_key, step_scalars)
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -45,6 +45,7 @@ class Layout(NamedTuple):
     decoupled: bool         # AdamW's weight decay
     state_dtype: str = "float32"  # how m and v are stored (fastadam._rules.STATE_DTYPES)
     seed: int = 0           # the stochastic rounding's seed (compressed state)
+    absmaxes: list = None   # per tensor: None, or its 8-bit state's (m, v, v^ or None) absmax
 
 
 class _CheckedOnlyPlan:
@@ -72,12 +73,12 @@ class _CheckedOnlyPlan:
                 WD_DECOUPLED if self._layout.decoupled else WD_L2)
             for _ in range(size):
                 work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                    steps[k] + 1), wd_mode, amsgrad, maximize])
+                                                    steps[k] + 1), wd_mode, amsgrad, maximize, lr])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
 
     def inspect_gradients(self, num_threads, want_norm):
-        grads = [grad for grad, *_ in self._work[0]]
+        grads = [item[0] for item in self._work[0]]
         with np.errstate(over="ignore", invalid="ignore"):
             finite = all(np.isfinite(grad).all() for grad in grads)
             norm = grad_norm(grads) if want_norm else None
@@ -93,8 +94,12 @@ class _CheckedOnlyPlan:
         L = self._layout
         threads = num_threads or self._default_threads()
         steps = self._work[2]
-        for k, (grad, scalars, wd_mode, amsgrad, maximize) in enumerate(self._work[0]):
-            if L.state_dtype == "bfloat16":
+        for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
+            if L.absmaxes is not None and L.absmaxes[k] is not None:
+                adam_update_int8(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                                 L.max_exp_avg_sqs[k], L.absmaxes[k], scalars, wd_mode, amsgrad,
+                                 maximize, lr)
+            elif L.state_dtype == "bfloat16":
                 keys = [rounding_key(L.seed, k, steps[k], moment) for moment in range(3)]
                 adam_update_bf16(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
                                  L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize, keys)
@@ -173,7 +178,7 @@ class _NumbaPlan:
 
 class CompiledBackend:
     name = "cython"
-    state_dtypes = ("float32", "bfloat16")
+    state_dtypes = ("float32", "bfloat16", "int8")
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -204,7 +209,7 @@ class NumbaBackend:
 
 class ReferenceBackend:
     name = "numpy"
-    state_dtypes = ("float32", "bfloat16")
+    state_dtypes = ("float32", "bfloat16", "int8")
 
     def __init__(self, module):
         self.module = module
@@ -218,6 +223,10 @@ def _load_cython():
     with _threads.kernel_openmp_environment():
         from . import _kernel
     _kernel.set_cpu_limit(_threads.cpu_limit())
+    from . import _reference  # the 8-bit state's tables are defined once, there
+    _kernel.set_int8_tables(_reference.SIGNED_MAP, _reference.UNSIGNED_MAP,
+                            _reference.SIGNED_THRESHOLDS, _reference.UNSIGNED_THRESHOLDS,
+                            _reference.SIGNED_LUT, _reference.UNSIGNED_LUT)
     return _kernel
 
 

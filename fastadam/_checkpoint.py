@@ -94,37 +94,66 @@ def check_state_dict(opt, sd, source="state_dict"):
         step = _rules.state_entry(entry, params[index], where,
                                   amsgrad=isinstance(entry, dict) and "max_exp_avg_sq" in entry,
                                   live=False)
-        target = _rules.state_storage(params[index].dtype, opt.state_dtype)
-        new_state[int(index)] = {
-            key: (_convert_state(value, target, f"{where}[{key!r}]", key, opt.state_dtype)
-                  if key in _rules.STATE_BUFFERS else value)
-            for key, value in entry.items()
-        }
-        new_state[int(index)]["step"] = step
+        p = params[index]
+        converted = {key: value for key, value in entry.items()
+                     if key not in _rules.STATE_BUFFERS and key not in _rules.ABSMAX_KEYS.values()}
+        for key in _rules.STATE_BUFFERS:
+            if key in entry:
+                converted.update(_convert_state(entry, key, p, where, opt.state_dtype))
+        converted["step"] = step
+        new_state[int(index)] = converted
     return new_groups, new_state
 
 
-def _convert_state(a, target, where, key, kind):
-    """State buffer ``key`` as a new C-contiguous array of dtype ``target``, converting
-    between float32 and bfloat16 (uint16 bits, or ml_dtypes.bfloat16) where they
-    differ: bfloat16 -> float32 exactly, float32 -> bfloat16 rounded to nearest.
-    Compressed state is placed as the optimizer places it (_flat.state_zeros)."""
+def _convert_state(entry, key, p, where, kind):
+    """State buffer ``key`` of ``entry`` (and its absmax, for 8-bit state) as new
+    C-contiguous arrays in the storage parameter p's state has under state_dtype
+    ``kind``: {key: array} or {key: codes, absmax key: absmax}.  Storage kinds
+    convert into each other through float32: bfloat16 (uint16 bits, or
+    ml_dtypes.bfloat16) decodes exactly and is stored rounded to nearest; 8-bit
+    codes decode with their absmax and are stored by _reference.int8_encode.
+    The same storage is copied bit for bit.  Compressed state is placed as the
+    optimizer places it (_flat.state_zeros)."""
+    a, name = entry[key], f"{where}[{key!r}]"
+    absmax_key = _rules.ABSMAX_KEYS[key]
+    target_kind = _rules.tensor_state(p, kind)
+    target = _rules.state_storage(p.dtype, target_kind)
     if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
         a = a.view(np.uint16)
-    if a.dtype == target:
+    if absmax_key in entry:  # 8-bit codes
+        if a.dtype != np.uint8:
+            raise TypeError(f"{name}: dtype {a.dtype}; 8-bit state (with {absmax_key!r}) is uint8 codes")
+        absmax = entry[absmax_key]
+        _rules.absmax_array(absmax, f"{where}[{absmax_key!r}]", p.size, live=False)
+        if target_kind == "int8":
+            codes, absmax = a, absmax
+        else:
+            values = _reference.int8_decode(a, absmax, signed=key == "exp_avg")
+    elif a.dtype == np.uint8:
+        raise ValueError(f"{where} has no {absmax_key!r}: 8-bit codes need their absmax")
+    elif a.dtype == target:
         values = a
-    elif target == np.uint16 and a.dtype == np.float32:
-        values = _reference.bf16_round_nearest(a).reshape(a.shape)
-    elif target == np.float32 and a.dtype == np.uint16:
+    elif a.dtype == np.uint16 and p.dtype == np.float32:
         values = _reference.bf16_decode(a).reshape(a.shape)
+    elif a.dtype == p.dtype:
+        values = a
     else:
-        raise TypeError(f"{where}: dtype {a.dtype} does not match the state's dtype {target} and "
-                        "does not convert to it (float32 and bfloat16 convert into each other)")
-    if kind == "float32":
-        return np.array(values, order="C", copy=True)
+        raise TypeError(f"{name}: dtype {a.dtype} does not match the state's dtype {target} and "
+                        "does not convert to it (float32, bfloat16 and 8-bit state convert "
+                        "into each other)")
+    if target_kind == "int8":
+        if absmax_key not in entry:
+            codes, absmax = _reference.int8_encode(values, signed=key == "exp_avg")
+        out = _flat.state_zeros(a.shape, target, key)
+        out[...] = codes
+        return {key: out, absmax_key: np.array(absmax, np.float32, order="C", copy=True)}
+    if target_kind == "bfloat16" and values.dtype != np.uint16:
+        values = _reference.bf16_round_nearest(values).reshape(a.shape)
+    if target_kind == "float32":
+        return {key: np.array(values, order="C", copy=True)}
     out = _flat.state_zeros(a.shape, target, key)
     out[...] = values
-    return out
+    return {key: out}
 
 
 def load_state_dict(opt, sd, source="state_dict"):
@@ -158,7 +187,7 @@ def write(path, snapshot, meta):
     """Write ``snapshot`` to ``path`` as .npz: a temporary file, fsync, rename."""
     arrays = {f"state/{index}/{key}": entry[key]
               for index, entry in snapshot["state"].items()
-              for key in _rules.STATE_BUFFERS if key in entry}
+              for key in _rules.STATE_BUFFERS + tuple(_rules.ABSMAX_KEYS.values()) if key in entry}
     arrays["meta"] = np.array(json.dumps(meta))
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -279,10 +308,16 @@ def _read_checked(zf, path, opt):
         entry = {"step": step}
         for buffer in _rules.STATE_BUFFERS:
             info = members.pop(f"state/{index}/{buffer}.npy", None)
-            if info is not None:  # float32 or bfloat16 state (converted by load_state_dict)
+            if info is not None:  # float32, bfloat16 or 8-bit state (converted by load_state_dict)
                 entry[buffer] = _read_member(
-                    zf, info, lambda dt: dt == p.dtype or (p.dtype == np.float32 and dt == np.uint16),
+                    zf, info, lambda dt: dt == p.dtype or (
+                        p.dtype == np.float32 and dt in (np.uint16, np.uint8)),
                     lambda shape: shape == p.shape, p.nbytes)
+            info = members.pop(f"state/{index}/{_rules.ABSMAX_KEYS[buffer]}.npy", None)
+            if info is not None:
+                blocks = _reference.int8_blocks(p.size)
+                entry[_rules.ABSMAX_KEYS[buffer]] = _read_member(
+                    zf, info, lambda dt: dt == np.float32, lambda shape: shape == (blocks,), 4 * blocks)
         state[index] = entry
     if members:
         raise ValueError(f"{path}: holds members this optimizer does not read: "

@@ -222,8 +222,8 @@ class Adam:
         grads = tuple(grads)  # held: another thread may change the caller's list
         hypers, remembered, steps, written = [], [], [], []
         entries, new_state = [], {}
-        layout = _backends.Layout([], [], [], [], [], self._decoupled, self.state_dtype, self.seed)
-        zeros = self._new_state_buffer
+        layout = _backends.Layout([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [])
+        zeros = self._new_state_buffers
         k = 0
         for i, group in enumerate(self.param_groups):
             hyper = _rules.hyperparameters(group, f" (param_groups[{i}])")
@@ -238,8 +238,8 @@ class Adam:
                 _rules.gradient(grads[k], p, k)
                 entry = self.state.get(k)
                 if entry is None:
-                    entry = new_state[k] = {"step": 0, "exp_avg": zeros(p, "exp_avg"),
-                                            "exp_avg_sq": zeros(p, "exp_avg_sq")}
+                    entry = new_state[k] = dict(step=0, **zeros(p, "exp_avg"),
+                                                **zeros(p, "exp_avg_sq"))
                     step = 0
                 else:
                     step = _rules.state_entry(entry, p, f"state[{k}]",
@@ -250,7 +250,7 @@ class Adam:
                                          "counted exactly (the limit is 2**53 - 1)")
                 if amsgrad and "max_exp_avg_sq" not in entry:
                     # AMSGrad switched on after the first step: its running max starts at zero.
-                    entry = new_state[k] = dict(entry, max_exp_avg_sq=zeros(p, "max_exp_avg_sq"))
+                    entry = new_state[k] = dict(entry, **zeros(p, "max_exp_avg_sq"))
                 layout.params.append(p)
                 layout.exp_avgs.append(entry["exp_avg"])
                 layout.exp_avg_sqs.append(entry["exp_avg_sq"])
@@ -259,6 +259,12 @@ class Adam:
                             (f"state[{k}]['exp_avg_sq']", entry["exp_avg_sq"])]
                 if amsgrad:
                     written.append((f"state[{k}]['max_exp_avg_sq']", entry["max_exp_avg_sq"]))
+                if _rules.tensor_state(p, self.state_dtype) == "int8":
+                    keys = [_rules.ABSMAX_KEYS[key] for key in _rules.STATE_BUFFERS[:3 if amsgrad else 2]]
+                    layout.absmaxes.append(tuple(entry[key] for key in keys) + (None,) * (3 - len(keys)))
+                    written += [(f"state[{k}][{key!r}]", entry[key]) for key in keys]
+                else:
+                    layout.absmaxes.append(None)
                 entries.append(entry)
                 steps.append(step)
                 k += 1
@@ -288,21 +294,28 @@ class Adam:
         finally:
             plan.release()
 
-    def _new_state_buffer(self, p, key):
-        """A zero state buffer ``key`` for parameter p (bfloat16 zero is all-zero bits);
-        compressed state starts at a staggered page offset (see _flat.state_zeros)."""
-        dtype = _rules.state_storage(p.dtype, self.state_dtype)
-        if self.state_dtype == "float32":
-            return np.zeros(p.shape, dtype)
-        return _flat.state_zeros(p.shape, dtype, key)
+    def _new_state_buffers(self, p, key):
+        """{key: zeros} for parameter p's state buffer ``key``, with its absmax for
+        8-bit state (zero bits are zero in every storage); compressed state starts at
+        a staggered page offset (see _flat.state_zeros)."""
+        kind = _rules.tensor_state(p, self.state_dtype)
+        dtype = _rules.state_storage(p.dtype, kind)
+        if kind == "float32":
+            return {key: np.zeros(p.shape, dtype)}
+        buffers = {key: _flat.state_zeros(p.shape, dtype, key)}
+        if kind == "int8":
+            buffers[_rules.ABSMAX_KEYS[key]] = np.zeros(_reference.int8_blocks(p.size), np.float32)
+        return buffers
 
     # -- state --------------------------------------------------------------
 
     def state_nbytes(self):
-        """Bytes held by the optimizer state (m, v and AMSGrad's running max)."""
+        """Bytes held by the optimizer state (m, v and AMSGrad's running max, with
+        the 8-bit state's absmax arrays)."""
         with self._lock:
             return sum(value.nbytes for entry in self.state.values() for key, value in entry.items()
-                       if key in _rules.STATE_BUFFERS and isinstance(value, np.ndarray))
+                       if isinstance(value, np.ndarray) and (
+                           key in _rules.STATE_BUFFERS or key in _rules.ABSMAX_KEYS.values()))
 
     def state_dict(self):
         """torch's structure: ``{"state": {index: {...}}, "param_groups": [...]}``.

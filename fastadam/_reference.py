@@ -169,16 +169,169 @@ def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight
         max_exp_avg_sq[...] = bf16_round_stochastic(vmax, low2).reshape(max_exp_avg_sq.shape)
 
 
+
+# -- blockwise 8-bit optimizer state (state_dtype="int8") -------------------------
+#
+# Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (2022): each
+# tensor of at least INT8_MIN_NUMEL elements is cut into blocks of INT8_BLOCK;
+# a block of a moment is stored as one float32 absmax (its largest magnitude)
+# and one 8-bit code per element, the index of the nearest value of a "dynamic"
+# map applied to x / absmax.  The dynamic maps are the paper's dynamic tree
+# quantization: magnitudes in the decades [0.1, 1] * 10^-e for e = 6..0, the
+# decade 10^-e split linearly into 2^(F-e) bins and represented by their
+# midpoints (F fraction bits), plus 0 and exactly 1.0 (so the block's largest
+# element is stored without error):
+#
+#   m (signed, SIGNED_MAP): bit 7 is the sign, bits 0-6 index 128 magnitudes
+#     (F = 6: 127 midpoints and 0, the largest midpoint replaced by 1.0);
+#   v and v^ (unsigned, UNSIGNED_MAP): 256 magnitudes (F = 7: 254 midpoints,
+#     0 and 1.0).
+#
+# A step, per block, in one pass: decode (code value * absmax, rounded in
+# float32), update in float32 as in the float32 rule above, update p from the
+# new, unquantized m and v, then take the block's new absmax (the largest
+# magnitude, NaN ignored, at most ABSMAX_LIMIT) and store the nearest code of
+# x * (1 / absmax) (a NaN or an infinity is stored as +-1.0, the block's
+# absmax).  Tensors below INT8_MIN_NUMEL elements keep float32 state: their
+# state is small and blockwise error is largest there.
+#
+# The guard.  Quantizing v to a code of its block's absmax loses an element
+# whose v is below ~1.6e-7 of the block's largest: it is stored as 0.  If its m
+# survives (m's map reaches 10^-6 of its own absmax) and its gradient then
+# falls silent, the next update is m / eps, thousands of times lr.  So where
+# the state is 8-bit, the Adam term of each element's update is clamped:
+#
+#     p <- p - clamp(lr / bc1 * (m / d), -INT8_MAX_UPDATE * lr, +INT8_MAX_UPDATE * lr)
+#
+# so no element moves more than 10 lr in a step (plus the final rounding of
+# the subtraction, and the decoupled weight decay, which is a separate factor).
+# With exact state Adam's update is bounded by lr * (1 - beta1) / sqrt(1 - beta2)
+# (Kingma & Ba, section 2.1: 3.16 lr with the default betas), so the clamp
+# only acts where the 8-bit state has lost v.
+#
+# The nearest code of y in [0, 1] is found in two lookups, not a search: the
+# float32 bits of y above bit 15 (the exponent and 8 mantissa bits) index
+# INT8_LUT, the nearest code of that bin's lower end; a bin (0.4% wide) holds
+# at most one midpoint between codes (checked when the tables are built), so
+# the code is lut[bin] + (y > threshold[lut[bin]]).  The thresholds (midpoints
+# between codes) are float32 numbers; at one, y takes the lower code.
+
+INT8_BLOCK = 256
+INT8_MIN_NUMEL = 4096
+INT8_MAX_UPDATE = 10.0  # in units of lr
+ABSMAX_LIMIT = np.float32(2.0 ** 126)  # so that 1 / absmax is a normal number
+_LUT_SHIFT = 15
+_LUT_BASE = (127 - 23) << 8  # bins from 2^-23: every smaller y is nearest to 0
+_LUT_SIZE = (127 << 8) - _LUT_BASE + 1
+
+
+def _dynamic_map(fraction_bits):
+    values = [0.0]
+    for e in range(6, -1, -1):
+        edges = np.linspace(0.1, 1.0, 2 ** (fraction_bits - e) + 1)
+        values += list((edges[:-1] + edges[1:]) / 2 * 10.0 ** -e)
+    return values
+
+
+def _signed_magnitudes():
+    values = _dynamic_map(6)
+    values[-1] = 1.0
+    return np.array(values, np.float32)
+
+
+def _quantizer(magnitudes):
+    """(thresholds, lut) for the nearest code of y in [0, 1] among ``magnitudes``."""
+    mid = ((magnitudes[:-1].astype(np.float64) + magnitudes[1:]) / 2).astype(np.float32)
+    thresholds = np.append(mid, np.float32(2.0))
+    bins = ((np.arange(_LUT_SIZE + 1, dtype=np.uint32) + _LUT_BASE) << _LUT_SHIFT).view(np.float32)
+    below = np.searchsorted(mid, bins, side="left")  # midpoints strictly below each bin's start
+    if np.any(below[1:] - below[:-1] > 1) or np.any(np.diff(magnitudes) <= 0):
+        raise AssertionError("int8 map: a lookup bin holds two midpoints")
+    return thresholds, below[:-1].astype(np.uint8)
+
+
+SIGNED_MAGNITUDES = _signed_magnitudes()
+UNSIGNED_MAP = np.array(_dynamic_map(7) + [1.0], np.float32)
+# Decoding tables (code -> value): m's sign-magnitude codes, and v's.
+SIGNED_MAP = np.concatenate([SIGNED_MAGNITUDES, -SIGNED_MAGNITUDES])
+SIGNED_THRESHOLDS, SIGNED_LUT = _quantizer(SIGNED_MAGNITUDES)
+UNSIGNED_THRESHOLDS, UNSIGNED_LUT = _quantizer(UNSIGNED_MAP)
+
+
+def int8_blocks(numel):
+    """The number of absmax blocks of a tensor of ``numel`` elements."""
+    return -(-numel // INT8_BLOCK)
+
+
+def int8_nearest_codes(y, signed):
+    """The nearest code of each float32 y (the lookup above); |y| is capped at 1."""
+    y = np.asarray(y, np.float32)
+    thresholds, lut = ((SIGNED_THRESHOLDS, SIGNED_LUT) if signed
+                       else (UNSIGNED_THRESHOLDS, UNSIGNED_LUT))
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(y)
+        magnitude = np.where(magnitude <= 1, magnitude, np.float32(1))  # NaN, inf -> 1
+        index = (magnitude.view(np.uint32) >> np.uint32(_LUT_SHIFT)).astype(np.int64) - _LUT_BASE
+        codes = lut[np.maximum(index, 0)].astype(np.uint32)
+        codes += magnitude > thresholds[codes]
+        if signed:
+            codes |= (y < 0).astype(np.uint32) << np.uint32(7)
+    return codes.astype(np.uint8)
+
+
+def int8_decode(codes, absmax, signed):
+    """Codes and per-block absmax -> float32 values (code value * absmax, under the rule)."""
+    f = FlushToZero(np.dtype(np.float32))
+    flat = np.asarray(codes, np.uint8).reshape(-1)
+    scale = np.repeat(f.operand(np.asarray(absmax, np.float32)), INT8_BLOCK)[:flat.size]
+    table = SIGNED_MAP if signed else UNSIGNED_MAP
+    return f.mul(table[flat], scale).reshape(np.shape(codes))
+
+
+def int8_encode(x, signed):
+    """float32 values -> (codes, absmax): per block the largest magnitude (NaN
+    ignored, at most ABSMAX_LIMIT), and the nearest code of x * (1 / absmax)."""
+    f = FlushToZero(np.dtype(np.float32))
+    flat = f.operand(np.asarray(x, np.float32).reshape(-1))
+    n_blocks = int8_blocks(flat.size)
+    blocks = np.zeros((n_blocks, INT8_BLOCK), np.float32)
+    blocks.reshape(-1)[:flat.size] = flat
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        absmax = np.minimum(np.fmax.reduce(np.abs(blocks), axis=1, initial=np.float32(0)),
+                            ABSMAX_LIMIT).astype(np.float32)
+        inverse = np.where(absmax > 0, np.float32(1) / absmax, np.float32(0)).astype(np.float32)
+        codes = int8_nearest_codes(f.mul(blocks, inverse[:, None]), signed)
+    return codes.reshape(-1)[:flat.size].reshape(np.shape(x)), absmax
+
+
+def adam_update_int8(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, absmaxes, s,
+                     weight_decay_mode, amsgrad, maximize, lr):
+    """One in-place step of one float32 tensor whose state is 8-bit codes (uint8)
+    with per-block absmax arrays ``absmaxes`` (m's, v's, v^'s or None)."""
+    m = int8_decode(exp_avg, absmaxes[0], signed=True)
+    v = int8_decode(exp_avg_sq, absmaxes[1], signed=False)
+    vmax = int8_decode(max_exp_avg_sq, absmaxes[2], signed=False) if amsgrad else None
+    adam_update(param, grad, m, v, vmax, s, weight_decay_mode, amsgrad, maximize,
+                max_update=INT8_MAX_UPDATE * lr)
+    for codes, absmax, values, signed in ((exp_avg, absmaxes[0], m, True),
+                                          (exp_avg_sq, absmaxes[1], v, False),
+                                          (max_exp_avg_sq, absmaxes[2], vmax, False)):
+        if values is not None:
+            codes[...], absmax[...] = int8_encode(values, signed)
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
-                amsgrad, maximize, num_threads=None):
+                amsgrad, maximize, num_threads=None, max_update=None):
     """One in-place step of one tensor; ``s`` is a :class:`StepScalars`.
 
-    ``num_threads`` is ignored: NumPy's elementwise operations use one thread.
+    ``max_update``: clamp the Adam term of the update to +-max_update (the 8-bit
+    state's guard, above); None: no clamp.  ``num_threads`` is ignored: NumPy's
+    elementwise operations use one thread.
     """
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         # Overflow to inf and NaN are documented results (README), as in the compiled kernels.
         _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
-                maximize)
+                maximize, max_update)
 
 
 NORM_BLOCK, NORM_LANES = 4096, 16  # src/adam_kernel.hpp: FA_NORM_BLOCK, FA_NORM_LANES
@@ -264,7 +417,7 @@ class FlushToZero:
 
 
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
-            maximize):
+            maximize, max_update=None):
     f = FlushToZero(param.dtype)
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, \
         inv_sqrt_bc2, grad_scale = (f.scalar(x) for x in s)
@@ -285,4 +438,8 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mo
         max_exp_avg_sq[...] = v
     # sqrt of a normal or zero v is never tiny: no flush needed after it.
     denom = f.add(f.mul(np.sqrt(v), inv_sqrt_bc2), eps)
-    param[...] = f.sub(p, f.mul(step_size, f.div(m, denom)))
+    update = f.mul(step_size, f.div(m, denom))
+    if max_update is not None:  # NaN passes through, as in the kernel's selects
+        bound = f.scalar(max_update)
+        update = np.where(update > bound, bound, np.where(update < -bound, -bound, update))
+    param[...] = f.sub(p, update)

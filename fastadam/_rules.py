@@ -15,8 +15,13 @@ import numbers
 
 import numpy as np
 
+from ._reference import INT8_BLOCK, INT8_MIN_NUMEL, int8_blocks
+
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# An 8-bit state buffer's per-block absmax (float32, one per INT8_BLOCK elements).
+ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax",
+               "max_exp_avg_sq": "max_exp_avg_sq_absmax"}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # A step count must stay exactly representable in the double that computes
@@ -110,8 +115,9 @@ def max_grad_norm(value):
     return value
 
 
-STATE_DTYPES = ("float32", "bfloat16")
-STATE_STORAGE = {"bfloat16": np.dtype(np.uint16)}  # how a compressed state is stored
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+# How a compressed state is stored: bfloat16 bits, or 8-bit codes (with ABSMAX_KEYS).
+STATE_STORAGE = {"bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.uint8)}
 
 
 def state_dtype(value):
@@ -130,9 +136,38 @@ def seed(value):
     return int(value)
 
 
+def tensor_state(p, kind):
+    """How parameter p's state is stored under state_dtype ``kind``: 8-bit state
+    is for tensors of at least INT8_MIN_NUMEL elements; smaller ones keep float32."""
+    return "float32" if kind == "int8" and p.size < INT8_MIN_NUMEL else kind
+
+
 def state_storage(param_dtype, kind):
-    """The dtype a state buffer of a parameter of ``param_dtype`` has with state_dtype ``kind``."""
+    """The dtype a state buffer of a parameter of ``param_dtype`` has with state ``kind``
+    (a tensor's: see tensor_state)."""
     return STATE_STORAGE.get(kind, param_dtype)
+
+
+def absmax_array(a, where, numel, live):
+    """An 8-bit state buffer's absmax: float32, one finite value >= 0 per block
+    (checked for values when it is loaded; the kernel keeps them so)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{where} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{where}: dtype {a.dtype} is not float32")
+    if a.shape != (int8_blocks(numel),):
+        raise ValueError(f"{where}: shape {a.shape} is not ({int8_blocks(numel)},), one absmax per "
+                         f"block of {INT8_BLOCK} elements of a {numel}-element parameter")
+    if live:
+        if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable and a.dtype.isnative):
+            raise ValueError(f"{where} must be a writeable, C-contiguous, native array")
+    else:
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(a) & (a >= 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{where}[{i}] is {a[i]}: an absmax must be finite and >= 0 "
+                             "(the state is corrupt)")
 
 
 def parameter_for_state(p, name, kind):
@@ -201,10 +236,15 @@ def state_entry(entry, param, where, amsgrad, live=True, kind="float32"):
     if not isinstance(entry, dict):
         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
     step = step_count(entry.get("step"), where)
+    kind = tensor_state(param, kind)
     expected = state_storage(param.dtype, kind)
     for key in STATE_BUFFERS[:3 if amsgrad else 2]:
         if key not in entry:
             raise ValueError(f"{where} has no {key!r}")
+        if live and kind == "int8":
+            if ABSMAX_KEYS[key] not in entry:
+                raise ValueError(f"{where} has no {ABSMAX_KEYS[key]!r}")
+            absmax_array(entry[ABSMAX_KEYS[key]], f"{where}[{ABSMAX_KEYS[key]!r}]", param.size, live)
         a = entry[key]
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{where}[{key!r}] must be a numpy.ndarray, got {type(a).__name__}")

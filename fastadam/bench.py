@@ -153,6 +153,27 @@ def _deepspeed(n, threads):
     return step
 
 
+def _bitsandbytes_adam8bit(n, threads):
+    """bitsandbytes' blockwise 8-bit Adam on the CPU (pip install bitsandbytes; needs torch)."""
+    try:
+        import torch
+        import bitsandbytes
+    except Exception as e:  # ImportError, or its native library failing to load
+        raise Unavailable(f"bitsandbytes is not usable ({type(e).__name__}: {e}); "
+                          "pip install bitsandbytes")
+    p, g = _buffers(n)
+    param = torch.nn.Parameter(torch.from_numpy(p))
+    param.grad = torch.from_numpy(g)
+    opt = bitsandbytes.optim.Adam8bit([param], lr=1e-3, min_8bit_size=4096)
+    torch.set_num_threads(threads)
+    opt.step()
+
+    def step():
+        torch.set_num_threads(threads)
+        opt.step()
+    return step
+
+
 IMPLEMENTATIONS = {
     "numpy-textbook": _numpy_textbook,
     "fastadam-cython": _fastadam("cython"),
@@ -160,6 +181,8 @@ IMPLEMENTATIONS = {
     "fastadam-skip-nonfinite": _fastadam("cython", skip_if_nonfinite=True),
     "fastadam-clip": _fastadam("cython", max_grad_norm=1.0),
     "fastadam-bf16": _fastadam("cython", state_dtype="bfloat16"),
+    "fastadam-int8": _fastadam("cython", state_dtype="int8"),
+    "bitsandbytes-adam8bit": _bitsandbytes_adam8bit,
     "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
     "torch-foreach": _torch("foreach"),
     "torch-fused": _torch("fused"),

@@ -43,10 +43,21 @@ cdef extern from "adam_kernel.hpp" nogil:
         double eps, weight_decay, decay, step_size, inv_sqrt_bc2, grad_scale
         int state
         uint32_t keys[3]
+        float *absmax[3]
+        double max_update
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
-        FA_STATE_NATIVE, FA_STATE_BF16
+        FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
+        FA_INT8_BLOCK, FA_INT8_LUT_SIZE
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
+    ctypedef struct fa_int8_tables:
+        float signed_map[256]
+        float unsigned_map[256]
+        float signed_thresholds[128]
+        float unsigned_thresholds[256]
+        unsigned char signed_lut[1]
+        unsigned char unsigned_lut[1]
+    fa_int8_tables fa_int8
     uint32_t fa_mix32(uint32_t x)
     int fa_select_isa(int forced)
     int fa_isa_supported(int isa)
@@ -135,6 +146,32 @@ def select_isa(name=None):
 
 def isa_in_use():
     return ISA_NAMES[fa_isa_in_use]
+
+
+def set_int8_tables(const float[::1] signed_map, const float[::1] unsigned_map,
+                    const float[::1] signed_thresholds, const float[::1] unsigned_thresholds,
+                    const unsigned char[::1] signed_lut, const unsigned char[::1] unsigned_lut):
+    """Copy in the 8-bit state's tables (fastadam._reference defines them); called
+    once at import, before any plan runs."""
+    cdef Py_ssize_t i
+    if not (signed_map.shape[0] == unsigned_map.shape[0] == unsigned_thresholds.shape[0] == 256
+            and signed_thresholds.shape[0] == 128
+            and signed_lut.shape[0] == unsigned_lut.shape[0] == FA_INT8_LUT_SIZE):
+        raise ValueError("set_int8_tables: the tables do not have the kernel's sizes")
+    for i in range(256):
+        fa_int8.signed_map[i] = signed_map[i]
+        fa_int8.unsigned_map[i] = unsigned_map[i]
+        fa_int8.unsigned_thresholds[i] = unsigned_thresholds[i]
+    for i in range(128):
+        fa_int8.signed_thresholds[i] = signed_thresholds[i]
+    for i in range(FA_INT8_LUT_SIZE):
+        fa_int8.signed_lut[i] = signed_lut[i]
+        fa_int8.unsigned_lut[i] = unsigned_lut[i]
+
+
+INT8_BLOCK = FA_INT8_BLOCK
+# The clamp of the 8-bit state's update, in units of lr (fastadam._reference.INT8_MAX_UPDATE).
+cdef double INT8_MAX_UPDATE = 10.0
 
 
 cdef void run_items(const fa_item *items, const int64_t *offsets, int64_t n_items,
@@ -271,6 +308,9 @@ cdef enum:
     PLANNER_REPLAN_EVERY = 1000
 TRIAL_SAMPLES, REPLAN_EVERY = PLANNER_SAMPLES, PLANNER_REPLAN_EVERY
 
+# An 8-bit state entry's absmax arrays (fastadam._rules.ABSMAX_KEYS), in moment order.
+ABSMAX_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax", "max_exp_avg_sq_absmax")
+
 cdef object _NOTHING = object()  # an empty remembered slot: no user value is this object
 
 
@@ -356,6 +396,7 @@ cdef class Plan:
     cdef Py_ssize_t *group_sizes
     cdef double *remembered_values  # N_SLOTS per group
     cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, remembered
+    cdef list absmaxes         # per tensor: None, or (m's, v's, v^'s or None) for 8-bit state
     cdef int wd_mode_if_nonzero
     # Held from verify/load until release: the gradients (so another thread that
     # drops one cannot free memory the kernel reads), the state entries whose
@@ -372,7 +413,8 @@ cdef class Plan:
     cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0):
+                  list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0,
+                  list absmaxes=None):
         cdef Py_ssize_t k, j, n_dims = 0
         cdef cnp.ndarray buf, p
         self.n = len(params)
@@ -389,13 +431,17 @@ cdef class Plan:
         self.held_entries = [None] * self.n
         self.new_steps = [None] * self.n
         self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
-        if state_dtype not in ("float32", "bfloat16"):
+        if state_dtype not in ("float32", "bfloat16", "int8"):
             raise ValueError(f"Plan: state_dtype {state_dtype!r}")
+        self.absmaxes = list(absmaxes) if absmaxes is not None else [None] * self.n
+        if len(self.absmaxes) != self.n or (state_dtype != "int8" and any(
+                a is not None for a in self.absmaxes)):
+            raise ValueError("Plan: absmaxes must hold one entry per parameter (None but for int8)")
         self.state_kind = FA_STATE_BF16 if state_dtype == "bfloat16" else FA_STATE_NATIVE
         self.seed = seed
         self.items = <fa_item *>calloc(max(self.n, 1), sizeof(fa_item))
         self.offsets = <int64_t *>calloc(self.n + 1, sizeof(int64_t))
-        self.written = <int64_t *>calloc(max(8 * self.n, 2), sizeof(int64_t))
+        self.written = <int64_t *>calloc(max(14 * self.n, 2), sizeof(int64_t))
         self.typenums = <int *>calloc(max(self.n, 1), sizeof(int))
         self.state_typenums = <int *>calloc(max(self.n, 1), sizeof(int))
         self.ndims = <int *>calloc(max(self.n, 1), sizeof(int))
@@ -425,7 +471,12 @@ cdef class Plan:
                 raise ValueError("Plan: parameters must be float32 or float64")
             if self.state_kind == FA_STATE_BF16 and self.typenums[k] != cnp.NPY_FLOAT32:
                 raise ValueError("Plan: bfloat16 state needs float32 parameters")
-            self.state_typenums[k] = (cnp.NPY_UINT16 if self.state_kind == FA_STATE_BF16
+            self.items[k].state = (FA_STATE_INT8 if self.absmaxes[k] is not None
+                                   else self.state_kind)
+            if self.items[k].state == FA_STATE_INT8 and self.typenums[k] != cnp.NPY_FLOAT32:
+                raise ValueError("Plan: 8-bit state needs float32 parameters")
+            self.state_typenums[k] = (cnp.NPY_UINT16 if self.items[k].state == FA_STATE_BF16
+                                      else cnp.NPY_UINT8 if self.items[k].state == FA_STATE_INT8
                                       else self.typenums[k])
             buffers = (p, self.exp_avgs[k], self.exp_avg_sqs[k], self.max_exp_avg_sqs[k])
             for j, obj in enumerate(buffers):
@@ -436,12 +487,18 @@ cdef class Plan:
                                         self.typenums[k] if j == 0 else self.state_typenums[k]):
                     raise ValueError("Plan: state buffers must be writeable, C-contiguous, "
                                      "and match their parameter's dtype and shape")
-                if cnp.PyArray_NBYTES(buf) > 0:
-                    self.written[2 * self.n_written] = <int64_t><intptr_t>cnp.PyArray_DATA(buf)
-                    self.written[2 * self.n_written + 1] = (
-                        self.written[2 * self.n_written] + cnp.PyArray_NBYTES(buf))
-                    self.n_written += 1
-            self.items[k].state = self.state_kind
+                self.add_written(buf)
+            if self.absmaxes[k] is not None:
+                for j in range(3):
+                    obj = self.absmaxes[k][j]
+                    if obj is None and j == 2 and self.max_exp_avg_sqs[k] is None:
+                        continue
+                    buf = <cnp.ndarray?>obj
+                    if not self.same_absmax_memory(buf, cnp.PyArray_DATA(buf), cnp.PyArray_SIZE(p)):
+                        raise ValueError("Plan: absmax buffers must be writeable, C-contiguous "
+                                         "float32 arrays of one value per block")
+                    self.items[k].absmax[j] = <float *>cnp.PyArray_DATA(buf)
+                    self.add_written(buf)
             self.items[k].param = cnp.PyArray_DATA(p)
             self.items[k].numel = cnp.PyArray_SIZE(p)
             self.items[k].dtype = dtype_code(self.typenums[k])
@@ -472,7 +529,21 @@ cdef class Plan:
         free(self.remembered_values)
         free(self.partial)
 
+    cdef void add_written(self, cnp.ndarray buf) noexcept:
+        if cnp.PyArray_NBYTES(buf) > 0:
+            self.written[2 * self.n_written] = <int64_t><intptr_t>cnp.PyArray_DATA(buf)
+            self.written[2 * self.n_written + 1] = (
+                self.written[2 * self.n_written] + cnp.PyArray_NBYTES(buf))
+            self.n_written += 1
+
     # -- what verify compares ------------------------------------------------
+
+    cdef inline bint same_absmax_memory(self, cnp.ndarray a, void *data, int64_t numel) noexcept:
+        """Like same_memory, for an 8-bit state's absmax: float32, one per block."""
+        return (cnp.PyArray_DATA(a) == data and cnp.PyArray_ISCARRAY(a)
+                and cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISNOTSWAPPED(a)
+                and cnp.PyArray_NDIM(a) == 1
+                and cnp.PyArray_DIM(a, 0) == (numel + FA_INT8_BLOCK - 1) // FA_INT8_BLOCK)
 
     cdef inline bint same_shape(self, cnp.ndarray a, Py_ssize_t k) noexcept:
         cdef int d
@@ -492,6 +563,20 @@ cdef class Plan:
         return (cnp.PyArray_DATA(a) == data and cnp.PyArray_ISCARRAY(a)
                 and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISNOTSWAPPED(a)
                 and self.same_shape(a, k))
+
+    cdef bint absmax_unchanged(self, dict st, Py_ssize_t k, bint amsgrad) noexcept:
+        """Whether state entry ``st`` holds tensor k's planned absmax arrays, unchanged."""
+        cdef tuple planned = <tuple>self.absmaxes[k]
+        cdef int j
+        for j, key in enumerate(ABSMAX_KEYS):
+            if j == 2 and not amsgrad:
+                break
+            if PyDict_GetItem(st, key) != <PyObject *>planned[j]:
+                return False
+            if not self.same_absmax_memory(<cnp.ndarray>planned[j], self.items[k].absmax[j],
+                                           self.items[k].numel):
+                return False
+        return True
 
     cdef inline bint fits_as_gradient(self, object obj, Py_ssize_t k) noexcept:
         cdef cnp.ndarray g
@@ -557,6 +642,7 @@ cdef class Plan:
         it.step_size = lr / bc1
         it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
         it.grad_scale = 1.0
+        it.max_update = INT8_MAX_UPDATE * lr
         if self.state_kind == FA_STATE_BF16:
             it.keys[0] = rounding_key(self.seed, k, step, 0)
             it.keys[1] = rounding_key(self.seed, k, step, 1)
@@ -723,6 +809,8 @@ cdef class Plan:
                                              st_type)
                         and (not amsgrad or self.same_memory(
                             <cnp.ndarray>self.max_exp_avg_sqs[k], it.max_exp_avg_sq, k, st_type))):
+                    return False
+                if it.state == FA_STATE_INT8 and not self.absmax_unchanged(st, k, amsgrad):
                     return False
                 gobj = <object>PyTuple_GET_ITEM(held, k)
                 if not self.fits_as_gradient(gobj, k):

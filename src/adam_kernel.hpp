@@ -30,8 +30,12 @@
 // then round identically, and results are bitwise independent of the
 // instruction set and of how the elements are split between threads.
 //
-// Weight-decay mode, AMSGrad, maximize and the state's storage (native or
-// bfloat16) are template parameters: each variant is its own loop with no
+// Where the state is 8-bit (fa_adam_int8_loop), the kernel works block by block
+// and clamps the update's Adam term to +-10 lr: fastadam/_reference.py states
+// the maps, the quantization and why.
+//
+// Weight-decay mode, AMSGrad, maximize and the state's storage (native,
+// bfloat16 or 8-bit) are template parameters: each variant is its own loop with no
 // branch inside.  Each variant is
 // compiled three times, for baseline x86-64 (SSE2), AVX2 and AVX-512; the
 // widest one the CPU and OS support is picked once at import time
@@ -46,14 +50,15 @@
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
 enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
 enum fa_isa { FA_ISA_BASELINE = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 };
-// How m, v (and v^) are stored: in the parameter's dtype, or as bfloat16 bits.
-enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1 };
+// How m, v (and v^) are stored: in the parameter's dtype, as bfloat16 bits, or
+// as 8-bit codes with a float32 absmax per block.
+enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
 
 // Variant code: bits 0-1 weight-decay mode, bit 2 amsgrad, bit 3 maximize; the
 // state storage (enum fa_state) is a separate field of the item.
@@ -75,6 +80,8 @@ typedef struct {
     double grad_scale;     // gradient clipping's coefficient (1 when off)
     int state;             // enum fa_state
     uint32_t keys[3];      // bfloat16 state: the rounding key of m, v, v^ (fastadam._reference)
+    float *absmax[3];      // 8-bit state: the per-block absmax of m, v, v^ (NULL if unused)
+    double max_update;     // 8-bit state: the clamp on the update's Adam term (10 lr)
 } fa_item;
 
 template <typename T>
@@ -142,10 +149,179 @@ template <> struct fa_storage<float, FA_STATE_BF16> {
     }
 };
 
+// Blockwise 8-bit state.  The tables are fastadam._reference's (its
+// SIGNED_MAP, UNSIGNED_MAP, *_THRESHOLDS and *_LUT), copied in once at import
+// by fa_set_int8_tables, so that they are defined in one place.
+#define FA_INT8_BLOCK 256
+#define FA_INT8_LUT_SHIFT 15
+#define FA_INT8_LUT_BASE ((127 - 23) << 8)
+#define FA_INT8_LUT_SIZE ((127 << 8) - FA_INT8_LUT_BASE + 1)
+#define FA_INT8_ABSMAX_LIMIT 0x1p126f
+
+struct fa_int8_tables {
+    float signed_map[256], unsigned_map[256];
+    float signed_thresholds[128], unsigned_thresholds[256];
+    // 3 bytes of padding: the AVX2 lookup reads each entry as a 32-bit word.
+    uint8_t signed_lut[FA_INT8_LUT_SIZE + 3], unsigned_lut[FA_INT8_LUT_SIZE + 3];
+};
+static fa_int8_tables fa_int8;
+
+// codes[j] = lut[index[j]] + (magnitude[j] > thresholds[that]), for j < n.
+static inline __attribute__((always_inline)) void
+fa_int8_lookup_scalar(const float *__restrict__ magnitude, const int32_t *__restrict__ index,
+                      int64_t n, const uint8_t *lut, const float *thresholds,
+                      uint8_t *__restrict__ codes) {
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t code = lut[index[j]];
+        code += magnitude[j] > thresholds[code];
+        codes[j] = (uint8_t)code;
+    }
+}
+
+static void fa_int8_lookup_baseline(const float *magnitude, const int32_t *index, int64_t n,
+                                    const uint8_t *lut, const float *thresholds, uint8_t *codes) {
+    fa_int8_lookup_scalar(magnitude, index, n, lut, thresholds, codes);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same with two gathers per 8 elements (the byte table read as 32-bit words).
+__attribute__((target("avx2"))) static void
+fa_int8_lookup_avx2(const float *magnitude, const int32_t *index, int64_t n, const uint8_t *lut,
+                    const float *thresholds, uint8_t *codes) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256i at = _mm256_loadu_si256((const __m256i *)(index + j));
+        __m256i code = _mm256_and_si256(_mm256_i32gather_epi32((const int *)lut, at, 1),
+                                        _mm256_set1_epi32(0xff));
+        const __m256 threshold = _mm256_i32gather_ps(thresholds, code, 4);
+        const __m256 above = _mm256_cmp_ps(_mm256_loadu_ps(magnitude + j), threshold, _CMP_GT_OQ);
+        code = _mm256_sub_epi32(code, _mm256_castps_si256(above));  // true is -1
+        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code),
+                                               _mm256_extracti128_si256(code, 1));
+        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(words, words));
+    }
+    fa_int8_lookup_scalar(magnitude + j, index + j, n - j, lut, thresholds, codes + j);
+}
+#endif
+
+typedef void (*fa_int8_lookup_fn)(const float *, const int32_t *, int64_t, const uint8_t *,
+                                  const float *, uint8_t *);
+static fa_int8_lookup_fn fa_int8_lookup = fa_int8_lookup_baseline;  // set by fa_select_isa
+
+// The largest magnitude of values[0, n), NaN ignored: an integer max over the
+// magnitude bits (ordered as the numbers are), which vectorises where a float
+// max reduction would not without -ffast-math.
+static inline __attribute__((always_inline)) float fa_largest_magnitude(const float *__restrict__ values,
+                                                                      int64_t n) {
+    uint32_t largest = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t bits;
+        memcpy(&bits, &values[j], sizeof bits);
+        bits &= 0x7fffffffu;
+        bits &= 0u - (uint32_t)(bits <= 0x7f800000u);  // a NaN counts as 0
+        largest = bits > largest ? bits : largest;
+    }
+    float x;
+    memcpy(&x, &largest, sizeof x);
+    return x;
+}
+
+// Requantize one block of n new values: the absmax (NaN ignored, capped), then
+// the nearest code of each value * (1 / absmax), |y| capped at 1 (NaN -> 1),
+// by two lookups.  The arithmetic is one vectorised loop; the lookups another.
+template <bool SIGNED>
+static inline __attribute__((always_inline)) void
+fa_int8_store_block(float *__restrict__ values, int64_t n, uint8_t *__restrict__ codes,
+                    float *absmax) {
+    const float *thresholds = SIGNED ? fa_int8.signed_thresholds : fa_int8.unsigned_thresholds;
+    const uint8_t *lut = SIGNED ? fa_int8.signed_lut : fa_int8.unsigned_lut;
+    alignas(64) int32_t index[FA_INT8_BLOCK];
+    alignas(64) uint8_t sign[FA_INT8_BLOCK], magnitude_codes[FA_INT8_BLOCK];
+    float largest = fa_largest_magnitude(values, n);
+    largest = largest < FA_INT8_ABSMAX_LIMIT ? largest : FA_INT8_ABSMAX_LIMIT;
+    *absmax = largest;
+    const float inverse = largest > 0.0f ? 1.0f / largest : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float y = values[j] * inverse;
+        float magnitude = fa_abs(y);
+        magnitude = magnitude <= 1.0f ? magnitude : 1.0f;
+        uint32_t bits;
+        memcpy(&bits, &magnitude, sizeof bits);
+        const int32_t i = (int32_t)(bits >> FA_INT8_LUT_SHIFT) - FA_INT8_LUT_BASE;
+        index[j] = i < 0 ? 0 : i;
+        values[j] = magnitude;
+        if (SIGNED) sign[j] = (uint8_t)((y < 0.0f) << 7);
+    }
+    if (SIGNED) {
+        fa_int8_lookup(values, index, n, lut, thresholds, magnitude_codes);
+        for (int64_t j = 0; j < n; ++j) codes[j] = magnitude_codes[j] | sign[j];
+    } else {
+        fa_int8_lookup(values, index, n, lut, thresholds, codes);
+    }
+}
+
+// [start, stop) of one tensor with 8-bit state: start is a multiple of
+// FA_INT8_BLOCK (fa_boundary aligns shares to it), stop a multiple or the end.
+// Each block is decoded, updated and requantized while its m and v wait in
+// L1-resident buffers, so memory is read and written once.
+template <int WD, bool AMSGRAD, bool MAXIMIZE>
+static inline __attribute__((always_inline)) void
+fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
+    const fa_scalars<float> s(it);
+    const float max_update = (float)it.max_update;
+    float *__restrict__ p = (float *)it.param;
+    const float *__restrict__ g = (const float *)it.grad;
+    uint8_t *__restrict__ m = (uint8_t *)it.exp_avg;
+    uint8_t *__restrict__ v = (uint8_t *)it.exp_avg_sq;
+    uint8_t *__restrict__ vmax = (uint8_t *)it.max_exp_avg_sq;
+    alignas(64) float bm[FA_INT8_BLOCK], bv[FA_INT8_BLOCK], bvmax[FA_INT8_BLOCK];
+    for (int64_t b0 = start; b0 < stop; b0 += FA_INT8_BLOCK) {
+        const int64_t n = stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK;
+        const int64_t block = b0 / FA_INT8_BLOCK;
+        const float scale_m = it.absmax[0][block], scale_v = it.absmax[1][block];
+        const float scale_vmax = AMSGRAD ? it.absmax[2][block] : 0.0f;
+        for (int64_t j = 0; j < n; ++j) {  // the code values (lookups)
+            bm[j] = fa_int8.signed_map[m[b0 + j]];
+            bv[j] = fa_int8.unsigned_map[v[b0 + j]];
+            if (AMSGRAD) bvmax[j] = fa_int8.unsigned_map[vmax[b0 + j]];
+        }
+        float *__restrict__ pb = p + b0;
+        const float *__restrict__ gb = g + b0;
+        for (int64_t j = 0; j < n; ++j) {  // the update (vectorised)
+            float gi = gb[j] * s.grad_scale;
+            gi = MAXIMIZE ? -gi : gi;
+            float pi = pb[j];
+            if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
+            if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
+            const float mi = s.beta1 * (bm[j] * scale_m) + s.one_minus_beta1 * gi;
+            const float vi = s.beta2 * (bv[j] * scale_v) + s.one_minus_beta2 * (gi * gi);
+            float vd = vi;
+            if (AMSGRAD) {
+                const float old = bvmax[j] * scale_vmax;
+                vd = (old >= vi || old != old) ? old : vi;
+                bvmax[j] = vd;
+            }
+            const float denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
+            float update = s.step_size * (mi / denom);
+            update = update > max_update ? max_update : update;
+            update = update < -max_update ? -max_update : update;
+            pb[j] = pi - update;
+            bm[j] = mi;
+            bv[j] = vi;
+        }
+        fa_int8_store_block<true>(bm, n, m + b0, &it.absmax[0][block]);
+        fa_int8_store_block<false>(bv, n, v + b0, &it.absmax[1][block]);
+        if (AMSGRAD) fa_int8_store_block<false>(bvmax, n, vmax + b0, &it.absmax[2][block]);
+    }
+}
+
 // The loop over [start, stop) of one tensor, for one variant.
 template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE, int STATE = FA_STATE_NATIVE>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
+    if constexpr (STATE == FA_STATE_INT8) {
+        fa_adam_int8_loop<WD, AMSGRAD, MAXIMIZE>(it, start, stop);
+    } else {
     typedef fa_storage<T, STATE> S;
     const fa_scalars<T> s(it);
     T *__restrict__ p = (T *)it.param;
@@ -185,6 +361,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
         p[i] = pi - s.step_size * (mi / denom);
     }
     chunk = chunk_stop;
+    }
     }
 }
 
@@ -256,6 +433,8 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
         if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
             FA_VARIANT_CASES(float, FA_STATE_BF16)                                     \
+        } else if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_INT8) {              \
+            FA_VARIANT_CASES(float, FA_STATE_INT8)                                     \
         } else if (it.dtype == FA_FLOAT32) {                                           \
             FA_VARIANT_CASES(float, FA_STATE_NATIVE)                                   \
         } else {                                                                       \
@@ -331,6 +510,7 @@ static inline int fa_select_isa(int forced) {
     fa_sumsq_range = isa == FA_ISA_AVX512 ? fa_sumsq_range_avx512
                      : isa == FA_ISA_AVX2 ? fa_sumsq_range_avx2
                                           : fa_sumsq_range_baseline;
+    fa_int8_lookup = isa == FA_ISA_BASELINE ? fa_int8_lookup_baseline : fa_int8_lookup_avx2;
 #endif
     fa_isa_in_use = isa;
     return isa;
@@ -338,10 +518,11 @@ static inline int fa_select_isa(int forced) {
 
 // Work splitting: thread t of n_threads owns the global element range
 // [fa_boundary(t), fa_boundary(t + 1)) across the concatenated tensors.
-// Boundaries fall on multiples of FA_ALIGN elements inside a tensor (a 64-byte
-// cache line of float32), so threads never share a line of a tensor whose data
+// Boundaries fall on multiples of FA_ALIGN elements inside a tensor: an 8-bit
+// state's block (FA_INT8_BLOCK), and a whole number of 64-byte cache lines of
+// every buffer, so threads never share a block or a line of a tensor whose data
 // is line-aligned.  `offsets` has n_items + 1 prefix sums of numel.
-#define FA_ALIGN 16
+#define FA_ALIGN FA_INT8_BLOCK
 
 static inline int64_t fa_find_item(const int64_t *offsets, int64_t n_items, int64_t pos) {
     // The last item k with offsets[k] <= pos (binary search).
