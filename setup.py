@@ -20,8 +20,7 @@ from setuptools import Extension, setup
 openmp = os.environ.get("FASTADAM_OPENMP", "1") != "0"
 debug = os.environ.get("FASTADAM_CYTHON_DEBUG", "0") == "1"
 
-compile_args = ["-std=c++17", "-fno-math-errno", "-ffp-contract=off",
-                "-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather"]
+compile_args = ["-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
 compile_args += ["-O0", "-g"] if debug else ["-O3"]
 link_args = []
 if openmp:

@@ -1,0 +1,128 @@
+"""fastadam.torch: drop-in for torch.optim.Adam/AdamW on the CPU, checked against torch itself."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastadam  # noqa: E402
+import fastadam.torch as ft  # noqa: E402
+
+if fastadam._backends.available()["cython"]:
+    pytest.skip("the compiled kernel is not built", allow_module_level=True)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(256, 20, generator=g), torch.randint(0, 10, (256,), generator=g)
+
+
+def train(cls, steps, model=None, opt_state=None, **kw):
+    """Losses of a real loop: an MLP, two parameter groups, AMSGrad, a StepLR schedule."""
+    model = model or mlp()
+    X, y = data()
+    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.05},
+              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0, "lr": 3e-3}]
+    opt = cls(groups, lr=1e-2, amsgrad=True, **kw)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.5)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+    return np.array(losses), model, opt
+
+
+@pytest.mark.parametrize("ours, theirs", [(ft.AdamW, torch.optim.AdamW), (ft.Adam, torch.optim.Adam)])
+def test_a_real_loop_follows_torch(ours, theirs):
+    expected, _, _ = train(theirs, 150, foreach=False)
+    got, _, _ = train(ours, 150)
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+    assert got[-1] < 0.9 * got[0]   # and it trains
+
+
+def test_the_step_is_fastadams_step_on_the_same_memory(rng):
+    p0 = rng.standard_normal((50, 40)).astype(np.float32)
+    grads = [rng.standard_normal((50, 40)).astype(np.float32) for _ in range(5)]
+    param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = ft.Adam([param], lr=0.01, weight_decay=0.1, maximize=True)
+    ref = p0.copy()
+    ref_opt = fastadam.Adam([ref], lr=0.01, weight_decay=0.1, maximize=True, backend="numpy")
+    for g in grads:
+        param.grad = torch.from_numpy(g.copy())
+        opt.step()
+        ref_opt.step([g])
+    np.testing.assert_array_equal(param.detach().numpy(), ref)
+    state = opt.state[param]
+    np.testing.assert_array_equal(state["exp_avg"].numpy(), ref_opt.state[0]["exp_avg"])
+    assert state["step"].dtype == torch.float32 and state["step"].item() == 5.0
+
+
+@pytest.mark.parametrize("first, second", [(torch.optim.AdamW, ft.AdamW), (ft.AdamW, torch.optim.AdamW)])
+def test_checkpoints_move_between_torch_and_fastadam(first, second):
+    expected, _, _ = train(torch.optim.AdamW, 60, foreach=False)
+    head, model, opt = train(first, 25)
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert sd["param_groups"][0]["decoupled_weight_decay"] is True
+    # the schedule's position travels in the group's lr; continue from where it was
+    tail, _, _ = train(second, 35, model=model, opt_state=sd)
+    np.testing.assert_allclose(np.concatenate([head, tail])[:26], expected[:26], rtol=1e-3)
+    assert tail[-1] < head[0]
+
+
+def test_parameters_without_a_gradient_are_left_alone():
+    a, b = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(10))
+    opt = ft.Adam([a, b], lr=0.1)
+    a.grad = torch.ones(10)
+    opt.step()
+    assert b not in opt.state and torch.equal(b.detach(), torch.ones(10))
+    assert torch.all(a.detach() < 1)
+    b.grad = torch.ones(10)     # a parameter that gets a gradient later joins the step
+    opt.step()
+    assert opt.state[b]["step"].item() == 1.0 and opt.state[a]["step"].item() == 2.0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.nn.Parameter(torch.randn(4, 4).t()), "is not contiguous"),
+    (lambda: torch.nn.Parameter(torch.randn(4, dtype=torch.float16)), "float16.*float32 and float64"),
+    (lambda: torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)), "bfloat16.*float32 and float64"),
+    (lambda: torch.nn.Parameter(torch.randn(4, dtype=torch.complex64)), "is complex"),
+    (lambda: torch.nn.Parameter(torch.empty(4, device="meta")), "is on meta.*runs on the CPU"),
+])
+def test_unfit_parameters_are_refused_saying_what_to_do(make, match):
+    with pytest.raises(RuntimeError, match=match):
+        ft.Adam([make()])
+
+
+def test_a_sparse_gradient_is_refused_and_nothing_changes():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = ft.Adam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse.*SparseAdam"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before) and not opt.state
+
+
+def test_bad_hyperparameters_get_torchs_messages():
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        ft.Adam([torch.nn.Parameter(torch.ones(2))], lr=-1)
+    with pytest.raises(ValueError, match="use fastadam.torch.AdamW"):
+        ft.Adam([torch.nn.Parameter(torch.ones(2))], decoupled_weight_decay=True)
+
+
+def test_import_fastadam_does_not_import_torch():
+    code = "import sys, fastadam; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
