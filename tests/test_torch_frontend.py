@@ -1,6 +1,7 @@
 """fastadam.torch: drop-in for torch.optim.Adam/AdamW on the CPU, checked against torch itself."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,13 @@ def test_bad_hyperparameters_get_torchs_messages():
 def test_import_fastadam_does_not_import_torch():
     code = "import sys, fastadam; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_docs_example_trains_mnist():
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "torch_mnist.py"
+    if not script.exists():
+        pytest.skip("the docs are not beside these tests (an installed wheel's test run)")
+    out = subprocess.run([sys.executable, script, "--epochs", "1"], check=True, capture_output=True,
+                         text=True).stdout
+    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
+    assert accuracy > 94.0, out
