@@ -111,6 +111,17 @@ def _roofline(n, threads):
     return step
 
 
+def _torch_stepper(torch, opt, threads):
+    """A step of a torch optimizer on ``threads`` threads, after one warm-up step."""
+    torch.set_num_threads(threads)
+    opt.step()
+
+    def step():
+        torch.set_num_threads(threads)
+        opt.step()
+    return step
+
+
 def _torch(mode):
     def make(n, threads):
         try:
@@ -120,14 +131,7 @@ def _torch(mode):
         p, g = _buffers(n)
         param = torch.nn.Parameter(torch.from_numpy(p))
         param.grad = torch.from_numpy(g)
-        opt = torch.optim.Adam([param], lr=1e-3, **{mode: True})
-        torch.set_num_threads(threads)
-        opt.step()
-
-        def step():
-            torch.set_num_threads(threads)
-            opt.step()
-        return step
+        return _torch_stepper(torch, torch.optim.Adam([param], lr=1e-3, **{mode: True}), threads)
     return make
 
 
@@ -164,14 +168,8 @@ def _bitsandbytes_adam8bit(n, threads):
     p, g = _buffers(n)
     param = torch.nn.Parameter(torch.from_numpy(p))
     param.grad = torch.from_numpy(g)
-    opt = bitsandbytes.optim.Adam8bit([param], lr=1e-3, min_8bit_size=4096)
-    torch.set_num_threads(threads)
-    opt.step()
-
-    def step():
-        torch.set_num_threads(threads)
-        opt.step()
-    return step
+    return _torch_stepper(torch, bitsandbytes.optim.Adam8bit([param], lr=1e-3, min_8bit_size=4096),
+                          threads)
 
 
 IMPLEMENTATIONS = {

@@ -22,7 +22,7 @@ from . import _optimizer, _rules
 
 __all__ = ["Adam", "AdamW"]
 
-_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_BUFFERS = _rules.STATE_BUFFERS
 
 
 def _refuse_unfit(t, what):
