@@ -223,10 +223,12 @@ def _load_cython():
     with _threads.kernel_openmp_environment():
         from . import _kernel
     _kernel.set_cpu_limit(_threads.cpu_limit())
-    from . import _reference  # the 8-bit state's tables are defined once, there
-    _kernel.set_int8_tables(_reference.SIGNED_MAP, _reference.UNSIGNED_MAP,
-                            _reference.SIGNED_THRESHOLDS, _reference.UNSIGNED_THRESHOLDS,
-                            _reference.SIGNED_LUT, _reference.UNSIGNED_LUT)
+    from . import _reference  # the 8-bit state's formats are stated there
+    stated = (_reference.INT8_BLOCK, _reference.INT8_FRACTION_BITS,
+              _reference.INT8_SIGNED_EXPONENT_OFFSET, _reference.INT8_UNSIGNED_EXPONENT_OFFSET)
+    if _kernel.INT8_FORMAT != stated:
+        raise ImportError(f"fastadam._kernel was built for 8-bit formats {_kernel.INT8_FORMAT}, "
+                          f"the package states {stated}: rebuild the extension")
     return _kernel
 
 

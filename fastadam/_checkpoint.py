@@ -125,6 +125,7 @@ def _convert_state(entry, key, p, where, kind):
             raise TypeError(f"{name}: dtype {a.dtype}; 8-bit state (with {absmax_key!r}) is uint8 codes")
         absmax = entry[absmax_key]
         _rules.absmax_array(absmax, f"{where}[{absmax_key!r}]", p.size, live=False)
+        _rules.int8_codes(a, name, signed=key == "exp_avg")
         if target_kind == "int8":
             codes, absmax = a, absmax
         else:

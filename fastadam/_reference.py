@@ -192,12 +192,37 @@ def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight
 # new, unquantized m and v, then take the block's new absmax (the largest
 # magnitude, NaN ignored, at most ABSMAX_LIMIT) and store the nearest code of
 # x * (1 / absmax) (a NaN or an infinity is stored as +-1.0, the block's
-# absmax).  Tensors below INT8_MIN_NUMEL elements keep float32 state: their
-# state is small and blockwise error is largest there.
+# absmax; m's sign bit is y's, so -0 is stored as -0).  Tensors below
+# INT8_MIN_NUMEL elements keep float32 state: their state is small and
+# blockwise error is largest there.
+#
+# The maps.  Both are small floating-point formats of y = x / absmax in [-1, 1]
+# with 3 fraction bits, so that a code is found from y's float32 bits and
+# decoded into float32 bits with a few integer operations and no table (table
+# lookups cost more than the bytes they save).  A code's magnitude bits k mean
+#
+#     k = 0:  0
+#     k > 0:  2^((k >> 3) - E) * (1 + (k & 7) / 8)
+#
+#   m (signed): bit 7 is the sign, k is bits 0-6, E = INT8_SIGNED_EXPONENT_OFFSET
+#     (15): 1.0 is k = 120, the smallest magnitude 2^-15 * 1.125 (~3.4e-5);
+#   v and v^ (unsigned): k is the whole code, E = INT8_UNSIGNED_EXPONENT_OFFSET
+#     (31): 1.0 is k = 248, the smallest magnitude 2^-31 * 1.125 (~5.2e-10).
+#
+# Like the paper's dynamic maps they are dense near 1 and reach far below it
+# (v, which spans the square of the gradients' range, reaches twice as far);
+# the relative gap between neighbours is at most 12.5%.  Codes above 1.0 (m:
+# k = 121-127; v: 249-255) are never written and refused in a loaded state.
+#
+# The nearest code of |y| <= 1: k = ((bits(|y|) + 2^19) >> 20) - ((127 - E) << 3)
+# rounds the exponent and top 3 fraction bits to nearest (ties to the larger
+# magnitude); where k < 1, y is below the smallest magnitude s and the code is
+# 1 if |y| >= s / 2, else 0.  Decoding is the same in reverse: the float32
+# bits of k's magnitude are (k + ((127 - E) << 3)) << 20.
 #
 # The guard.  Quantizing v to a code of its block's absmax loses an element
-# whose v is below ~1.6e-7 of the block's largest: it is stored as 0.  If its m
-# survives (m's map reaches 10^-6 of its own absmax) and its gradient then
+# whose v is below ~2.6e-10 of the block's largest: it is stored as 0.  If its
+# m survives (m's map reaches ~1.7e-5 of its own absmax) and its gradient then
 # falls silent, the next update is m / eps, thousands of times lr.  So where
 # the state is 8-bit, the Adam term of each element's update is clamped:
 #
@@ -208,54 +233,34 @@ def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight
 # With exact state Adam's update is bounded by lr * (1 - beta1) / sqrt(1 - beta2)
 # (Kingma & Ba, section 2.1: 3.16 lr with the default betas), so the clamp
 # only acts where the 8-bit state has lost v.
-#
-# The nearest code of y in [0, 1] is found in two lookups, not a search: the
-# float32 bits of y above bit 15 (the exponent and 8 mantissa bits) index
-# INT8_LUT, the nearest code of that bin's lower end; a bin (0.4% wide) holds
-# at most one midpoint between codes (checked when the tables are built), so
-# the code is lut[bin] + (y > threshold[lut[bin]]).  The thresholds (midpoints
-# between codes) are float32 numbers; at one, y takes the lower code.
 
 INT8_BLOCK = 256
 INT8_MIN_NUMEL = 4096
 INT8_MAX_UPDATE = 10.0  # in units of lr
 ABSMAX_LIMIT = np.float32(2.0 ** 126)  # so that 1 / absmax is a normal number
-_LUT_SHIFT = 15
-_LUT_BASE = (127 - 23) << 8  # bins from 2^-23: every smaller y is nearest to 0
-_LUT_SIZE = (127 << 8) - _LUT_BASE + 1
+INT8_FRACTION_BITS = 3
+INT8_SIGNED_EXPONENT_OFFSET = 15
+INT8_UNSIGNED_EXPONENT_OFFSET = 31
+SIGNED_TOP_CODE = INT8_SIGNED_EXPONENT_OFFSET << INT8_FRACTION_BITS  # the code of 1.0
+UNSIGNED_TOP_CODE = INT8_UNSIGNED_EXPONENT_OFFSET << INT8_FRACTION_BITS
 
 
-def _dynamic_map(fraction_bits):
-    values = [0.0]
-    for e in range(6, -1, -1):
-        edges = np.linspace(0.1, 1.0, 2 ** (fraction_bits - e) + 1)
-        values += list((edges[:-1] + edges[1:]) / 2 * 10.0 ** -e)
-    return values
+def _exponent_offset(signed):
+    return INT8_SIGNED_EXPONENT_OFFSET if signed else INT8_UNSIGNED_EXPONENT_OFFSET
 
 
-def _signed_magnitudes():
-    values = _dynamic_map(6)
-    values[-1] = 1.0
-    return np.array(values, np.float32)
+def _code_magnitudes(signed):
+    """The values of the magnitude bits k = 0 .. 127 (signed) or 0 .. 255."""
+    k = np.arange(128 if signed else 256, dtype=np.uint32)
+    bits = (k + np.uint32((127 - _exponent_offset(signed)) << INT8_FRACTION_BITS)) << np.uint32(
+        23 - INT8_FRACTION_BITS)
+    return np.where(k == 0, np.float32(0), bits.view(np.float32))
 
 
-def _quantizer(magnitudes):
-    """(thresholds, lut) for the nearest code of y in [0, 1] among ``magnitudes``."""
-    mid = ((magnitudes[:-1].astype(np.float64) + magnitudes[1:]) / 2).astype(np.float32)
-    thresholds = np.append(mid, np.float32(2.0))
-    bins = ((np.arange(_LUT_SIZE + 1, dtype=np.uint32) + _LUT_BASE) << _LUT_SHIFT).view(np.float32)
-    below = np.searchsorted(mid, bins, side="left")  # midpoints strictly below each bin's start
-    if np.any(below[1:] - below[:-1] > 1) or np.any(np.diff(magnitudes) <= 0):
-        raise AssertionError("int8 map: a lookup bin holds two midpoints")
-    return thresholds, below[:-1].astype(np.uint8)
-
-
-SIGNED_MAGNITUDES = _signed_magnitudes()
-UNSIGNED_MAP = np.array(_dynamic_map(7) + [1.0], np.float32)
+SIGNED_MAGNITUDES = _code_magnitudes(signed=True)
 # Decoding tables (code -> value): m's sign-magnitude codes, and v's.
 SIGNED_MAP = np.concatenate([SIGNED_MAGNITUDES, -SIGNED_MAGNITUDES])
-SIGNED_THRESHOLDS, SIGNED_LUT = _quantizer(SIGNED_MAGNITUDES)
-UNSIGNED_THRESHOLDS, UNSIGNED_LUT = _quantizer(UNSIGNED_MAP)
+UNSIGNED_MAP = _code_magnitudes(signed=False)
 
 
 def int8_blocks(numel):
@@ -264,18 +269,19 @@ def int8_blocks(numel):
 
 
 def int8_nearest_codes(y, signed):
-    """The nearest code of each float32 y (the lookup above); |y| is capped at 1."""
+    """The nearest code of each float32 y (the rounding above); |y| is capped at 1."""
     y = np.asarray(y, np.float32)
-    thresholds, lut = ((SIGNED_THRESHOLDS, SIGNED_LUT) if signed
-                       else (UNSIGNED_THRESHOLDS, UNSIGNED_LUT))
+    exponent_offset = _exponent_offset(signed)
+    half_smallest = np.float32(2.0 ** -exponent_offset * 0.5625)
     with np.errstate(invalid="ignore"):
         magnitude = np.abs(y)
         magnitude = np.where(magnitude <= 1, magnitude, np.float32(1))  # NaN, inf -> 1
-        index = (magnitude.view(np.uint32) >> np.uint32(_LUT_SHIFT)).astype(np.int64) - _LUT_BASE
-        codes = lut[np.maximum(index, 0)].astype(np.uint32)
-        codes += magnitude > thresholds[codes]
+        shift = 23 - INT8_FRACTION_BITS
+        k = (((magnitude.view(np.uint32).astype(np.int64) + (1 << (shift - 1))) >> shift)
+             - ((127 - exponent_offset) << INT8_FRACTION_BITS))
+        codes = np.where(k >= 1, k, magnitude >= half_smallest).astype(np.uint32)
         if signed:
-            codes |= (y < 0).astype(np.uint32) << np.uint32(7)
+            codes |= np.signbit(y).astype(np.uint32) << np.uint32(7)
     return codes.astype(np.uint8)
 
 

@@ -15,7 +15,8 @@ import numbers
 
 import numpy as np
 
-from ._reference import INT8_BLOCK, INT8_MIN_NUMEL, int8_blocks
+from ._reference import (INT8_BLOCK, INT8_MIN_NUMEL, SIGNED_TOP_CODE, UNSIGNED_TOP_CODE,
+                         int8_blocks)
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -146,6 +147,17 @@ def state_storage(param_dtype, kind):
     """The dtype a state buffer of a parameter of ``param_dtype`` has with state ``kind``
     (a tensor's: see tensor_state)."""
     return STATE_STORAGE.get(kind, param_dtype)
+
+
+def int8_codes(a, where, signed):
+    """Loaded 8-bit codes: none above the code of 1.0 (the quantizer never writes one)."""
+    magnitude = a & np.uint8(0x7F) if signed else a
+    top = SIGNED_TOP_CODE if signed else UNSIGNED_TOP_CODE
+    if (magnitude > top).any():
+        i = int(np.argmax(magnitude.reshape(-1) > top))
+        raise ValueError(f"{where}: code {int(a.reshape(-1)[i])} at flat index {i} means more "
+                         f"than its block's absmax; no code's magnitude exceeds {top} "
+                         "(the state is corrupt)")
 
 
 def absmax_array(a, where, numel, live):

@@ -48,16 +48,9 @@ cdef extern from "adam_kernel.hpp" nogil:
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
         FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
-        FA_INT8_BLOCK, FA_INT8_LUT_SIZE
+        FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
+        FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
-    ctypedef struct fa_int8_tables:
-        float signed_map[256]
-        float unsigned_map[256]
-        float signed_thresholds[128]
-        float unsigned_thresholds[256]
-        unsigned char signed_lut[1]
-        unsigned char unsigned_lut[1]
-    fa_int8_tables fa_int8
     uint32_t fa_mix32(uint32_t x)
     int fa_select_isa(int forced)
     int fa_isa_supported(int isa)
@@ -148,28 +141,10 @@ def isa_in_use():
     return ISA_NAMES[fa_isa_in_use]
 
 
-def set_int8_tables(const float[::1] signed_map, const float[::1] unsigned_map,
-                    const float[::1] signed_thresholds, const float[::1] unsigned_thresholds,
-                    const unsigned char[::1] signed_lut, const unsigned char[::1] unsigned_lut):
-    """Copy in the 8-bit state's tables (fastadam._reference defines them); called
-    once at import, before any plan runs."""
-    cdef Py_ssize_t i
-    if not (signed_map.shape[0] == unsigned_map.shape[0] == unsigned_thresholds.shape[0] == 256
-            and signed_thresholds.shape[0] == 128
-            and signed_lut.shape[0] == unsigned_lut.shape[0] == FA_INT8_LUT_SIZE):
-        raise ValueError("set_int8_tables: the tables do not have the kernel's sizes")
-    for i in range(256):
-        fa_int8.signed_map[i] = signed_map[i]
-        fa_int8.unsigned_map[i] = unsigned_map[i]
-        fa_int8.unsigned_thresholds[i] = unsigned_thresholds[i]
-    for i in range(128):
-        fa_int8.signed_thresholds[i] = signed_thresholds[i]
-    for i in range(FA_INT8_LUT_SIZE):
-        fa_int8.signed_lut[i] = signed_lut[i]
-        fa_int8.unsigned_lut[i] = unsigned_lut[i]
-
-
 INT8_BLOCK = FA_INT8_BLOCK
+# The 8-bit codes' formats (fastadam._reference states them; checked at import).
+INT8_FORMAT = (FA_INT8_BLOCK, FA_INT8_FRACTION_BITS, FA_INT8_SIGNED_EXPONENT_OFFSET,
+               FA_INT8_UNSIGNED_EXPONENT_OFFSET)
 # The clamp of the 8-bit state's update, in units of lr (fastadam._reference.INT8_MAX_UPDATE).
 cdef double INT8_MAX_UPDATE = 10.0
 

@@ -149,114 +149,76 @@ template <> struct fa_storage<float, FA_STATE_BF16> {
     }
 };
 
-// Blockwise 8-bit state.  The tables are fastadam._reference's (its
-// SIGNED_MAP, UNSIGNED_MAP, *_THRESHOLDS and *_LUT), copied in once at import
-// by fa_set_int8_tables, so that they are defined in one place.
+// Blockwise 8-bit state: the codes are small floating-point formats of
+// value / absmax, stated in fastadam/_reference.py (the constants are checked
+// against it at import, by _kernel.INT8_FORMAT).
 #define FA_INT8_BLOCK 256
-#define FA_INT8_LUT_SHIFT 15
-#define FA_INT8_LUT_BASE ((127 - 23) << 8)
-#define FA_INT8_LUT_SIZE ((127 << 8) - FA_INT8_LUT_BASE + 1)
+#define FA_INT8_FRACTION_BITS 3
+#define FA_INT8_SIGNED_EXPONENT_OFFSET 15
+#define FA_INT8_UNSIGNED_EXPONENT_OFFSET 31
 #define FA_INT8_ABSMAX_LIMIT 0x1p126f
 
-struct fa_int8_tables {
-    float signed_map[256], unsigned_map[256];
-    float signed_thresholds[128], unsigned_thresholds[256];
-    // 3 bytes of padding: the AVX2 lookup reads each entry as a 32-bit word.
-    uint8_t signed_lut[FA_INT8_LUT_SIZE + 3], unsigned_lut[FA_INT8_LUT_SIZE + 3];
+template <bool SIGNED>
+struct fa_int8_format {
+    static constexpr uint32_t exponent_offset =
+        SIGNED ? FA_INT8_SIGNED_EXPONENT_OFFSET : FA_INT8_UNSIGNED_EXPONENT_OFFSET;
+    static constexpr uint32_t magnitude_mask = SIGNED ? 0x7fu : 0xffu;
+    static constexpr int shift = 23 - FA_INT8_FRACTION_BITS;
+    // float32 bits of magnitude k, less k's own bits (k << shift)
+    static constexpr uint32_t bits_base = (127u - exponent_offset) << FA_INT8_FRACTION_BITS;
 };
-static fa_int8_tables fa_int8;
 
-// codes[j] = lut[index[j]] + (magnitude[j] > thresholds[that]), for j < n.
-static inline __attribute__((always_inline)) void
-fa_int8_lookup_scalar(const float *__restrict__ magnitude, const int32_t *__restrict__ index,
-                      int64_t n, const uint8_t *lut, const float *thresholds,
-                      uint8_t *__restrict__ codes) {
-    for (int64_t j = 0; j < n; ++j) {
-        uint32_t code = lut[index[j]];
-        code += magnitude[j] > thresholds[code];
-        codes[j] = (uint8_t)code;
-    }
-}
-
-static void fa_int8_lookup_baseline(const float *magnitude, const int32_t *index, int64_t n,
-                                    const uint8_t *lut, const float *thresholds, uint8_t *codes) {
-    fa_int8_lookup_scalar(magnitude, index, n, lut, thresholds, codes);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// The same with two gathers per 8 elements (the byte table read as 32-bit words).
-__attribute__((target("avx2"))) static void
-fa_int8_lookup_avx2(const float *magnitude, const int32_t *index, int64_t n, const uint8_t *lut,
-                    const float *thresholds, uint8_t *codes) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256i at = _mm256_loadu_si256((const __m256i *)(index + j));
-        __m256i code = _mm256_and_si256(_mm256_i32gather_epi32((const int *)lut, at, 1),
-                                        _mm256_set1_epi32(0xff));
-        const __m256 threshold = _mm256_i32gather_ps(thresholds, code, 4);
-        const __m256 above = _mm256_cmp_ps(_mm256_loadu_ps(magnitude + j), threshold, _CMP_GT_OQ);
-        code = _mm256_sub_epi32(code, _mm256_castps_si256(above));  // true is -1
-        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code),
-                                               _mm256_extracti128_si256(code, 1));
-        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(words, words));
-    }
-    fa_int8_lookup_scalar(magnitude + j, index + j, n - j, lut, thresholds, codes + j);
-}
-#endif
-
-typedef void (*fa_int8_lookup_fn)(const float *, const int32_t *, int64_t, const uint8_t *,
-                                  const float *, uint8_t *);
-static fa_int8_lookup_fn fa_int8_lookup = fa_int8_lookup_baseline;  // set by fa_select_isa
-
-// The largest magnitude of values[0, n), NaN ignored: an integer max over the
-// magnitude bits (ordered as the numbers are), which vectorises where a float
-// max reduction would not without -ffast-math.
-static inline __attribute__((always_inline)) float fa_largest_magnitude(const float *__restrict__ values,
-                                                                      int64_t n) {
-    uint32_t largest = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        uint32_t bits;
-        memcpy(&bits, &values[j], sizeof bits);
-        bits &= 0x7fffffffu;
-        bits &= 0u - (uint32_t)(bits <= 0x7f800000u);  // a NaN counts as 0
-        largest = bits > largest ? bits : largest;
-    }
+// A code's value, relative to its block's absmax.
+template <bool SIGNED>
+static inline __attribute__((always_inline)) float fa_int8_decode(uint32_t code) {
+    typedef fa_int8_format<SIGNED> F;
+    const uint32_t k = code & F::magnitude_mask;
+    uint32_t bits = (k + F::bits_base) << F::shift;
+    bits = k != 0 ? bits : 0u;
+    if (SIGNED) bits |= (code & 0x80u) << 24;
     float x;
-    memcpy(&x, &largest, sizeof x);
+    memcpy(&x, &bits, sizeof x);
     return x;
 }
 
-// Requantize one block of n new values: the absmax (NaN ignored, capped), then
-// the nearest code of each value * (1 / absmax), |y| capped at 1 (NaN -> 1),
-// by two lookups.  The arithmetic is one vectorised loop; the lookups another.
+// |x|'s bits, a NaN's as 0: the largest magnitude of a block (NaN ignored) is
+// an integer max of these (ordered as the numbers are), which vectorises where
+// a float max reduction would not without -ffast-math.
+static inline __attribute__((always_inline)) uint32_t fa_magnitude_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits &= 0x7fffffffu;
+    return bits & (0u - (uint32_t)(bits <= 0x7f800000u));
+}
+
+// Requantize one block of n new values whose largest magnitude has the bits
+// largest_bits: the absmax (capped), then the nearest code of each
+// value * (1 / absmax), |y| capped at 1 (NaN -> 1), by rounding y's float32
+// bits (one vectorised loop).
 template <bool SIGNED>
 static inline __attribute__((always_inline)) void
-fa_int8_store_block(float *__restrict__ values, int64_t n, uint8_t *__restrict__ codes,
-                    float *absmax) {
-    const float *thresholds = SIGNED ? fa_int8.signed_thresholds : fa_int8.unsigned_thresholds;
-    const uint8_t *lut = SIGNED ? fa_int8.signed_lut : fa_int8.unsigned_lut;
-    alignas(64) int32_t index[FA_INT8_BLOCK];
-    alignas(64) uint8_t sign[FA_INT8_BLOCK], magnitude_codes[FA_INT8_BLOCK];
-    float largest = fa_largest_magnitude(values, n);
+fa_int8_store_block(const float *__restrict__ values, int64_t n, uint32_t largest_bits,
+                    uint8_t *__restrict__ codes, float *absmax) {
+    typedef fa_int8_format<SIGNED> F;
+    float largest;
+    memcpy(&largest, &largest_bits, sizeof largest);
     largest = largest < FA_INT8_ABSMAX_LIMIT ? largest : FA_INT8_ABSMAX_LIMIT;
     *absmax = largest;
     const float inverse = largest > 0.0f ? 1.0f / largest : 0.0f;
+    // Integer operations on y's bits only (a float compare in the loop keeps GCC
+    // from vectorising it): non-negative floats order as their bits do.
+    // half the smallest magnitude: 2^-E * 0.5625 = 2^(-E-1) * (1 + 1/8)
+    const uint32_t one = 0x3f800000u, half_smallest = ((F::bits_base - 8u) << F::shift) + (1u << 20);
     for (int64_t j = 0; j < n; ++j) {
         const float y = values[j] * inverse;
-        float magnitude = fa_abs(y);
-        magnitude = magnitude <= 1.0f ? magnitude : 1.0f;
         uint32_t bits;
-        memcpy(&bits, &magnitude, sizeof bits);
-        const int32_t i = (int32_t)(bits >> FA_INT8_LUT_SHIFT) - FA_INT8_LUT_BASE;
-        index[j] = i < 0 ? 0 : i;
-        values[j] = magnitude;
-        if (SIGNED) sign[j] = (uint8_t)((y < 0.0f) << 7);
-    }
-    if (SIGNED) {
-        fa_int8_lookup(values, index, n, lut, thresholds, magnitude_codes);
-        for (int64_t j = 0; j < n; ++j) codes[j] = magnitude_codes[j] | sign[j];
-    } else {
-        fa_int8_lookup(values, index, n, lut, thresholds, codes);
+        memcpy(&bits, &y, sizeof bits);
+        uint32_t magnitude = bits & 0x7fffffffu;
+        magnitude = magnitude < one ? magnitude : one;  // NaN, inf -> 1
+        const int32_t k = (int32_t)((magnitude + (1u << (F::shift - 1))) >> F::shift) - (int32_t)F::bits_base;
+        uint32_t code = k >= 1 ? (uint32_t)k : (uint32_t)(magnitude >= half_smallest);
+        if (SIGNED) code |= (bits >> 31) << 7;
+        codes[j] = (uint8_t)code;
     }
 }
 
@@ -280,26 +242,27 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
         const int64_t block = b0 / FA_INT8_BLOCK;
         const float scale_m = it.absmax[0][block], scale_v = it.absmax[1][block];
         const float scale_vmax = AMSGRAD ? it.absmax[2][block] : 0.0f;
-        for (int64_t j = 0; j < n; ++j) {  // the code values (lookups)
-            bm[j] = fa_int8.signed_map[m[b0 + j]];
-            bv[j] = fa_int8.unsigned_map[v[b0 + j]];
-            if (AMSGRAD) bvmax[j] = fa_int8.unsigned_map[vmax[b0 + j]];
-        }
         float *__restrict__ pb = p + b0;
         const float *__restrict__ gb = g + b0;
-        for (int64_t j = 0; j < n; ++j) {  // the update (vectorised)
+        const uint8_t *__restrict__ mb = m + b0, *__restrict__ vb = v + b0;
+        const uint8_t *__restrict__ vmaxb = AMSGRAD ? vmax + b0 : nullptr;
+        uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
+        for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
             float gi = gb[j] * s.grad_scale;
             gi = MAXIMIZE ? -gi : gi;
             float pi = pb[j];
             if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
             if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
-            const float mi = s.beta1 * (bm[j] * scale_m) + s.one_minus_beta1 * gi;
-            const float vi = s.beta2 * (bv[j] * scale_v) + s.one_minus_beta2 * (gi * gi);
+            const float mi = s.beta1 * (fa_int8_decode<true>(mb[j]) * scale_m) + s.one_minus_beta1 * gi;
+            const float vi = s.beta2 * (fa_int8_decode<false>(vb[j]) * scale_v)
+                             + s.one_minus_beta2 * (gi * gi);
             float vd = vi;
             if (AMSGRAD) {
-                const float old = bvmax[j] * scale_vmax;
+                const float old = fa_int8_decode<false>(vmaxb[j]) * scale_vmax;
                 vd = (old >= vi || old != old) ? old : vi;
                 bvmax[j] = vd;
+                const uint32_t bits = fa_magnitude_bits(vd);
+                largest_vmax = bits > largest_vmax ? bits : largest_vmax;
             }
             const float denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
             float update = s.step_size * (mi / denom);
@@ -308,10 +271,14 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
             pb[j] = pi - update;
             bm[j] = mi;
             bv[j] = vi;
+            const uint32_t bits_m = fa_magnitude_bits(mi), bits_v = fa_magnitude_bits(vi);
+            largest_m = bits_m > largest_m ? bits_m : largest_m;
+            largest_v = bits_v > largest_v ? bits_v : largest_v;
         }
-        fa_int8_store_block<true>(bm, n, m + b0, &it.absmax[0][block]);
-        fa_int8_store_block<false>(bv, n, v + b0, &it.absmax[1][block]);
-        if (AMSGRAD) fa_int8_store_block<false>(bvmax, n, vmax + b0, &it.absmax[2][block]);
+        fa_int8_store_block<true>(bm, n, largest_m, m + b0, &it.absmax[0][block]);
+        fa_int8_store_block<false>(bv, n, largest_v, v + b0, &it.absmax[1][block]);
+        if (AMSGRAD)
+            fa_int8_store_block<false>(bvmax, n, largest_vmax, vmax + b0, &it.absmax[2][block]);
     }
 }
 
@@ -510,7 +477,6 @@ static inline int fa_select_isa(int forced) {
     fa_sumsq_range = isa == FA_ISA_AVX512 ? fa_sumsq_range_avx512
                      : isa == FA_ISA_AVX2 ? fa_sumsq_range_avx2
                                           : fa_sumsq_range_baseline;
-    fa_int8_lookup = isa == FA_ISA_BASELINE ? fa_int8_lookup_baseline : fa_int8_lookup_avx2;
 #endif
     fa_isa_in_use = isa;
     return isa;
