@@ -61,7 +61,8 @@ class _CheckedOnlyPlan:
         self._work = None
         self.last_grad_norm = None
 
-    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm):
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm,
+             grad_scale):
         return UNVERIFIED
 
     def load(self, hypers, remembered, grads, entries, steps):
@@ -129,7 +130,8 @@ class _NumbaPlan:
     def last_grad_norm(self):
         return self._checks.last_grad_norm
 
-    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm):
+    def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm,
+             grad_scale):
         checks = self._checks
         with lock:
             if not checks.verify(groups, grads, state):
@@ -140,8 +142,9 @@ class _NumbaPlan:
                     finite, norm = checks.inspect_gradients(num_threads, clip)
                     if skip_if_nonfinite and not finite:
                         return SKIPPED
-                    if clip:
-                        checks.scale_gradients_by(clip_coefficient(max_grad_norm, norm))
+                scale = grad_scale * (clip_coefficient(max_grad_norm, norm) if clip else 1.0)
+                if scale != 1.0:
+                    checks.scale_gradients_by(scale)
                 with _interrupts.deferred():  # the tensors are updated one call at a time
                     self.run(num_threads)
                     checks.commit_steps()

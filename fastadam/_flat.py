@@ -22,9 +22,11 @@ class FlatParameters:
         dtype: float32 (default) or float64.
         align: each view starts at a multiple of this many bytes (a cache line),
             so threads splitting the buffer do not share lines between views.
+        numel_multiple: the buffers' length is padded (with zeros) to a multiple
+            of this many elements (fastadam.distributed.flat_parameters uses it).
     """
 
-    def __init__(self, shapes, dtype=np.float32, align=64):
+    def __init__(self, shapes, dtype=np.float32, align=64, numel_multiple=1):
         self.dtype = _rules.flat_dtype(dtype)
         step = _rules.flat_align(align, self.dtype.itemsize) // self.dtype.itemsize
         if not isinstance(shapes, dict):
@@ -35,9 +37,11 @@ class FlatParameters:
             size = int(np.prod(shape, dtype=np.int64))
             self.offsets[name] = (offset, shape)
             offset += -(-size // step) * step
-        self.numel = offset
-        self.data = _aligned_zeros(offset, self.dtype, align)
-        self.grad = _aligned_zeros(offset, self.dtype, align)
+        if not isinstance(numel_multiple, int) or numel_multiple < 1:
+            raise ValueError(f"numel_multiple must be a positive int, got {numel_multiple!r}")
+        self.numel = -(-offset // numel_multiple) * numel_multiple
+        self.data = _aligned_zeros(self.numel, self.dtype, align)
+        self.grad = _aligned_zeros(self.numel, self.dtype, align)
         self.params = self._views(self.data)
         self.grads = self._views(self.grad)
 

@@ -80,6 +80,7 @@ class Adam:
         self.skip_if_nonfinite = skip_if_nonfinite
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
+        self._grad_scale = 1.0  # multiplies the gradients as read: fastadam.distributed's 1/N
         self._backend = _backends.load(backend)
         if self.state_dtype not in self._backend.state_dtypes:
             raise ValueError(f"backend {self.backend!r} does not support state_dtype="
@@ -201,7 +202,7 @@ class Adam:
         plan = self._plan
         if plan is not None:  # the fast path; it takes the lock and checks under it
             status = plan.step(self._lock, self.param_groups, grads, self.state, self._threads_arg,
-                               self._skip_if_nonfinite, self._max_grad_norm_arg)
+                               self._skip_if_nonfinite, self._max_grad_norm_arg, self._grad_scale)
             if status == APPLIED:
                 return True
             if status == SKIPPED:
@@ -283,8 +284,10 @@ class Adam:
                     self._plan = plan  # last_grad_norm reads it, applied or skipped
                 if self._skip_if_nonfinite and not finite:
                     return SKIPPED
-                if clip:
-                    plan.scale_gradients_by(_reference.clip_coefficient(self._max_grad_norm, norm))
+            scale = self._grad_scale * (
+                _reference.clip_coefficient(self._max_grad_norm, norm) if clip else 1.0)
+            if scale != 1.0:
+                plan.scale_gradients_by(scale)
             with _interrupts.deferred():
                 self.state.update(new_state)
                 plan.run(self._threads_arg)

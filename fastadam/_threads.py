@@ -1,7 +1,8 @@
 """The thread policy of every backend: how many threads a step uses by default.
 
 The smallest of: the CPUs this process may run on (its affinity mask), the
-cgroup CPU quota (containers, CI runners), and ``omp_get_max_threads()``,
+cgroup CPU quota (containers, CI runners), each divided among the ranks of an
+MPI job on this node, and ``omp_get_max_threads()``,
 which honours ``OMP_NUM_THREADS`` and limits set with threadpoolctl.  An
 explicit ``num_threads`` (validated by ``_rules.num_threads``) overrides it.
 """
@@ -30,8 +31,23 @@ def cgroup_cpu_quota(root="/sys/fs/cgroup"):
         return None
 
 
+# Set by MPI launchers in each rank: how many ranks share this node (Open MPI, MPICH's Hydra).
+MPI_LOCAL_SIZE_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+
+
+def mpi_local_ranks():
+    """Ranks of this MPI job on this node (1 outside mpiexec)."""
+    for name in MPI_LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def cpu_limit():
-    """CPUs available to this process: affinity mask and cgroup quota."""
+    """CPUs available to this process: affinity mask and cgroup quota, shared
+    with the other ranks of an MPI job on this node (the spinning threads of
+    oversubscribed ranks take the cores from each other)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -39,7 +55,7 @@ def cpu_limit():
     quota = cgroup_cpu_quota()
     if quota is not None:
         n = min(n, max(1, math.floor(quota)))
-    return max(1, n)
+    return max(1, n // mpi_local_ranks())
 
 
 def default_num_threads(kernel=None):

@@ -799,9 +799,11 @@ cdef class Plan:
         return True
 
     cpdef int step(self, Lock lock, object groups, object grads, object state, int num_threads,
-                   bint skip_if_nonfinite, double max_grad_norm):
+                   bint skip_if_nonfinite, double max_grad_norm, double grad_scale):
         """The whole fast path in one call, holding the optimizer's ``lock``:
-        APPLIED, SKIPPED or UNVERIFIED.  ``max_grad_norm`` < 0: no clipping."""
+        APPLIED, SKIPPED or UNVERIFIED.  ``max_grad_norm`` < 0: no clipping.
+        ``grad_scale`` multiplies the gradients as they are read (after the
+        norm is taken): ZeroAdam's 1/N averaging."""
         cdef int threads
         cdef bint finite = True
         cdef bint clip = max_grad_norm >= 0.0
@@ -817,8 +819,10 @@ cdef class Plan:
                 if skip_if_nonfinite or clip:
                     finite = prepass(self.items, self.offsets, self.n, threads, clip,
                                      self.partial, &norm)
-                    if clip:
-                        self.scale_gradients(clip_coefficient(max_grad_norm, norm))
+                if clip:
+                    self.scale_gradients(grad_scale * clip_coefficient(max_grad_norm, norm))
+                elif grad_scale != 1.0:
+                    self.scale_gradients(grad_scale)
                 if finite or not skip_if_nonfinite:
                     run_items(self.items, self.offsets, self.n, threads)
             self.record(threads, monotonic_seconds() - started)

@@ -5,6 +5,7 @@ Adam-from-scratch study this project starts from) or an MLP, with
 ``fastadam.Adam`` or the pure-NumPy reference Adam, on the bundled MNIST.
 """
 import argparse
+import builtins
 import json
 import platform
 import sys
@@ -60,6 +61,10 @@ def build_parser():
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="how the optimizer stores m and v (bfloat16: half the memory; "
                         "int8: blockwise 8-bit, about a quarter)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI ranks (launch with mpiexec -n N): each global "
+                        "batch is split across the ranks and the gradients averaged by "
+                        "fastadam.distributed.ZeroAdam (needs mpi4py); rank 0 reports")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", metavar="DIR", help="a directory with the four MNIST-format files "
                    "(default: the bundled data/mnist, else the download cache)")
@@ -72,10 +77,14 @@ def build_parser():
 
 
 def train(model, optimizer, x_train, y_train, x_test, y_test, epochs, batch_size, seed,
-          progress=None, label="", log=print, lr_decay=1.0):
+          progress=None, label="", log=print, lr_decay=1.0, comm=None):
     """Mini-batch training with a per-epoch shuffle; returns one dict per epoch.
 
     ``lr_decay`` multiplies every group's learning rate after each epoch.
+    ``comm`` (an mpi4py communicator; ``optimizer`` a ZeroAdam on it): every rank
+    draws the same shuffle and takes its contiguous part of each global batch,
+    its gradient weighted so that the ranks' average is the global batch's mean
+    gradient; the epoch's loss and accuracy are summed over the ranks.
 
     ``train_loss``/``train_acc`` are averages over the epoch's mini-batches (as
     Keras reports them); ``test_*`` are measured on the whole test set after the
@@ -96,7 +105,16 @@ def train(model, optimizer, x_train, y_train, x_test, y_test, epochs, batch_size
                   disable=None if progress is None else not progress, file=sys.stderr) as bar:
             for i, start in enumerate(bar):
                 idx = order[start:start + batch_size]
-                loss, batch_correct = model.loss_and_backward(x_train[idx], y_train[idx])
+                if comm is not None:
+                    whole = len(idx)
+                    idx = np.array_split(idx, comm.Get_size())[comm.Get_rank()]
+                if len(idx):
+                    loss, batch_correct = model.loss_and_backward(x_train[idx], y_train[idx])
+                else:
+                    loss, batch_correct = 0.0, 0
+                    model.flat.grad[...] = 0
+                if comm is not None and len(idx) * comm.Get_size() != whole:
+                    model.flat.grad *= np.float32(len(idx) * comm.Get_size() / whole)
                 t0 = time.perf_counter()
                 optimizer.step(grad_buffers)
                 optimizer_seconds += time.perf_counter() - t0
@@ -105,6 +123,9 @@ def train(model, optimizer, x_train, y_train, x_test, y_test, epochs, batch_size
                 if i % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4f}")
         seconds = time.perf_counter() - start_time
+        if comm is not None:
+            sums = comm.allreduce(np.array([loss_sum, correct], np.float64))
+            loss_sum, correct = float(sums[0]), int(sums[1])
         test_loss, test_acc = model.evaluate(x_test, y_test)
         record = {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": correct / n,
                   "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
@@ -145,14 +166,49 @@ def plot_runs(runs, path, title=""):
     plt.close(fig)
 
 
-def _make_optimizer(kind, model, args):
+def _make_optimizer(kind, model, args, comm=None):
     backend = "numpy" if kind == "numpy" else args.backend
+    if comm is not None:
+        from ..distributed import ZeroAdam
+        return ZeroAdam([model.flat.data], lr=args.lr, backend=backend, comm=comm,
+                        max_grad_norm=args.max_grad_norm, state_dtype=args.state_dtype)
     return fastadam.Adam([model.flat.data], lr=args.lr, backend=backend,
                          max_grad_norm=args.max_grad_norm, state_dtype=args.state_dtype)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if not args.distributed:
+        return _main(args, None)
+    if args.compare or args.optimizer != "fastadam":
+        print("fastadam-mnist: --distributed trains with fastadam only (no --compare, "
+              "--optimizer numpy)", file=sys.stderr)
+        return 2
+    from .. import _threads
+    from ..distributed import _mpi
+    comm = _mpi().COMM_WORLD
+    try:
+        # The ranks on this node share its cores: NumPy's BLAS gets the same share
+        # as fastadam's kernel (_threads.cpu_limit), or the ranks' spinning BLAS
+        # threads take the cores from each other (3 ranks on 2 cores: 31 s an
+        # MLP epoch with the default, 0.8 s with one thread each).
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(_threads.cpu_limit(), user_api="blas")
+    except ImportError:
+        pass
+    try:
+        return _main(args, comm)
+    except BaseException:
+        if comm.Get_size() > 1:  # one rank's failure must not leave the others waiting
+            import traceback
+            traceback.print_exc()
+            comm.Abort(1)
+        raise
+
+
+def _main(args, comm):
+    root = comm is None or comm.Get_rank() == 0
+    print = builtins.print if root else (lambda *a, **k: None)  # noqa: A001 - rank 0 reports
     try:
         directory = mnist_data.locate(args.data, download=not args.no_download, progress=args.progress)
         x_train, y_train, x_test, y_test = mnist_data.load_dataset(directory)
@@ -166,14 +222,19 @@ def main(argv=None):
     print(f"{model_name} on {directory}: {x_train.shape[0]} train / {x_test.shape[0]} test, "
           f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}"
           + (f" x {args.lr_decay} per epoch" if args.lr_decay != 1 else "") + f", seed {args.seed}")
+    if comm is not None:
+        from ..distributed import shard_multiple
+        print(f"data-parallel on {comm.Get_size()} MPI ranks: global batch {args.batch_size}, "
+              "optimizer state sharded (ZeroAdam)")
     for kind in kinds:
-        model = MLP(sizes, np.random.default_rng(args.seed))
-        optimizer = _make_optimizer(kind, model, args)
+        model = MLP(sizes, np.random.default_rng(args.seed),
+                    numel_multiple=1 if comm is None else shard_multiple(comm))
+        optimizer = _make_optimizer(kind, model, args, comm)
         label = f"{kind} ({optimizer.backend}) " if len(kinds) > 1 else ""
         backends[kind] = optimizer.backend
         runs[kind] = train(model, optimizer, x_train, y_train, x_test, y_test, args.epochs,
-                           args.batch_size, args.seed, progress=args.progress, label=label,
-                           lr_decay=args.lr_decay)
+                           args.batch_size, args.seed, progress=args.progress and root,
+                           label=label, log=print, lr_decay=args.lr_decay, comm=comm)
     if args.compare:
         a, b = runs["fastadam"], runs["numpy"]
         worst = max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b)
@@ -186,10 +247,13 @@ def main(argv=None):
               "max_grad_norm": args.max_grad_norm, "state_dtype": args.state_dtype,
               "optimizer": args.optimizer,
               "backend": backends.get("fastadam", backends.get(args.optimizer)), "seed": args.seed,
+              "mpi_ranks": 1 if comm is None else comm.Get_size(),
               "data": str(directory), "n_parameters": int(sum(
                   a * b + b for a, b in zip(sizes, sizes[1:]))),
               "fastadam": fastadam.__version__, "numpy": np.__version__,
               "python": platform.python_version(), "machine": platform.machine()}
+    if not root:
+        return 0
     if args.json:
         primary = kinds[0]
         out = {"config": dict(config, optimizer=primary), "epochs": runs[primary]}

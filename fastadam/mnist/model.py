@@ -11,9 +11,10 @@ from .._flat import FlatParameters
 
 
 class MLP:
-    """``sizes`` = [inputs, hidden..., classes]; float32; He-initialised weights, zero biases."""
+    """``sizes`` = [inputs, hidden..., classes]; float32; He-initialised weights, zero biases.
+    ``numel_multiple`` pads the flat buffers (see FlatParameters)."""
 
-    def __init__(self, sizes, rng, dtype=np.float32):
+    def __init__(self, sizes, rng, dtype=np.float32, numel_multiple=1):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes must be at least [inputs, classes] of positive ints, got {sizes}")
         self.sizes = [int(s) for s in sizes]
@@ -21,7 +22,7 @@ class MLP:
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes, self.sizes[1:])):
             shapes[f"W{i}"] = (fan_in, fan_out)
             shapes[f"b{i}"] = (fan_out,)
-        self.flat = FlatParameters(shapes, dtype=dtype)
+        self.flat = FlatParameters(shapes, dtype=dtype, numel_multiple=numel_multiple)
         self.params, self.grads = self.flat.params, self.flat.grads
         for i, fan_in in enumerate(self.sizes[:-1]):
             w = self.params[f"W{i}"]
