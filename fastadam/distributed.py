@@ -300,47 +300,37 @@ class ZeroAdam:
         self._whole.state.clear()
         self._whole._plan = None
 
+    def _with_whole(self, load, result=lambda whole: None):
+        """On rank 0 (see _on_root): ``load`` the whole model's optimizer, return
+        ``result`` of it, and drop the state it loaded."""
+
+        def run():
+            try:
+                load(self._whole)
+                return result(self._whole)
+            finally:
+                self._drop_whole_state()
+
+        return self._on_root(run)
+
     def save(self, path):
         """Collective: rank 0 writes the whole state to ``path`` in :meth:`fastadam.Adam.save`'s
         format, atomically; single-process ``Adam.load`` reads it."""
         sd = self.state_dict()
-
-        def write():
-            try:
-                self._whole.load_state_dict(sd)
-                self._whole.save(path)
-            finally:
-                self._drop_whole_state()
-
-        self._on_root(write)
+        self._with_whole(lambda whole: whole.load_state_dict(sd),
+                         lambda whole: whole.save(path))
 
     def load(self, path):
         """Collective: read a file written by ``save`` (at any world size) or by
         ``Adam.save``; rank 0 reads and checks it, and each rank receives its
         shard.  On any error every rank raises it and nothing changes."""
-
-        def read():
-            try:
-                self._whole.load(path)
-                return self._whole.state_dict()
-            finally:
-                self._drop_whole_state()
-
-        sd = self._on_root(read)
-        self._apply(sd)
+        self._apply(self._with_whole(lambda whole: whole.load(path), Adam.state_dict))
 
     def load_state_dict(self, state_dict):
         """Collective: rank 0's ``state_dict`` (the others pass anything, e.g.
         None) is checked on rank 0 and sharded; on error every rank raises."""
-
-        def check():
-            try:
-                self._whole.load_state_dict(state_dict)
-                return self._whole.state_dict()
-            finally:
-                self._drop_whole_state()
-
-        self._apply(self._on_root(check))
+        self._apply(self._with_whole(lambda whole: whole.load_state_dict(state_dict),
+                                     Adam.state_dict))
 
     def _apply(self, sd):
         """Shard rank 0's checked ``sd`` (None elsewhere) to every rank's optimizer."""
