@@ -15,6 +15,8 @@ float32 or float64 parameters and gradients.  Anything else is refused with an
 error that names the parameter and says what to do.  This module is the only
 one that imports torch.
 """
+import threading
+
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
@@ -76,57 +78,111 @@ class Adam(torch.optim.Optimizer):
                         differentiable=False, fused=None,
                         decoupled_weight_decay=self._decoupled)
         self._num_threads = num_threads
-        self._inner = None
-        self._key = ()
+        self._lock = threading.Lock()  # a step, add_param_group and load_state_dict are whole
+        self._planned = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        i = len(self.param_groups) - 1
-        for j, p in enumerate(self.param_groups[i]["params"]):
-            _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
-        _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
-        self._inner = None
+        with self._lock:
+            super().add_param_group(param_group)
+            i = len(self.param_groups) - 1
+            for j, p in enumerate(self.param_groups[i]["params"]):
+                _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
+            _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
+            self._planned = None
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._inner = None
+        with self._lock:
+            super().load_state_dict(state_dict)
+            self._planned = None
 
     # -- the step -------------------------------------------------------------
+    #
+    # As in fastadam.Adam, a step has two paths with one meaning.  The planned path
+    # verifies, per parameter in group order, that what the inner optimizer's plan
+    # holds is still what this optimizer has: the parameter object and its memory,
+    # its state dict, state tensors and their memory, whether it has a gradient.
+    # The gradients are read as NumPy views (the inner plan then checks their dtype,
+    # shape and contiguity exactly).  Anything else, or a gradient NumPy cannot view,
+    # goes to the checked path: every rule with torch's names, then a new plan.
 
-    def _gradients(self):
-        """This step's parameters (those with a gradient), their gradients as NumPy
-        views, and a key that changes when the kernel's buffers would."""
-        params, grads, key = [], [], []
+    def _planned_gradients(self):
+        """This step's gradients as NumPy views if the plan holds, else None."""
+        planned, state = self._planned, self.state
+        if planned is None or state is not self._planned_state:
+            return None
+        for inner_group, group in self._hyper_pairs:  # schedulers change them
+            lr, betas, amsgrad = group["lr"], group["betas"], group["amsgrad"]
+            if amsgrad is not inner_group["amsgrad"]:
+                return None  # its running max is created (or dropped) by a rebuild
+            if type(lr) is float and type(betas) is tuple:
+                inner_group["lr"], inner_group["betas"] = lr, betas
+                inner_group["eps"], inner_group["weight_decay"] = group["eps"], group["weight_decay"]
+                inner_group["maximize"] = group["maximize"]
+            else:
+                inner_group.update(_hyperparameters(group))
+        grads = []
+        append = grads.append
+        k = 0
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    q, address, st, step, m, m_at, v, v_at, vmax, vmax_at = planned[k]
+                    k += 1
+                    if q is not p:
+                        return None
+                    g = p.grad
+                    if g is None:
+                        if address is not None:
+                            return None
+                        continue
+                    if address is None or p.data_ptr() != address:
+                        return None
+                    if (state.get(p) is not st or st.get("step") is not step
+                            or st.get("exp_avg") is not m or m.data_ptr() != m_at
+                            or st.get("exp_avg_sq") is not v or v.data_ptr() != v_at
+                            or (vmax is not None and (st.get("max_exp_avg_sq") is not vmax
+                                                      or vmax.data_ptr() != vmax_at))):
+                        return None
+                    append(g.numpy())  # raises for what NumPy cannot view
+        except (IndexError, TypeError, RuntimeError):
+            return None
+        return grads if k == len(planned) else None
+
+    def _checked_gradients(self):
+        """Every rule of a step with torch's names: this step's parameters (those with
+        a gradient) and their gradients as NumPy views; raises and changes nothing."""
+        params, grads = [], []
         for i, group in enumerate(self.param_groups):
+            _rules.hyperparameters(_hyperparameters(group), f" (param_groups[{i}])")
             for j, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                if g.layout is not torch.strided or g.dtype != p.dtype or not g.is_contiguous():
-                    where = f"the gradient of param_groups[{i}]['params'][{j}]"
-                    _refuse_unfit(g, where)
-                    raise RuntimeError(f"{where} has dtype {g.dtype}; its parameter has {p.dtype}")
-                st = self.state.get(p, {})
-                key.append((i, p, p.data_ptr(), st.get("exp_avg"), st.get("max_exp_avg_sq"),
-                            group["amsgrad"]))
+                where = f"param_groups[{i}]['params'][{j}]"
+                _refuse_unfit(p, where)
+                _refuse_unfit(g, f"the gradient of {where}")
+                if g.dtype != p.dtype:
+                    raise RuntimeError(f"the gradient of {where} has dtype {g.dtype}; "
+                                       f"its parameter has {p.dtype}")
+                for key in _BUFFERS:
+                    if key in self.state.get(p, {}):
+                        _refuse_unfit(self.state[p][key], f"state[p][{key!r}] of {where}")
                 params.append(p)
                 grads.append(g.numpy())
-        return params, grads, key
+        return params, grads
 
     def _build(self, params):
-        """A fastadam optimizer over views of ``params``, grouped as here, whose
-        state is views of this optimizer's state tensors (created as torch does)."""
+        """A fastadam optimizer over views of ``params`` (checked), grouped as here,
+        whose state is views of this optimizer's state tensors (created as torch
+        does), and the plan _planned_gradients verifies."""
         index = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
-        self._order = params  # in group order, as _gradients lists them
-        self._group_of = sorted({index[id(p)] for p in params})
-        groups = [dict(params=[_view(p) for p in self._order if index[id(p)] == i],
-                       **_hyperparameters(self.param_groups[i])) for i in self._group_of]
-        for k, p in enumerate(self._order):
-            _refuse_unfit(p, f"the parameter {k} of this step")
+        group_of = sorted({index[id(p)] for p in params})
+        groups = [dict(params=[_view(p) for p in params if index[id(p)] == i],
+                       **_hyperparameters(self.param_groups[i])) for i in group_of]
         inner = (_optimizer.AdamW if self._decoupled else _optimizer.Adam)(
             groups, num_threads=self._num_threads)
-        for k, p in enumerate(self._order):
+        for k, p in enumerate(params):
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.tensor(0.0, dtype=torch.float32)  # torch's scalar step
@@ -134,48 +190,53 @@ class Adam(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if self.param_groups[index[id(p)]]["amsgrad"] and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            for key in _BUFFERS:
-                if key in st:
-                    _refuse_unfit(st[key], f"state[p][{key!r}] of the parameter {k} of this step")
             entry = {key: _view(st[key]) for key in _BUFFERS if key in st}
             entry["step"] = int(st["step"].item())
             inner.state[k] = entry
+        # Per parameter in group order: itself, its memory, its state dict, and its
+        # step, exp_avg, exp_avg_sq and max_exp_avg_sq tensors with the memory of
+        # each the kernel writes (None for a parameter without a gradient).
+        with_grad = {id(p) for p in params}
+        self._planned = [_planned_entry(p, self.state[p]) if id(p) in with_grad
+                         else (p,) + (None,) * 9 for group in self.param_groups for p in group["params"]]
+        self._planned_state = self.state
         self._inner = inner
+        self._hyper_pairs = [(inner_group, self.param_groups[i])
+                             for inner_group, i in zip(inner.param_groups, group_of)]
         # float32 views of the step tensors: a step sets them without a torch call.
-        self._step_views = [self.state[p]["step"].detach().view(1).numpy() for p in self._order]
+        self._step_views = [(entry, self.state[p]["step"].detach().view(1).numpy())
+                            for entry, p in zip(inner.state.values(), params)]
 
     def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, key = self._gradients()
-        if not grads:
-            return loss
-        if self._inner is None or not _same_buffers(key, self._key):
-            with torch.no_grad():
-                self._build(params)
-            self._key = self._gradients()[2]
-        inner = self._inner
-        for inner_group, i in zip(inner.param_groups, self._group_of):
-            group = self.param_groups[i]  # schedulers change them
-            for name in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
-                inner_group[name] = group[name]
-            if isinstance(group["lr"], torch.Tensor) or not isinstance(group["betas"], tuple):
-                inner_group.update(_hyperparameters(group))
-        inner.step(grads)
-        for k, view in enumerate(self._step_views):
-            view[0] = inner.state[k]["step"]
+        with self._lock:
+            grads = self._planned_gradients()
+            if grads is None:
+                params, grads = self._checked_gradients()
+                if not grads:
+                    return loss
+                with torch.no_grad():
+                    self._build(params)
+            try:
+                self._inner.step(grads)  # raises having changed nothing
+            except Exception:
+                self._checked_gradients()  # the error in torch's names, if it has one
+                raise
+            for entry, view in self._step_views:
+                view[0] = entry["step"]
         return loss
 
 
-def _hooks_or_profiler(opt):
-    """Whether a step must go through torch's step wrapper: an optimizer step hook is
-    registered, or the autograd profiler records (torch's wrapper costs ~10 us a step)."""
-    return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-                or getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
-                or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
-                or getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
+# torch's registries of global step hooks (module-level dicts that registration fills);
+# where a torch version lacks one, a non-empty stand-in sends every step through torch's wrapper.
+_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {None: None})
+_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {None: None})
+_PROFILER = torch.autograd.profiler
+if not hasattr(_PROFILER, "_is_profiler_enabled"):  # not this torch's flag: always the wrapper
+    _GLOBAL_PRE_HOOKS = {None: None}
 
 
 def _step(self, closure=None):
@@ -183,7 +244,11 @@ def _step(self, closure=None):
 
     Optimizer step hooks and the autograd profiler's record apply as for any
     torch optimizer (through torch's own wrapper, taken only when one is active)."""
-    if _hooks_or_profiler(self):
+    # Whether an optimizer step hook is registered or the autograd profiler records
+    # (torch's wrapper costs about 10 us a step).
+    if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+            or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
+            or _PROFILER._is_profiler_enabled):
         return _hooked_step(self, closure)
     return self._step(closure)
 
@@ -193,12 +258,11 @@ _step.hooked = True  # torch's Optimizer must not wrap it again
 Adam.step = _step
 
 
-def _same_buffers(key, planned):
-    """Whether a step's key (see Adam._gradients) is the planned one: the same groups,
-    parameter objects at the same memory, state tensors and amsgrad flags."""
-    return len(key) == len(planned) and all(
-        a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] is b[4]
-        and a[5] == b[5] for a, b in zip(key, planned))
+def _planned_entry(p, st):
+    """What _planned_gradients verifies of a parameter with a gradient (see _build)."""
+    m = st.get("max_exp_avg_sq")
+    return (p, p.data_ptr(), st, st["step"], st["exp_avg"], st["exp_avg"].data_ptr(),
+            st["exp_avg_sq"], st["exp_avg_sq"].data_ptr(), m, None if m is None else m.data_ptr())
 
 
 def _hyperparameters(group):

@@ -137,3 +137,116 @@ def test_the_docs_example_trains_mnist():
                          text=True).stdout
     accuracy = float(out.split("test accuracy ")[1].split("%")[0])
     assert accuracy > 94.0, out
+
+
+# -- the planned step follows whatever changed between steps, as torch's own step does --
+
+def _replace_param_memory(p, opt):
+    p.data = p.data.clone()
+
+
+def _replace_exp_avg(p, opt):
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].clone() * 0.5
+
+
+def _swap_exp_avg_sq_memory(p, opt):
+    opt.state[p]["exp_avg_sq"].data = opt.state[p]["exp_avg_sq"].data.clone() * 2.0
+
+
+def _restart_step(p, opt):
+    opt.state[p]["step"] = torch.tensor(1.0)
+
+
+def _reset_state_of_p(p, opt):
+    opt.state[p] = {}
+
+
+def _reset_all_state(p, opt):
+    import collections
+    opt.state = collections.defaultdict(dict)
+
+
+def _drop_gradient(p, opt):
+    p.grad = None
+
+
+@pytest.mark.parametrize("change", [_replace_param_memory, _replace_exp_avg, _swap_exp_avg_sq_memory,
+                                    _restart_step, _reset_state_of_p, _reset_all_state, _drop_gradient])
+def test_a_change_between_steps_is_followed_as_torch_follows_it(change, rng):
+    """torch.optim.Adam reads its state and parameters afresh every step; after any of
+    these changes fastadam.torch must step what torch steps (oracle: torch itself)."""
+    p0 = rng.standard_normal((3, 300)).astype(np.float32)
+    grads = rng.standard_normal((8, 3, 300)).astype(np.float32)
+    runs = []
+    for cls in (torch.optim.Adam, ft.Adam):
+        params = [torch.nn.Parameter(torch.from_numpy(row.copy())) for row in p0]
+        opt = cls(params, lr=0.01, **({"foreach": False} if cls is torch.optim.Adam else {}))
+        for k, g in enumerate(grads):
+            for p, row in zip(params, g):
+                p.grad = torch.from_numpy(row.copy())
+            if k == 4:
+                change(params[1], opt)
+            opt.step()
+        runs.append((torch.stack([p.detach() for p in params]).numpy(),
+                     [opt.state[p]["step"].item() if "step" in opt.state[p] else None for p in params]))
+    (expected, expected_steps), (got, got_steps) = runs
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got_steps == expected_steps
+
+
+def test_switching_amsgrad_on_creates_its_running_max_as_a_state_tensor(rng):
+    p0, grads = rng.standard_normal(500).astype(np.float32), rng.standard_normal((6, 500)).astype(np.float32)
+    param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = ft.Adam([param], lr=0.01)
+    ref = p0.copy()
+    ref_opt = fastadam.Adam([ref], lr=0.01, backend="numpy")
+    for k, g in enumerate(grads):
+        if k == 3:
+            opt.param_groups[0]["amsgrad"] = ref_opt.param_groups[0]["amsgrad"] = True
+        param.grad = torch.from_numpy(g.copy())
+        opt.step()
+        ref_opt.step([g])
+    np.testing.assert_array_equal(param.detach().numpy(), ref)
+    np.testing.assert_array_equal(opt.state[param]["max_exp_avg_sq"].numpy(),
+                                  ref_opt.state[0]["max_exp_avg_sq"])
+
+
+def test_a_gradient_of_another_dtype_met_on_the_planned_path_is_refused_and_nothing_changes():
+    param = torch.nn.Parameter(torch.ones(10))
+    opt = ft.Adam([param], lr=0.1)
+    param.grad = torch.ones(10)
+    opt.step()
+    before = (param.detach().clone(), {k: v.clone() for k, v in opt.state[param].items()})
+    param.grad.data = torch.ones(10, dtype=torch.float64)  # past torch's own setter check
+    with pytest.raises(RuntimeError, match=r"gradient of param_groups\[0\]\['params'\]\[0\] has dtype torch.float64"):
+        opt.step()
+    assert torch.equal(param.detach(), before[0])
+    assert all(torch.equal(opt.state[param][k], v) for k, v in before[1].items())
+
+
+def test_steps_from_two_threads_are_each_whole(rng):
+    """Two threads step one new optimizer (both may build its plan at once): every
+    step is counted once and the result equals 2 x 200 steps taken one after
+    another (the gradients are the same every step)."""
+    import threading
+    p0 = rng.standard_normal((4, 1000)).astype(np.float32)
+    params = [torch.nn.Parameter(torch.from_numpy(row.copy())) for row in p0]
+    for p in params:
+        p.grad = torch.ones(1000) * 1e-2
+    opt = ft.Adam(params, lr=1e-3)
+
+    def work():
+        for _ in range(200):
+            opt.step()
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    serial = [torch.nn.Parameter(torch.from_numpy(row.copy())) for row in p0]
+    for p in serial:
+        p.grad = torch.ones(1000) * 1e-2
+    serial_opt = ft.Adam(serial, lr=1e-3)
+    for _ in range(400):
+        serial_opt.step()
+    assert [opt.state[p]["step"].item() for p in params] == [400.0] * 4
+    for p, q in zip(params, serial):
+        assert torch.equal(p.detach(), q.detach())
