@@ -6,7 +6,8 @@ work as pytest-benchmark documents).  Each size and thread count is one group
 elementwise and does not depend on the values, so every repetition costs the
 same; pedantic mode with a warm-up round and explicit rounds.
 
-Unavailable peers (torch, deepspeed, numba) are skipped with the reason.
+Unavailable peers (torch, fastadam.torch, deepspeed, bitsandbytes, numba) are skipped with
+the reason.
 ``python -m fastadam.bench`` runs the same implementations interleaved in one
 process and prints the speed-up table (README, "Speed").
 """
@@ -39,51 +40,15 @@ def test_step(benchmark, impl, n, threads):
     benchmark.extra_info["gb_per_s"] = bench.BYTES_PER_PARAM * n / benchmark.stats.stats.median / 1e9
 
 
-def model_like_shapes(rng, layers=50):
-    """200 tensors, 6.6M parameters: blocks of (128, 512) and (512, 128) weights with biases."""
-    shapes = []
-    for _ in range(layers):
-        shapes += [(128, 512), (512,), (512, 128), (128,)]
-    return shapes
-
-
-def _multi(kind, threads):
-    rng = np.random.default_rng(0)
-    shapes = model_like_shapes(rng)
-    if kind.startswith("torch"):
-        torch = pytest.importorskip("torch")
-        params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s, dtype=np.float32))) for s in shapes]
-        for p in params:
-            p.grad = torch.from_numpy(rng.standard_normal(p.shape, dtype=np.float32))
-        opt = torch.optim.Adam(params, **({"fused": True} if kind == "torch-fused" else {"foreach": True}))
-
-        def step():
-            torch.set_num_threads(threads)
-            opt.step()
-        return step
-    if kind == "fastadam-flat":
-        flat = fastadam.FlatParameters({str(i): s for i, s in enumerate(shapes)})
-        flat.data[...] = rng.standard_normal(flat.data.shape)
-        flat.grad[...] = rng.standard_normal(flat.grad.shape)
-        opt = fastadam.Adam([flat.data], num_threads=threads)
-        grads = [flat.grad]
-    else:
-        params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        opt = (TextbookAdam(params) if kind == "numpy-textbook-list"
-               else fastadam.Adam(params, num_threads=threads))
-    opt.step(grads)
-
-    def step():
-        opt.step(grads)
-    return step
-
-
-@pytest.mark.parametrize("kind", ["fastadam-list", "fastadam-flat", "numpy-textbook-list",
-                                  "torch-foreach", "torch-fused"])
+@pytest.mark.parametrize("kind", list(bench.MODEL_SHAPED))
 def test_model_shaped_step(benchmark, kind, threads):
-    """A step over 200 tensors of a model's shapes (6.6M parameters)."""
-    step = _multi(kind, threads)
+    """A step over 200 tensors of a model's shapes (6.6M parameters): fastadam over a
+    list and over one flat buffer, fastadam.torch, torch's foreach and fused Adam,
+    DeepSpeedCPUAdam, the textbook NumPy update (fastadam.bench.MODEL_SHAPED)."""
+    try:
+        step = bench.MODEL_SHAPED[kind](bench.MODEL_SHAPED_PARAMS, threads)
+    except bench.Unavailable as e:
+        pytest.skip(f"{kind}: {e}")
     benchmark.group = f"model-shaped: 200 tensors, 6.6M params, {threads} thread(s)"
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
 

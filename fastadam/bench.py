@@ -122,39 +122,43 @@ def _torch_stepper(torch, opt, threads):
     return step
 
 
-def _torch(mode):
-    def make(n, threads):
-        try:
-            import torch
-        except ImportError:
-            raise Unavailable("torch is not installed (pip install torch)")
-        p, g = _buffers(n)
-        param = torch.nn.Parameter(torch.from_numpy(p))
+def _torch_params(torch, arrays, grads):
+    """torch Parameters sharing the arrays' memory, with the gradients set."""
+    params = [torch.nn.Parameter(torch.from_numpy(a)) for a in arrays]
+    for param, g in zip(params, grads):
         param.grad = torch.from_numpy(g)
-        return _torch_stepper(torch, torch.optim.Adam([param], lr=1e-3, **{mode: True}), threads)
-    return make
+    return params
 
 
-def _deepspeed(n, threads):
+def _torch_optimizer(kind, threads, arrays, grads):
+    """A step of the torch-side optimizer ``kind`` over torch views of the arrays."""
     try:
         import torch
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except Exception as e:  # ImportError, or its build failing
-        raise Unavailable(f"deepspeed is not usable ({type(e).__name__}: {e}); pip install deepspeed")
-    p, g = _buffers(n)
-    param = torch.nn.Parameter(torch.from_numpy(p))
-    param.grad = torch.from_numpy(g)
-    try:
-        opt = DeepSpeedCPUAdam([param], lr=1e-3, adamw_mode=False)
-        torch.set_num_threads(threads)
+    except ImportError:
+        raise Unavailable("torch is not installed (pip install torch)")
+    params = _torch_params(torch, arrays, grads)
+    if kind == "fastadam-torch":  # its threads are fastadam's (num_threads), not torch's
+        from . import torch as fastadam_torch
+        opt = fastadam_torch.Adam(params, lr=1e-3, num_threads=threads)
         opt.step()
-    except Exception as e:
-        raise Unavailable(f"DeepSpeedCPUAdam failed: {type(e).__name__}: {e}")
+        return opt.step
+    if kind == "deepspeed-cpu-adam":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            opt = DeepSpeedCPUAdam(params, lr=1e-3, adamw_mode=False)
+            return _torch_stepper(torch, opt, threads)
+        except Exception as e:  # ImportError, or its build failing
+            raise Unavailable(f"deepspeed is not usable ({type(e).__name__}: {e}); "
+                              "pip install deepspeed")
+    mode = kind.split("-", 1)[1]  # torch-foreach, torch-fused
+    return _torch_stepper(torch, torch.optim.Adam(params, lr=1e-3, **{mode: True}), threads)
 
-    def step():
-        torch.set_num_threads(threads)
-        opt.step()
-    return step
+
+def _torch_side(kind):
+    def make(n, threads):
+        p, g = _buffers(n)
+        return _torch_optimizer(kind, threads, [p], [g])
+    return make
 
 
 def _bitsandbytes_adam8bit(n, threads):
@@ -182,12 +186,50 @@ IMPLEMENTATIONS = {
     "fastadam-int8": _fastadam("cython", state_dtype="int8"),
     "bitsandbytes-adam8bit": _bitsandbytes_adam8bit,
     "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
-    "torch-foreach": _torch("foreach"),
-    "torch-fused": _torch("fused"),
-    "deepspeed-cpu-adam": _deepspeed,
+    "fastadam-torch": _torch_side("fastadam-torch"),
+    "torch-foreach": _torch_side("torch-foreach"),
+    "torch-fused": _torch_side("torch-fused"),
+    "deepspeed-cpu-adam": _torch_side("deepspeed-cpu-adam"),
     "roofline": _roofline,
 }
 PEERS = ("torch-foreach", "torch-fused", "deepspeed-cpu-adam")
+
+
+# -- the model-shaped step: many tensors of mixed sizes ---------------------------------
+
+def model_like_shapes(layers=50):
+    """200 tensors, 6.6M parameters: blocks of (128, 512) and (512, 128) weights with biases."""
+    shapes = []
+    for _ in range(layers):
+        shapes += [(128, 512), (512,), (512, 128), (128,)]
+    return shapes
+
+
+def _model_shaped(kind):
+    def make(n, threads):
+        rng = np.random.default_rng(0)
+        shapes = model_like_shapes()
+        if kind == "fastadam-flat":
+            flat = fastadam.FlatParameters({str(i): s for i, s in enumerate(shapes)})
+            flat.data[...] = rng.standard_normal(flat.data.shape)
+            flat.grad[...] = rng.standard_normal(flat.grad.shape)
+            opt, grads = fastadam.Adam([flat.data], num_threads=threads), [flat.grad]
+        else:
+            params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+            grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+            if kind not in ("fastadam-list", "numpy-textbook-list"):
+                return _torch_optimizer(kind, threads, params, grads)
+            opt = (TextbookAdam(params) if kind == "numpy-textbook-list"
+                   else fastadam.Adam(params, num_threads=threads))
+        opt.step(grads)
+        return lambda: opt.step(grads)
+    return make
+
+
+MODEL_SHAPED_PARAMS = sum(math.prod(s) for s in model_like_shapes())
+MODEL_SHAPED = {kind: _model_shaped(kind) for kind in (
+    "numpy-textbook-list", "fastadam-list", "fastadam-flat", "fastadam-torch", "torch-foreach",
+    "torch-fused", "deepspeed-cpu-adam")}
 
 
 # -- timing ----------------------------------------------------------------------------
@@ -201,7 +243,8 @@ def _calibrate(step, target_seconds):
     return max(1, int(target_seconds / one))
 
 
-def measure(sizes, impls, threads_list, rounds, target_seconds=0.05, log=print):
+def measure(sizes, impls, threads_list, rounds, target_seconds=0.05, log=print,
+            makers=IMPLEMENTATIONS):
     """[{size, impl, threads, median_s, ...}]; implementations interleaved per round."""
     results = []
     for n in sizes:
@@ -209,7 +252,7 @@ def measure(sizes, impls, threads_list, rounds, target_seconds=0.05, log=print):
             steps, skipped = {}, {}
             for name in impls:
                 try:
-                    steps[name] = IMPLEMENTATIONS[name](n, threads)
+                    steps[name] = makers[name](n, threads)
                 except Unavailable as e:
                     skipped[name] = str(e)
             counts = {name: _calibrate(step, target_seconds) for name, step in steps.items()}
@@ -261,15 +304,15 @@ def machine():
     return info
 
 
-def table(results, log=print):
+def table(results, log=print, title="{label} float32 parameters ({n})", baseline="numpy-textbook"):
     """Per size and thread count: the comparison table."""
     by_key = {}
     for r in results:
         by_key.setdefault((r["size"], r["threads"]), {})[r["impl"]] = r
     for (n, threads), rows in by_key.items():
-        log(f"\n{LABELS.get(n, n)} float32 parameters ({n}), {threads} thread(s)")
+        log("\n" + title.format(label=LABELS.get(n, n), n=n) + f", {threads} thread(s)")
         roof = rows.get("roofline", {}).get("median_s")
-        ref = rows.get("numpy-textbook", {}).get("median_s")
+        ref = rows.get(baseline, {}).get("median_s")
         peers = [p for p in PEERS if rows.get(p, {}).get("median_s")]
         header = (f"  {'implementation':20s} {'us/step':>10s} {'ns/param':>9s} {'GB/s':>7s} "
                   f"{'%roof':>6s} {'x numpy':>8s}" + "".join(f" {'x ' + p:>20s}" for p in peers))
@@ -367,6 +410,8 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
     p.add_argument("--threads", default="1,all", help="comma-separated thread counts ('all' = every usable CPU)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--model-rounds", type=int, default=7,
+                   help="rounds of the model-shaped step's table (0: leave it out)")
     p.add_argument("--context-rounds", type=int, default=200,
                    help="steps per cell of the step-in-context table (0: leave it out)")
     p.add_argument("--json", default="bench.json")
@@ -383,10 +428,17 @@ def main(argv=None):
     print(f"machine: {info}", flush=True)
     results = measure(sizes, impls, threads_list, args.rounds, log=lambda s: print(s, file=sys.stderr))
     table(results)
+    model_shaped = []
+    if args.model_rounds > 0:
+        model_shaped = measure([MODEL_SHAPED_PARAMS], list(MODEL_SHAPED), threads_list,
+                               args.model_rounds, log=lambda s: print(s, file=sys.stderr),
+                               makers=MODEL_SHAPED)
+        table(model_shaped, title="model-shaped step: 200 tensors, {n} float32 parameters",
+              baseline="numpy-textbook-list")
     context = step_in_context(args.context_rounds) if args.context_rounds > 0 else []
     with open(args.json, "w") as f:
         json.dump({"machine": info, "command": " ".join(sys.argv), "results": results,
-                   "step_in_context": context}, f, indent=1)
+                   "model_shaped": model_shaped, "step_in_context": context}, f, indent=1)
     plot(results, args.plot)
     print(f"\nwrote {args.json} and {args.plot}")
     return 0

@@ -15,6 +15,7 @@ float32 or float64 parameters and gradients.  Anything else is refused with an
 error that names the parameter and says what to do.  This module is the only
 one that imports torch.
 """
+import collections
 import threading
 
 import torch
@@ -44,6 +45,41 @@ def _refuse_unfit(t, what):
     if not t.is_contiguous():
         raise RuntimeError(f"{what} is not contiguous; the update is in place (make the "
                            "parameter contiguous once, before creating the optimizer)")
+
+
+class _TrackedState(collections.defaultdict):
+    """torch's optimizer state (a ``defaultdict(dict)`` keyed by parameter) that counts
+    the changes of which dict a parameter has, so that a step need not look each up."""
+
+    changes = 0
+
+    def _changed(self):
+        self.changes += 1
+
+    def __setitem__(self, key, value):
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._changed()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._changed()
+        return super().__ior__(other)
+
+    def _counted(name):
+        method = getattr(collections.defaultdict, name)
+
+        def counted(self, *args, **kwargs):
+            self._changed()
+            return method(self, *args, **kwargs)
+        counted.__name__ = name
+        return counted
+
+    clear, pop, popitem, setdefault, update = map(
+        _counted, ("clear", "pop", "popitem", "setdefault", "update"))
+    del _counted
 
 
 def _view(t):
@@ -109,7 +145,8 @@ class Adam(torch.optim.Optimizer):
     def _planned_gradients(self):
         """This step's gradients as NumPy views if the plan holds, else None."""
         planned, state = self._planned, self.state
-        if planned is None or state is not self._planned_state:
+        if (planned is None or state is not self._planned_state
+                or state.changes != self._planned_changes):
             return None
         for inner_group, group in self._hyper_pairs:  # schedulers change them
             lr, betas, amsgrad = group["lr"], group["betas"], group["amsgrad"]
@@ -138,7 +175,7 @@ class Adam(torch.optim.Optimizer):
                         continue
                     if address is None or p.data_ptr() != address:
                         return None
-                    if (state.get(p) is not st or st.get("step") is not step
+                    if (st.get("step") is not step
                             or st.get("exp_avg") is not m or m.data_ptr() != m_at
                             or st.get("exp_avg_sq") is not v or v.data_ptr() != v_at
                             or (vmax is not None and (st.get("max_exp_avg_sq") is not vmax
@@ -176,6 +213,8 @@ class Adam(torch.optim.Optimizer):
         """A fastadam optimizer over views of ``params`` (checked), grouped as here,
         whose state is views of this optimizer's state tensors (created as torch
         does), and the plan _planned_gradients verifies."""
+        if type(self.state) is not _TrackedState:  # new, loaded, or set by the caller
+            self.state = _TrackedState(dict, self.state)
         index = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         group_of = sorted({index[id(p)] for p in params})
         groups = [dict(params=[_view(p) for p in params if index[id(p)] == i],
@@ -199,7 +238,7 @@ class Adam(torch.optim.Optimizer):
         with_grad = {id(p) for p in params}
         self._planned = [_planned_entry(p, self.state[p]) if id(p) in with_grad
                          else (p,) + (None,) * 9 for group in self.param_groups for p in group["params"]]
-        self._planned_state = self.state
+        self._planned_state, self._planned_changes = self.state, self.state.changes
         self._inner = inner
         self._hyper_pairs = [(inner_group, self.param_groups[i])
                              for inner_group, i in zip(inner.param_groups, group_of)]
