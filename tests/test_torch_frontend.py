@@ -161,6 +161,10 @@ def _reset_state_of_p(p, opt):
     opt.state[p] = {}
 
 
+def _pop_state_of_p(p, opt):
+    opt.state.pop(p)
+
+
 def _reset_all_state(p, opt):
     import collections
     opt.state = collections.defaultdict(dict)
@@ -171,7 +175,8 @@ def _drop_gradient(p, opt):
 
 
 @pytest.mark.parametrize("change", [_replace_param_memory, _replace_exp_avg, _swap_exp_avg_sq_memory,
-                                    _restart_step, _reset_state_of_p, _reset_all_state, _drop_gradient])
+                                    _restart_step, _reset_state_of_p, _pop_state_of_p, _reset_all_state,
+                                    _drop_gradient])
 def test_a_change_between_steps_is_followed_as_torch_follows_it(change, rng):
     """torch.optim.Adam reads its state and parameters afresh every step; after any of
     these changes fastadam.torch must step what torch steps (oracle: torch itself)."""
