@@ -157,20 +157,20 @@ class Adam(torch.optim.Optimizer):
         if (planned is None or state is not self._planned_state
                 or state.changes != self._planned_changes):
             return None
-        for inner_group, group in self._hyper_pairs:  # schedulers change them
-            lr, betas, amsgrad = group["lr"], group["betas"], group["amsgrad"]
-            if amsgrad is not inner_group["amsgrad"]:
-                return None  # its running max is created (or dropped) by a rebuild
-            if type(lr) is float and type(betas) is tuple:
-                inner_group["lr"], inner_group["betas"] = lr, betas
-                inner_group["eps"], inner_group["weight_decay"] = group["eps"], group["weight_decay"]
-                inner_group["maximize"] = group["maximize"]
-            else:
-                inner_group.update(_hyperparameters(group))
         grads = []
         append = grads.append
         k = 0
         try:
+            for inner_group, group in self._hyper_pairs:  # schedulers change them
+                lr, betas, amsgrad = group["lr"], group["betas"], group["amsgrad"]
+                if amsgrad is not inner_group["amsgrad"]:
+                    return None  # its running max is created (or dropped) by a rebuild
+                if type(lr) is float and type(betas) is tuple:
+                    inner_group["lr"], inner_group["betas"] = lr, betas
+                    inner_group["eps"], inner_group["weight_decay"] = group["eps"], group["weight_decay"]
+                    inner_group["maximize"] = group["maximize"]
+                else:  # tensors, lists or something wrong: the checked path names it
+                    inner_group.update(_hyperparameters(group))
             for group in self.param_groups:
                 for p in group["params"]:
                     q, address, st, step, m, m_at, v, v_at, vmax, vmax_at = planned[k]
@@ -191,7 +191,7 @@ class Adam(torch.optim.Optimizer):
                                                       or vmax.data_ptr() != vmax_at))):
                         return None
                     append(g.numpy())  # raises for what NumPy cannot view
-        except (IndexError, TypeError, RuntimeError):
+        except (LookupError, TypeError, ValueError, RuntimeError):
             return None
         return grads if k == len(planned) else None
 
@@ -313,13 +313,16 @@ def _planned_entry(p, st):
 
 
 def _hyperparameters(group):
-    """A torch group's hyperparameters as fastadam takes them (tensors read as floats)."""
-    lr, (beta1, beta2) = group["lr"], group["betas"]
-    return dict(lr=float(lr) if isinstance(lr, torch.Tensor) else lr,
-                betas=(float(beta1) if isinstance(beta1, torch.Tensor) else beta1,
-                       float(beta2) if isinstance(beta2, torch.Tensor) else beta2),
-                eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"])
+    """A torch group's hyperparameters as fastadam takes them (tensors read as floats;
+    anything malformed passed on as it is, for fastadam's rules to name)."""
+    def number(x):
+        return float(x) if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+    betas = group["betas"]
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        betas = (number(betas[0]), number(betas[1]))
+    return dict(lr=number(group["lr"]), betas=betas, eps=group["eps"],
+                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                maximize=group["maximize"])
 
 
 class AdamW(Adam):

@@ -255,3 +255,15 @@ def test_steps_from_two_threads_are_each_whole(rng):
     assert [opt.state[p]["step"].item() for p in params] == [400.0] * 4
     for p, q in zip(params, serial):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_malformed_betas_set_between_steps_get_a_named_error_and_nothing_changes():
+    param = torch.nn.Parameter(torch.ones(10))
+    opt = ft.Adam([param], lr=0.1)
+    param.grad = torch.ones(10)
+    opt.step()
+    before = param.detach().clone()
+    opt.param_groups[0]["betas"] = (0.9, 0.999, 0.5)
+    with pytest.raises((ValueError, TypeError), match=r"param_groups\[0\]|betas"):
+        opt.step()
+    assert torch.equal(param.detach(), before) and opt.state[param]["step"].item() == 1.0
