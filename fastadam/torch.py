@@ -152,7 +152,8 @@ class Adam(torch.optim.Optimizer):
     # goes to the checked path: every rule with torch's names, then a new plan.
 
     def _planned_gradients(self):
-        """This step's gradients as NumPy views if the plan holds, else None."""
+        """This step's gradients as NumPy views if the plan holds, else None; on the
+        way, the groups' hyperparameters (schedulers change them) are copied into the plan's."""
         planned, state = self._planned, self.state
         if (planned is None or state is not self._planned_state
                 or state.changes != self._planned_changes):
