@@ -44,6 +44,28 @@ def test_compiled_equals_the_reference_for_every_thread_count(cls, amsgrad, maxi
     assert all(r == results[0] for r in results[1:])
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_blocks_holding_nan_or_inf_equal_the_reference(amsgrad, rng):
+    """A block's absmax ignores NaN: the kernel finds it again only for blocks that hold one."""
+    if fastadam._backends.available()["cython"]:
+        pytest.skip("the compiled kernel is not built")
+    n = 20 * BLOCK + 17
+    p0 = rng.standard_normal(n).astype(np.float32)
+    stream = [wide_gradient(rng, n) for _ in range(4)]
+    stream[1][[3, BLOCK + 5, 7 * BLOCK]] = [np.nan, np.inf, -np.inf]  # three blocks, one each
+    stream[2][9 * BLOCK:10 * BLOCK] = np.nan                          # a whole block
+    stream[3][n - 2] = np.nan                                          # the partial last block
+    results = []
+    for backend in ("numpy", "cython"):
+        p = p0.copy()
+        opt = fastadam.Adam([p], state_dtype="int8", amsgrad=amsgrad, backend=backend)
+        for g in stream:
+            opt.step([g])
+        results.append((p, state_bytes(opt)))
+    np.testing.assert_array_equal(results[1][0], results[0][0])  # NaN where the reference has NaN
+    assert results[1][1] == results[0][1]
+
+
 def test_every_isa_variant_gives_the_same_bits(rng):
     kernel = fastadam._backends.compiled_or_none()
     if kernel is None:
