@@ -88,6 +88,7 @@ class Adam:
         self.param_groups = []
         self.state = {}
         self._plan = None
+        self._earlier_grad_norm = None  # last_grad_norm as the plans before this one left it
         if isinstance(params, (np.ndarray, dict)):
             raise TypeError("params argument given to the optimizer should be a list of arrays "
                             f"or dicts, but got {_rules.describe(params)}")
@@ -137,8 +138,15 @@ class Adam:
     def last_grad_norm(self):
         """The gradients' global L2 norm (before clipping) at the last step that
         clipped; None before the first."""
-        plan = self._plan
-        return None if plan is None else plan.last_grad_norm
+        norm = None if self._plan is None else self._plan.last_grad_norm
+        return self._earlier_grad_norm if norm is None else norm
+
+    def _replace_plan(self, plan):
+        """Make ``plan`` (or None) the optimizer's plan, keeping the last clipping
+        step's norm: last_grad_norm does not depend on when plans are rebuilt."""
+        if self._plan is not None and self._plan is not plan and self._plan.last_grad_norm is not None:
+            self._earlier_grad_norm = self._plan.last_grad_norm
+        self._plan = plan
 
     def __repr__(self):
         lines = [f"{type(self).__name__} (backend={self.backend!r})"]
@@ -187,7 +195,7 @@ class Adam:
                 raise ValueError("some parameters appear in more than one parameter group")
             _rules.no_overlap((f"params[{k}]", p) for k, p in enumerate(existing + params))
             self.param_groups.append(group)
-            self._plan = None
+            self._replace_plan(None)
 
     # -- the step -----------------------------------------------------------
 
@@ -281,7 +289,7 @@ class Adam:
             if self._skip_if_nonfinite or clip:
                 finite, norm = plan.inspect_gradients(self._threads_arg, clip)
                 if clip:
-                    self._plan = plan  # last_grad_norm reads it, applied or skipped
+                    self._replace_plan(plan)  # last_grad_norm reads it, applied or skipped
                 if self._skip_if_nonfinite and not finite:
                     return SKIPPED
             scale = self._grad_scale * (
@@ -292,7 +300,7 @@ class Adam:
                 self.state.update(new_state)
                 plan.run(self._threads_arg)
                 plan.commit_steps()
-                self._plan = plan
+                self._replace_plan(plan)
             return APPLIED
         finally:
             plan.release()
@@ -333,7 +341,7 @@ class Adam:
         """Restore a :meth:`state_dict`; checks everything before changing anything."""
         with self._lock, _interrupts.deferred():
             _checkpoint.load_state_dict(self, state_dict)
-            self._plan = None
+            self._replace_plan(None)
 
     def save(self, path):
         """Write the state to ``path`` (.npz), atomically: a temporary file, then a rename."""
@@ -348,7 +356,7 @@ class Adam:
         snapshot = _checkpoint.read(path, self)
         with self._lock, _interrupts.deferred():
             _checkpoint.load_state_dict(self, snapshot, source=os.fspath(path))
-            self._plan = None
+            self._replace_plan(None)
 
 
 class AdamW(Adam):

@@ -298,7 +298,7 @@ class ZeroAdam:
 
     def _drop_whole_state(self):
         self._whole.state.clear()
-        self._whole._plan = None
+        self._whole._replace_plan(None)
 
     def _with_whole(self, load, result=lambda whole: None):
         """On rank 0 (see _on_root): ``load`` the whole model's optimizer, return

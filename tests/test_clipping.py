@@ -126,3 +126,22 @@ def test_last_grad_norm_is_none_until_a_clipping_step():
     opt.max_grad_norm = 10.0
     opt.step([np.full(3, 2.0)])
     assert opt.last_grad_norm == pytest.approx(np.sqrt(12.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_grad_norm_outlives_clipping_switched_off_and_rebuilt_plans(backend):
+    """The norm of the last step that clipped, whichever steps and checkpoint loads came
+    after it (the compiled backend keeps its plan where the NumPy one builds a new one)."""
+    p = np.zeros(3)
+    opt = fastadam.Adam([p], max_grad_norm=1.0, backend=backend)
+    opt.step([np.full(3, 2.0)])
+    clipped = _reference.grad_norm([np.full(3, 2.0)])
+    opt.max_grad_norm = None
+    opt.step([np.ones(3)])
+    assert opt.last_grad_norm == clipped
+    opt.load_state_dict(opt.state_dict())
+    opt.step([np.ones(3)])
+    assert opt.last_grad_norm == clipped
+    opt.max_grad_norm = 1.0
+    opt.step([np.full(3, 3.0)])
+    assert opt.last_grad_norm == _reference.grad_norm([np.full(3, 3.0)])
