@@ -144,7 +144,7 @@ class Adam:
     def _replace_plan(self, plan):
         """Make ``plan`` (or None) the optimizer's plan, keeping the last clipping
         step's norm: last_grad_norm does not depend on when plans are rebuilt."""
-        if self._plan is not None and self._plan is not plan and self._plan.last_grad_norm is not None:
+        if self._plan is not None and self._plan.last_grad_norm is not None:
             self._earlier_grad_norm = self._plan.last_grad_norm
         self._plan = plan
 

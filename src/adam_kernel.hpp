@@ -184,29 +184,27 @@ static inline __attribute__((always_inline)) float fa_int8_decode(uint8_t code) 
     return x;
 }
 
-// The largest magnitude of a block (NaN ignored) is an integer max over |x|'s
-// bits (non-negative floats order as their bits do), which vectorises where a
-// float max reduction would not without -ffast-math.  The update loop takes the
-// max of the raw bits, in which a NaN exceeds +inf; only a block that holds a
-// NaN is scanned again with NaN's bits as 0.
-static inline __attribute__((always_inline)) uint32_t fa_magnitude_bits(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits &= 0x7fffffffu;
-    return bits & (0u - (uint32_t)(bits <= 0x7f800000u));
-}
+// |x|'s bits.  The largest magnitude of a block (NaN ignored) is an integer max
+// of these (non-negative floats order as their bits do), which vectorises where
+// a float max reduction would not without -ffast-math.  In these bits a NaN
+// exceeds +inf: the update loop takes the plain max, and fa_ignore_nan scans
+// again only a block that holds a NaN.
+#define FA_INF_BITS 0x7f800000u
 
-static inline __attribute__((always_inline)) uint32_t fa_raw_magnitude_bits(float x) {
+static inline __attribute__((always_inline)) uint32_t fa_magnitude_bits(float x) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof bits);
     return bits & 0x7fffffffu;
 }
 
-static inline uint32_t fa_largest_magnitude_bits(const float *values, int64_t n) {
-    uint32_t largest = 0;
+// `largest`, the max of fa_magnitude_bits over values[0, n); if that is a NaN's,
+// the largest of the others.
+static inline uint32_t fa_ignore_nan(uint32_t largest, const float *values, int64_t n) {
+    if (largest <= FA_INF_BITS) return largest;
+    largest = 0;
     for (int64_t j = 0; j < n; ++j) {
         const uint32_t bits = fa_magnitude_bits(values[j]);
-        largest = bits > largest ? bits : largest;
+        largest = bits <= FA_INF_BITS && bits > largest ? bits : largest;
     }
     return largest;
 }
@@ -269,7 +267,7 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
         const float *__restrict__ gb = g + b0;
         const uint8_t *__restrict__ mb = m + b0, *__restrict__ vb = v + b0;
         const uint8_t *__restrict__ vmaxb = AMSGRAD ? vmax + b0 : nullptr;
-        uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_raw_magnitude_bits
+        uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
         for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
             float gi = gb[j] * s.grad_scale;
             gi = MAXIMIZE ? -gi : gi;
@@ -284,7 +282,7 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
                 const float old = fa_int8_decode<false>(vmaxb[j]) * scale_vmax;
                 vd = (old >= vi || old != old) ? old : vi;
                 bvmax[j] = vd;
-                const uint32_t bits = fa_raw_magnitude_bits(vd);
+                const uint32_t bits = fa_magnitude_bits(vd);
                 largest_vmax = bits > largest_vmax ? bits : largest_vmax;
             }
             const float denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
@@ -294,18 +292,15 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
             pb[j] = pi - update;
             bm[j] = mi;
             bv[j] = vi;
-            const uint32_t bits_m = fa_raw_magnitude_bits(mi), bits_v = fa_raw_magnitude_bits(vi);
+            const uint32_t bits_m = fa_magnitude_bits(mi), bits_v = fa_magnitude_bits(vi);
             largest_m = bits_m > largest_m ? bits_m : largest_m;
             largest_v = bits_v > largest_v ? bits_v : largest_v;
         }
-        // A NaN among the new values: their largest magnitude, NaN ignored.
-        if (largest_m > 0x7f800000u) largest_m = fa_largest_magnitude_bits(bm, n);
-        if (largest_v > 0x7f800000u) largest_v = fa_largest_magnitude_bits(bv, n);
-        if (AMSGRAD && largest_vmax > 0x7f800000u) largest_vmax = fa_largest_magnitude_bits(bvmax, n);
-        fa_int8_store_block<true>(bm, n, largest_m, m + b0, &it.absmax[0][block]);
-        fa_int8_store_block<false>(bv, n, largest_v, v + b0, &it.absmax[1][block]);
+        fa_int8_store_block<true>(bm, n, fa_ignore_nan(largest_m, bm, n), m + b0, &it.absmax[0][block]);
+        fa_int8_store_block<false>(bv, n, fa_ignore_nan(largest_v, bv, n), v + b0, &it.absmax[1][block]);
         if (AMSGRAD)
-            fa_int8_store_block<false>(bvmax, n, largest_vmax, vmax + b0, &it.absmax[2][block]);
+            fa_int8_store_block<false>(bvmax, n, fa_ignore_nan(largest_vmax, bvmax, n), vmax + b0,
+                                       &it.absmax[2][block]);
     }
 }
 
