@@ -88,7 +88,12 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
     elif wd_mode == WD_DECOUPLED:
         pi = _mul(pi, decay, c)
     mi = _add(_mul(beta1, _daz(m[i], c), c), _mul(one_minus_beta1, gi, c), c)
-    vi = _add(_mul(beta2, _daz(v[i], c), c), _mul(one_minus_beta2, _mul(gi, gi, c), c), c)
+    square = _mul(gi, gi, c)
+    if maximize and square != square:
+        # A NaN's sign: the reference's (-g) * (-g) is -g's NaN; LLVM folds the two
+        # negations away and gives g's.
+        square = gi
+    vi = _add(_mul(beta2, _daz(v[i], c), c), _mul(one_minus_beta2, square, c), c)
     m[i] = mi
     v[i] = vi
     vd = vi

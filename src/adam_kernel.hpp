@@ -103,6 +103,23 @@ static inline __attribute__((always_inline)) float fa_abs(float x) { return __bu
 static inline __attribute__((always_inline)) double fa_abs(double x) { return __builtin_fabs(x); }
 static inline __attribute__((always_inline)) float fa_signed_zero(float x) { return __builtin_copysignf(0.0f, x); }
 static inline __attribute__((always_inline)) double fa_signed_zero(double x) { return __builtin_copysign(0.0, x); }
+// -x as the reference computes it: the sign bit flipped, a NaN's too.  GCC
+// treats a NaN's sign as unspecified and folds -(g * c) into g * -c, which
+// keeps the gradient NaN's sign; an integer XOR it leaves alone.
+static inline __attribute__((always_inline)) float fa_flip_sign(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits ^= 0x80000000u;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+static inline __attribute__((always_inline)) double fa_flip_sign(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits ^= 0x8000000000000000ull;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
 template <typename T> struct fa_min_normal;
 template <> struct fa_min_normal<float> { static constexpr float value = __FLT_MIN__; };
 template <> struct fa_min_normal<double> { static constexpr double value = __DBL_MIN__; };
@@ -270,7 +287,7 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
         uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
         for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
             float gi = gb[j] * s.grad_scale;
-            gi = MAXIMIZE ? -gi : gi;
+            gi = MAXIMIZE ? fa_flip_sign(gi) : gi;
             float pi = pb[j];
             if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
             if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
@@ -327,7 +344,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     for (int64_t i = chunk; i < chunk_stop; ++i) {
         const uint32_t r = STATE == FA_STATE_BF16 ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
         T gi = g[i] * s.grad_scale;
-        gi = MAXIMIZE ? -gi : gi;
+        gi = MAXIMIZE ? fa_flip_sign(gi) : gi;
         T pi = p[i];
         if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
         if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;

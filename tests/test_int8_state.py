@@ -45,8 +45,11 @@ def test_compiled_equals_the_reference_for_every_thread_count(cls, amsgrad, maxi
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_blocks_holding_nan_or_inf_equal_the_reference(amsgrad, rng):
-    """A block's absmax ignores NaN: the kernel finds it again only for blocks that hold one."""
+@pytest.mark.parametrize("maximize", [False, True])
+def test_blocks_holding_nan_or_inf_equal_the_reference(amsgrad, maximize, rng):
+    """A block's absmax ignores NaN: the kernel finds it again only for blocks that hold one.
+    With maximize, the negated gradient's NaN has its sign flipped, as in the reference, and
+    m's code keeps that sign."""
     if fastadam._backends.available()["cython"]:
         pytest.skip("the compiled kernel is not built")
     n = 20 * BLOCK + 17
@@ -58,7 +61,7 @@ def test_blocks_holding_nan_or_inf_equal_the_reference(amsgrad, rng):
     results = []
     for backend in ("numpy", "cython"):
         p = p0.copy()
-        opt = fastadam.Adam([p], state_dtype="int8", amsgrad=amsgrad, backend=backend)
+        opt = fastadam.Adam([p], state_dtype="int8", amsgrad=amsgrad, maximize=maximize, backend=backend)
         for g in stream:
             opt.step([g])
         results.append((p, state_bytes(opt)))
