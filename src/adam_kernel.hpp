@@ -32,7 +32,9 @@
 //
 // Where the state is 8-bit (fa_adam_int8_loop), the kernel works block by block
 // and clamps the update's Adam term to +-10 lr: fastadam/_reference.py states
-// the maps, the quantization and why.
+// the maps, the quantization and why.  That step is bound by instructions, not
+// memory, so its whole blocks have an AVX-512 path written with intrinsics
+// (fa_int8_blocks_avx512), the same arithmetic in fewer instructions.
 //
 // Weight-decay mode, AMSGrad, maximize and the state's storage (native,
 // bfloat16 or 8-bit) are template parameters: each variant is its own loop with no
@@ -184,7 +186,20 @@ struct fa_int8_format {
     static constexpr int shift = 23 - FA_INT8_FRACTION_BITS;
     // float32 bits of magnitude k, less k's own bits (k << shift)
     static constexpr uint32_t bits_base = (127u - exponent_offset) << FA_INT8_FRACTION_BITS;
+    // Rounding works on y = value / absmax's bits (non-negative floats order as
+    // their bits do).  The bits of 1.0, the top code's magnitude:
+    static constexpr uint32_t one = 0x3f800000u;
+    // half the smallest magnitude: 2^-E * 0.5625 = 2^(-E-1) * (1 + 1/8)
+    static constexpr uint32_t half_smallest = ((bits_base - 8u) << shift) + (1u << 20);
+    // k = round(magnitude bits >> shift) - bits_base, as one add and an arithmetic shift
+    static constexpr int32_t rounding_bias = (int32_t)(1u << (shift - 1)) - (int32_t)(bits_base << shift);
 };
+// A code's bits are (k + bits_base) << shift; k's bits and bits_base's do not
+// overlap, so the sum is an OR (the AVX-512 decoding relies on it).
+static_assert(((fa_int8_format<true>::bits_base << fa_int8_format<true>::shift) &
+               (0x7fu << fa_int8_format<true>::shift)) == 0, "signed map: k and bits_base overlap");
+static_assert(((fa_int8_format<false>::bits_base << fa_int8_format<false>::shift) &
+               (0xffu << fa_int8_format<false>::shift)) == 0, "unsigned map: k and bits_base overlap");
 
 // A code's value, relative to its block's absmax.
 template <bool SIGNED>
@@ -226,107 +241,289 @@ static inline uint32_t fa_ignore_nan(uint32_t largest, const float *values, int6
     return largest;
 }
 
-// Requantize one block of n new values whose largest magnitude has the bits
-// largest_bits: the absmax (capped), then the nearest code of each
-// value * (1 / absmax), |y| capped at 1 (NaN -> 1), by rounding y's float32
-// bits (one vectorised loop).
-template <bool SIGNED>
-static inline __attribute__((always_inline)) void
-fa_int8_store_block(const float *__restrict__ values, int64_t n, uint32_t largest_bits,
-                    uint8_t *__restrict__ codes, float *absmax) {
-    typedef fa_int8_format<SIGNED> F;
+// A block's new absmax, from the bits of its largest magnitude: capped and
+// stored; returns 1 / absmax (0 for an all-zero block), which maps the block
+// onto [-1, 1].
+static inline __attribute__((always_inline)) float fa_int8_set_absmax(uint32_t largest_bits, float *absmax) {
     float largest;
     memcpy(&largest, &largest_bits, sizeof largest);
     largest = largest < FA_INT8_ABSMAX_LIMIT ? largest : FA_INT8_ABSMAX_LIMIT;
     *absmax = largest;
-    const float inverse = largest > 0.0f ? 1.0f / largest : 0.0f;
-    // Integer operations on y's bits only (a float compare in the loop keeps GCC
-    // from vectorising it): non-negative floats order as their bits do.
-    // half the smallest magnitude: 2^-E * 0.5625 = 2^(-E-1) * (1 + 1/8)
-    const uint32_t one = 0x3f800000u, half_smallest = ((F::bits_base - 8u) << F::shift) + (1u << 20);
-    // k = round(magnitude bits >> shift) - bits_base, as one add and an arithmetic shift
-    const int32_t bias = (int32_t)(1u << (F::shift - 1)) - (int32_t)(F::bits_base << F::shift);
+    return largest > 0.0f ? 1.0f / largest : 0.0f;
+}
+
+// Requantize n values: the nearest code of each value * inverse, |y| capped
+// at 1 (NaN -> 1), by rounding y's float32 bits (one vectorised loop).
+template <bool SIGNED>
+static inline __attribute__((always_inline)) void
+fa_int8_store_block(const float *__restrict__ values, int64_t n, float inverse, uint8_t *__restrict__ codes) {
+    typedef fa_int8_format<SIGNED> F;
+    // Integer operations on y's bits only: a float compare in the loop keeps GCC
+    // from vectorising it.
     for (int64_t j = 0; j < n; ++j) {
         const float y = values[j] * inverse;
         uint32_t bits;
         memcpy(&bits, &y, sizeof bits);
         uint32_t magnitude = bits & 0x7fffffffu;
-        magnitude = magnitude < one ? magnitude : one;  // NaN, inf -> 1
-        const int32_t k = ((int32_t)magnitude + bias) >> F::shift;
+        magnitude = magnitude < F::one ? magnitude : F::one;  // NaN, inf -> 1
+        const int32_t k = ((int32_t)magnitude + F::rounding_bias) >> F::shift;
         // k >= 1 implies magnitude >= half_smallest; below the smallest code, round to it or to 0
-        uint32_t code = magnitude >= half_smallest ? (uint32_t)(k > 1 ? k : 1) : 0u;
+        uint32_t code = magnitude >= F::half_smallest ? (uint32_t)(k > 1 ? k : 1) : 0u;
         if (SIGNED) code |= (bits >> 24) & 0x80u;
         codes[j] = (uint8_t)code;
     }
 }
 
-// [start, stop) of one tensor with 8-bit state: start is a multiple of
-// FA_INT8_BLOCK (fa_boundary aligns shares to it), stop a multiple or the end.
-// Each block is decoded, updated and requantized while its m and v wait in
-// L1-resident buffers, so memory is read and written once.
+// One block of n elements of a tensor with 8-bit state, starting at element
+// b0: decoded, updated and requantized while its m and v wait in L1-resident
+// buffers, so memory is read and written once.
 template <int WD, bool AMSGRAD, bool MAXIMIZE>
 static inline __attribute__((always_inline)) void
-fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
-    const fa_scalars<float> s(it);
+fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t n) {
     const float max_update = (float)it.max_update;
+    const int64_t block = b0 / FA_INT8_BLOCK;
+    const float scale_m = it.absmax[0][block], scale_v = it.absmax[1][block];
+    const float scale_vmax = AMSGRAD ? it.absmax[2][block] : 0.0f;
+    float *__restrict__ pb = (float *)it.param + b0;
+    const float *__restrict__ gb = (const float *)it.grad + b0;
+    uint8_t *__restrict__ mb = (uint8_t *)it.exp_avg + b0;
+    uint8_t *__restrict__ vb = (uint8_t *)it.exp_avg_sq + b0;
+    uint8_t *__restrict__ vmaxb = AMSGRAD ? (uint8_t *)it.max_exp_avg_sq + b0 : nullptr;
+    alignas(64) float bm[FA_INT8_BLOCK], bv[FA_INT8_BLOCK], bvmax[FA_INT8_BLOCK];
+    uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
+    for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
+        float gi = gb[j] * s.grad_scale;
+        gi = MAXIMIZE ? fa_flip_sign(gi) : gi;
+        float pi = pb[j];
+        if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
+        if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
+        const float mi = s.beta1 * (fa_int8_decode<true>(mb[j]) * scale_m) + s.one_minus_beta1 * gi;
+        const float vi = s.beta2 * (fa_int8_decode<false>(vb[j]) * scale_v)
+                         + s.one_minus_beta2 * (gi * gi);
+        float vd = vi;
+        if (AMSGRAD) {
+            const float old = fa_int8_decode<false>(vmaxb[j]) * scale_vmax;
+            vd = (old >= vi || old != old) ? old : vi;
+            bvmax[j] = vd;
+            const uint32_t bits = fa_magnitude_bits(vd);
+            largest_vmax = bits > largest_vmax ? bits : largest_vmax;
+        }
+        const float denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
+        float update = s.step_size * (mi / denom);
+        update = update > max_update ? max_update : update;
+        update = update < -max_update ? -max_update : update;
+        pb[j] = pi - update;
+        bm[j] = mi;
+        bv[j] = vi;
+        const uint32_t bits_m = fa_magnitude_bits(mi), bits_v = fa_magnitude_bits(vi);
+        largest_m = bits_m > largest_m ? bits_m : largest_m;
+        largest_v = bits_v > largest_v ? bits_v : largest_v;
+    }
+    fa_int8_store_block<true>(bm, n, fa_int8_set_absmax(fa_ignore_nan(largest_m, bm, n), &it.absmax[0][block]), mb);
+    fa_int8_store_block<false>(bv, n, fa_int8_set_absmax(fa_ignore_nan(largest_v, bv, n), &it.absmax[1][block]), vb);
+    if (AMSGRAD)
+        fa_int8_store_block<false>(
+            bvmax, n, fa_int8_set_absmax(fa_ignore_nan(largest_vmax, bvmax, n), &it.absmax[2][block]), vmaxb);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 intrinsics start some results from _mm512_undefined_*, which
+// -Wmaybe-uninitialized reports at every use (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FA_AVX512_TARGET \
+    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#define FA_AVX512_INLINE FA_AVX512_TARGET static inline __attribute__((always_inline))
+
+// fa_int8_decode<true> of 16 codes of m, as bits.
+FA_AVX512_INLINE __m512i fa_int8_decode16_signed(const uint8_t *codes) {
+    typedef fa_int8_format<true> F;
+    // code i to the top byte of lane i (sign in bit 31, k in 24-30), zeros below
+    const __m512i top = _mm512_shuffle_epi8(
+        _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)codes)),
+        _mm512_set_epi32(0x0f808080, 0x0e808080, 0x0d808080, 0x0c808080, 0x0b808080, 0x0a808080,
+                         0x09808080, 0x08808080, 0x07808080, 0x06808080, 0x05808080, 0x04808080,
+                         0x03808080, 0x02808080, 0x01808080, 0x00808080));
+    // k == 0 (a zero of the code's sign, which top already is) stays top.
+    // Else k << shift with copies of the sign above it, then those bits but
+    // the sign <- bits_base's: (x & ~above) | base.
+    const __mmask16 nonzero = _mm512_test_epi32_mask(top, _mm512_set1_epi32(F::magnitude_mask << 24));
+    const __m512i x = _mm512_mask_srai_epi32(top, nonzero, top, 24 - F::shift);
+    return _mm512_mask_ternarylogic_epi32(x, nonzero, _mm512_set1_epi32(0x7fffffff & ~((0x80u << F::shift) - 1)),
+                                          _mm512_set1_epi32(F::bits_base << F::shift), 0xba);
+}
+
+// fa_int8_decode<false> of 16 codes of v or v^, as bits.
+FA_AVX512_INLINE __m512i fa_int8_decode16_unsigned(const uint8_t *codes) {
+    typedef fa_int8_format<false> F;
+    const __m512i x = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes)), F::shift);
+    return _mm512_maskz_or_epi32(_mm512_test_epi32_mask(x, x), x, _mm512_set1_epi32(F::bits_base << F::shift));
+}
+
+// fa_int8_store_block of 64 values.  The code depends only on the top 16 bits
+// of y's (every constant of fa_int8_format's rounding is a multiple of 2^16),
+// so the rounding runs on 16-bit words, 32 to a vector.  NON_NEGATIVE: no
+// value has its sign bit set but a NaN (v: a sum of non-negative products), so
+// |y|'s bits are y's wherever they decide the code (a NaN's is the top one).
+template <bool SIGNED, bool NON_NEGATIVE>
+FA_AVX512_INLINE void fa_int8_store64(const float *__restrict__ values, __m512 inverse, uint8_t *__restrict__ codes) {
+    typedef fa_int8_format<SIGNED> F;
+    static_assert((F::one & 0xffffu) == 0 && (F::half_smallest & 0xffffu) == 0 &&
+                  ((uint32_t)F::rounding_bias & 0xffffu) == 0 && F::shift >= 16,
+                  "the rounding needs the low 16 bits of y");
+    // word i <- the top word of y's element i: word 2i + 1 of the pair (a, b)
+    const __m512i top_words = _mm512_set_epi32(
+        0x003f003d, 0x003b0039, 0x00370035, 0x00330031, 0x002f002d, 0x002b0029, 0x00270025, 0x00230021,
+        0x001f001d, 0x001b0019, 0x00170015, 0x00130011, 0x000f000d, 0x000b0009, 0x00070005, 0x00030001);
+    __m512i code[2];
+    for (int h = 0; h < 2; ++h) {
+        const __m512i y = _mm512_permutex2var_epi16(
+            _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h), inverse)), top_words,
+            _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h + 16), inverse)));
+        __m512i magnitude = NON_NEGATIVE ? y : _mm512_and_si512(y, _mm512_set1_epi16(0x7fff));
+        magnitude = _mm512_min_epu16(magnitude, _mm512_set1_epi16((short)(F::one >> 16)));
+        const __m512i k = _mm512_srai_epi16(
+            _mm512_add_epi16(magnitude, _mm512_set1_epi16((short)(F::rounding_bias >> 16))), F::shift - 16);
+        code[h] = _mm512_maskz_max_epi16(
+            _mm512_cmpge_epu16_mask(magnitude, _mm512_set1_epi16((short)(F::half_smallest >> 16))), k,
+            _mm512_set1_epi16(1));
+        if (SIGNED)  // code | ((y >> 8) & 0x80)
+            code[h] = _mm512_ternarylogic_epi32(code[h], _mm512_srli_epi16(y, 8), _mm512_set1_epi16(0x80), 0xf8);
+    }
+    // the pack interleaves the two vectors' lanes eight bytes at a time: back in order
+    _mm512_storeu_si512(codes, _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
+                                                        _mm512_packus_epi16(code[0], code[1])));
+}
+
+// 64 elements of a block's new m, v (and v^), from offset q, into codes.
+template <bool AMSGRAD>
+FA_AVX512_INLINE void fa_int8_requantize64(const float (*values)[FA_INT8_BLOCK], const __m512 *inverse, int q,
+                                           uint8_t *m, uint8_t *v, uint8_t *vmax) {
+    fa_int8_store64<true, false>(values[0] + q, inverse[0], m + q);
+    fa_int8_store64<false, true>(values[1] + q, inverse[1], v + q);
+    if (AMSGRAD) fa_int8_store64<false, false>(values[2] + q, inverse[2], vmax + q);
+}
+
+// fa_int8_block over the whole blocks [start, stop), with AVX-512 intrinsics:
+// the same operations on the same values in the same order, so the same bits,
+// in fewer instructions than GCC's vectorisation of fa_int8_block.  And each
+// block's update is interleaved, 64 elements at a time, with the
+// requantization of the block before it: the update waits on the divide and
+// square-root unit, the requantization on the integer pipes, and the
+// interleaving lets them work at once (a block's requantization cannot start
+// before its update has found the absmax).
+template <int WD, bool AMSGRAD, bool MAXIMIZE>
+FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
+                                                   int64_t stop) {
+    const __m512 grad_scale = _mm512_set1_ps(s.grad_scale), weight_decay = _mm512_set1_ps(s.weight_decay),
+                 decay = _mm512_set1_ps(s.decay), beta1 = _mm512_set1_ps(s.beta1),
+                 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1), beta2 = _mm512_set1_ps(s.beta2),
+                 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps),
+                 step_size = _mm512_set1_ps(s.step_size), inv_sqrt_bc2 = _mm512_set1_ps(s.inv_sqrt_bc2);
+    const float max_update_scalar = (float)it.max_update;
+    const __m512 max_update = _mm512_set1_ps(max_update_scalar), min_update = _mm512_set1_ps(-max_update_scalar);
+    const __m512i sign = _mm512_set1_epi32((int32_t)0x80000000u), magnitude_mask = _mm512_set1_epi32(0x7fffffff);
     float *__restrict__ p = (float *)it.param;
     const float *__restrict__ g = (const float *)it.grad;
     uint8_t *__restrict__ m = (uint8_t *)it.exp_avg;
     uint8_t *__restrict__ v = (uint8_t *)it.exp_avg_sq;
     uint8_t *__restrict__ vmax = (uint8_t *)it.max_exp_avg_sq;
-    alignas(64) float bm[FA_INT8_BLOCK], bv[FA_INT8_BLOCK], bvmax[FA_INT8_BLOCK];
-    for (int64_t b0 = start; b0 < stop; b0 += FA_INT8_BLOCK) {
-        const int64_t n = stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK;
+    // [block parity][m, v, v^]: a block's new moments, awaiting requantization
+    alignas(64) float moments[2][3][FA_INT8_BLOCK];
+    __m512 inverse[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};  // the awaiting block's 1 / absmax
+    int parity = 0;
+    for (int64_t b0 = start; b0 < stop; b0 += FA_INT8_BLOCK, parity ^= 1) {
+        float *__restrict__ bm = moments[parity][0], *__restrict__ bv = moments[parity][1];
+        float *__restrict__ bvmax = moments[parity][2];
         const int64_t block = b0 / FA_INT8_BLOCK;
-        const float scale_m = it.absmax[0][block], scale_v = it.absmax[1][block];
-        const float scale_vmax = AMSGRAD ? it.absmax[2][block] : 0.0f;
-        float *__restrict__ pb = p + b0;
-        const float *__restrict__ gb = g + b0;
-        const uint8_t *__restrict__ mb = m + b0, *__restrict__ vb = v + b0;
-        const uint8_t *__restrict__ vmaxb = AMSGRAD ? vmax + b0 : nullptr;
-        uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
-        for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
-            float gi = gb[j] * s.grad_scale;
-            gi = MAXIMIZE ? fa_flip_sign(gi) : gi;
-            float pi = pb[j];
-            if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
-            if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
-            const float mi = s.beta1 * (fa_int8_decode<true>(mb[j]) * scale_m) + s.one_minus_beta1 * gi;
-            const float vi = s.beta2 * (fa_int8_decode<false>(vb[j]) * scale_v)
-                             + s.one_minus_beta2 * (gi * gi);
-            float vd = vi;
-            if (AMSGRAD) {
-                const float old = fa_int8_decode<false>(vmaxb[j]) * scale_vmax;
-                vd = (old >= vi || old != old) ? old : vi;
-                bvmax[j] = vd;
-                const uint32_t bits = fa_magnitude_bits(vd);
-                largest_vmax = bits > largest_vmax ? bits : largest_vmax;
+        const __m512 scale_m = _mm512_set1_ps(it.absmax[0][block]), scale_v = _mm512_set1_ps(it.absmax[1][block]);
+        const __m512 scale_vmax = _mm512_set1_ps(AMSGRAD ? it.absmax[2][block] : 0.0f);
+        __m512i largest_m = _mm512_setzero_si512(), largest_v = largest_m, largest_vmax = largest_m;
+        for (int q = 0; q < FA_INT8_BLOCK; q += 64) {
+            for (int j = q; j < q + 64; j += 16) {
+                const int64_t i = b0 + j;
+                __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), grad_scale);
+                if (MAXIMIZE) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), sign));
+                __m512 pi = _mm512_loadu_ps(p + i);
+                if (WD == FA_WD_L2) gi = _mm512_add_ps(gi, _mm512_mul_ps(weight_decay, pi));
+                if (WD == FA_WD_DECOUPLED) pi = _mm512_mul_ps(pi, decay);
+                const __m512 mi = _mm512_add_ps(
+                    _mm512_mul_ps(beta1, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m)),
+                    _mm512_mul_ps(one_minus_beta1, gi));
+                const __m512 vi = _mm512_add_ps(
+                    _mm512_mul_ps(beta2, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(v + i)), scale_v)),
+                    _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gi, gi)));
+                __m512 vd = vi;
+                if (AMSGRAD) {
+                    const __m512 old =
+                        _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(vmax + i)), scale_vmax);
+                    // old >= vi || old != old
+                    const __mmask16 keep =
+                        _mm512_cmp_ps_mask(old, vi, _CMP_GE_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+                    vd = _mm512_mask_blend_ps(keep, vi, old);
+                    _mm512_store_ps(bvmax + j, vd);
+                    largest_vmax =
+                        _mm512_max_epu32(largest_vmax, _mm512_and_si512(_mm512_castps_si512(vd), magnitude_mask));
+                }
+                const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), inv_sqrt_bc2), eps);
+                __m512 update = _mm512_mul_ps(step_size, _mm512_div_ps(mi, denom));
+                update = _mm512_min_ps(max_update, update);  // update > max_update ? max_update : update
+                update = _mm512_max_ps(min_update, update);  // update < -max_update ? -max_update : update
+                _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, update));
+                _mm512_store_ps(bm + j, mi);
+                _mm512_store_ps(bv + j, vi);
+                largest_m = _mm512_max_epu32(largest_m, _mm512_and_si512(_mm512_castps_si512(mi), magnitude_mask));
+                largest_v = _mm512_max_epu32(largest_v, _mm512_castps_si512(vi));  // v: NON_NEGATIVE
             }
-            const float denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
-            float update = s.step_size * (mi / denom);
-            update = update > max_update ? max_update : update;
-            update = update < -max_update ? -max_update : update;
-            pb[j] = pi - update;
-            bm[j] = mi;
-            bv[j] = vi;
-            const uint32_t bits_m = fa_magnitude_bits(mi), bits_v = fa_magnitude_bits(vi);
-            largest_m = bits_m > largest_m ? bits_m : largest_m;
-            largest_v = bits_v > largest_v ? bits_v : largest_v;
+            if (b0 > start) {
+                const int64_t previous = b0 - FA_INT8_BLOCK;
+                fa_int8_requantize64<AMSGRAD>(moments[parity ^ 1], inverse, q, m + previous, v + previous,
+                                              AMSGRAD ? vmax + previous : nullptr);
+            }
         }
-        fa_int8_store_block<true>(bm, n, fa_ignore_nan(largest_m, bm, n), m + b0, &it.absmax[0][block]);
-        fa_int8_store_block<false>(bv, n, fa_ignore_nan(largest_v, bv, n), v + b0, &it.absmax[1][block]);
+        const int64_t n = FA_INT8_BLOCK;
+        inverse[0] = _mm512_set1_ps(
+            fa_int8_set_absmax(fa_ignore_nan(_mm512_reduce_max_epu32(largest_m), bm, n), &it.absmax[0][block]));
+        inverse[1] = _mm512_set1_ps(
+            fa_int8_set_absmax(fa_ignore_nan(_mm512_reduce_max_epu32(largest_v), bv, n), &it.absmax[1][block]));
         if (AMSGRAD)
-            fa_int8_store_block<false>(bvmax, n, fa_ignore_nan(largest_vmax, bvmax, n), vmax + b0,
-                                       &it.absmax[2][block]);
+            inverse[2] = _mm512_set1_ps(fa_int8_set_absmax(
+                fa_ignore_nan(_mm512_reduce_max_epu32(largest_vmax), bvmax, n), &it.absmax[2][block]));
     }
+    if (stop > start) {
+        const int64_t last = stop - FA_INT8_BLOCK;
+        for (int q = 0; q < FA_INT8_BLOCK; q += 64)
+            fa_int8_requantize64<AMSGRAD>(moments[parity ^ 1], inverse, q, m + last, v + last,
+                                          AMSGRAD ? vmax + last : nullptr);
+    }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// [start, stop) of one tensor with 8-bit state: start is a multiple of
+// FA_INT8_BLOCK (fa_boundary aligns shares to it), stop a multiple or the end.
+template <int WD, bool AMSGRAD, bool MAXIMIZE, int ISA>
+static inline __attribute__((always_inline)) void
+fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
+    const fa_scalars<float> s(it);
+    const int64_t whole_stop = start + (stop - start) / FA_INT8_BLOCK * FA_INT8_BLOCK;
+    int64_t b0 = start;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (ISA == FA_ISA_AVX512) {
+        fa_int8_blocks_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, start, whole_stop);
+        b0 = whole_stop;
+    }
+#endif
+    for (; b0 < stop; b0 += FA_INT8_BLOCK)
+        fa_int8_block<WD, AMSGRAD, MAXIMIZE>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
 }
 
 // The loop over [start, stop) of one tensor, for one variant.
-template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE, int STATE = FA_STATE_NATIVE>
+template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE, int STATE, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     if constexpr (STATE == FA_STATE_INT8) {
-        fa_adam_int8_loop<WD, AMSGRAD, MAXIMIZE>(it, start, stop);
+        fa_adam_int8_loop<WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
     } else {
     typedef fa_storage<T, STATE> S;
     const fa_scalars<T> s(it);
@@ -418,33 +615,33 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
 
 // One function per ISA: a switch over the variants, outside the loop, for each
 // (dtype, state storage) pair that exists.
-#define FA_VARIANT_CASES(T, STATE)                                                     \
+#define FA_VARIANT_CASES(T, STATE, ISA)                                                   \
     switch (it.variant) {                                                              \
-    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false, STATE>(it, a, b); break;           \
-    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true, STATE>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false, STATE>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true, STATE>(it, a, b); break;             \
-    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false, STATE>(it, a, b); break;               \
-    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true, STATE>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false, STATE>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true, STATE>(it, a, b); break;                 \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false, STATE>(it, a, b); break; \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true, STATE>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false, STATE>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true, STATE>(it, a, b); break;   \
+    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false, STATE, ISA>(it, a, b); break;           \
+    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true, STATE, ISA>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false, STATE, ISA>(it, a, b); break;            \
+    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true, STATE, ISA>(it, a, b); break;             \
+    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false, STATE, ISA>(it, a, b); break;               \
+    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true, STATE, ISA>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false, STATE, ISA>(it, a, b); break;                \
+    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true, STATE, ISA>(it, a, b); break;                 \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false, STATE, ISA>(it, a, b); break; \
+    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true, STATE, ISA>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false, STATE, ISA>(it, a, b); break;  \
+    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true, STATE, ISA>(it, a, b); break;   \
     default: break;                                                                    \
     }
 
-#define FA_DEFINE_ISA(NAME, TARGET)                                                    \
+#define FA_DEFINE_ISA(NAME, TARGET, ISA)                                                  \
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
         if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
-            FA_VARIANT_CASES(float, FA_STATE_BF16)                                     \
+            FA_VARIANT_CASES(float, FA_STATE_BF16, ISA)                                   \
         } else if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_INT8) {              \
-            FA_VARIANT_CASES(float, FA_STATE_INT8)                                     \
+            FA_VARIANT_CASES(float, FA_STATE_INT8, ISA)                                   \
         } else if (it.dtype == FA_FLOAT32) {                                           \
-            FA_VARIANT_CASES(float, FA_STATE_NATIVE)                                   \
+            FA_VARIANT_CASES(float, FA_STATE_NATIVE, ISA)                                 \
         } else {                                                                       \
-            FA_VARIANT_CASES(double, FA_STATE_NATIVE)                                  \
+            FA_VARIANT_CASES(double, FA_STATE_NATIVE, ISA)                                \
         }                                                                              \
     }                                                                                  \
     TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
@@ -462,11 +659,11 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
             fa_sumsq_loop<double>((const double *)it.grad, lane0, a, b, acc);         \
     }
 
-FA_DEFINE_ISA(baseline, )
+FA_DEFINE_ISA(baseline, , FA_ISA_BASELINE)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FA_HAVE_X86_VARIANTS 1
-FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))))
-FA_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512"))))
+FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), FA_ISA_AVX2)
+FA_DEFINE_ISA(avx512, FA_AVX512_TARGET, FA_ISA_AVX512)
 #else
 #define FA_HAVE_X86_VARIANTS 0
 #endif
