@@ -615,7 +615,7 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
 
 // One function per ISA: a switch over the variants, outside the loop, for each
 // (dtype, state storage) pair that exists.
-#define FA_VARIANT_CASES(T, STATE, ISA)                                                   \
+#define FA_VARIANT_CASES(T, STATE, ISA)                                                \
     switch (it.variant) {                                                              \
     case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false, STATE, ISA>(it, a, b); break;           \
     case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true, STATE, ISA>(it, a, b); break;            \
@@ -632,16 +632,16 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
     default: break;                                                                    \
     }
 
-#define FA_DEFINE_ISA(NAME, TARGET, ISA)                                                  \
+#define FA_DEFINE_ISA(NAME, TARGET, ISA)                                               \
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
         if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
-            FA_VARIANT_CASES(float, FA_STATE_BF16, ISA)                                   \
+            FA_VARIANT_CASES(float, FA_STATE_BF16, ISA)                                \
         } else if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_INT8) {              \
-            FA_VARIANT_CASES(float, FA_STATE_INT8, ISA)                                   \
+            FA_VARIANT_CASES(float, FA_STATE_INT8, ISA)                                \
         } else if (it.dtype == FA_FLOAT32) {                                           \
-            FA_VARIANT_CASES(float, FA_STATE_NATIVE, ISA)                                 \
+            FA_VARIANT_CASES(float, FA_STATE_NATIVE, ISA)                              \
         } else {                                                                       \
-            FA_VARIANT_CASES(double, FA_STATE_NATIVE, ISA)                                \
+            FA_VARIANT_CASES(double, FA_STATE_NATIVE, ISA)                             \
         }                                                                              \
     }                                                                                  \
     TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
