@@ -99,7 +99,7 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
     vd = vi
     if amsgrad:
         old = _daz(vmax[i], c)
-        if old >= vi or old != old:  # np.maximum: NaN on either side wins
+        if old > vi or old != old:  # np.maximum: NaN on either side wins, a tie takes v
             vd = old
         vmax[i] = vd
     # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which

@@ -10,7 +10,8 @@ and gradient ``g``::
     p   <- p * (1 - lr * wd)                    AdamW: decoupled weight decay
     m   <- beta1 * m + (1 - beta1) * g
     v   <- beta2 * v + (1 - beta2) * (g * g)
-    v^  <- max(v^, v)                           AMSGrad (the denominator uses v^)
+    v^  <- max(v^, v)                           AMSGrad (the denominator uses v^; np.maximum:
+                                                a NaN wins, a tie takes v)
     p   <- p - lr / (1 - beta1^t) * (m / (sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps))
 
 every operation rounded in the arrays' dtype T (the scalars are computed once

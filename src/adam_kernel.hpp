@@ -303,7 +303,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
         float vd = vi;
         if (AMSGRAD) {
             const float old = fa_int8_decode<false>(vmaxb[j]) * scale_vmax;
-            vd = (old >= vi || old != old) ? old : vi;
+            vd = (old > vi || old != old) ? old : vi;  // np.maximum: a NaN wins, a tie takes v
             bvmax[j] = vd;
             const uint32_t bits = fa_magnitude_bits(vd);
             largest_vmax = bits > largest_vmax ? bits : largest_vmax;
@@ -457,9 +457,9 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
                 if (AMSGRAD) {
                     const __m512 old =
                         _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(vmax + i)), scale_vmax);
-                    // old >= vi || old != old
+                    // old > vi || old != old
                     const __mmask16 keep =
-                        _mm512_cmp_ps_mask(old, vi, _CMP_GE_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+                        _mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
                     vd = _mm512_mask_blend_ps(keep, vi, old);
                     _mm512_store_ps(bvmax + j, vd);
                     largest_vmax =
@@ -555,8 +555,9 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
             // makes the compare see it as zero, so the select picks the zero).
             const T stored = S::load(vmax, i);
             const T old = fa_abs(stored) < fa_min_normal<T>::value ? fa_signed_zero(stored) : stored;
-            // np.maximum semantics: a NaN on either side wins.
-            vd = (old >= vi || old != old) ? old : vi;
+            // np.maximum: a NaN on either side wins, and a tie takes v (+0 over a
+            // flushed -0, the one tie whose bits differ).
+            vd = (old > vi || old != old) ? old : vi;
             S::store(vmax, i, vd,
                      STATE == FA_STATE_BF16 ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }

@@ -59,6 +59,56 @@ def test_maximize_negates_a_nan_gradient_as_the_reference_does(state_dtype, back
     assert results[1] == results[0]
 
 
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@pytest.mark.parametrize("amsgrad, maximize, wd", [(False, False, 0.0), (True, False, 0.1),
+                                                    (False, True, 0.1), (True, True, 0.0)])
+def test_every_isa_variant_equals_the_reference_on_edge_values(state_dtype, cls, amsgrad, maximize,
+                                                                wd, rng):
+    """Every instruction set against the reference (the AVX-512 variant's bfloat16 loop is
+    written apart from the rest): NaN and infinite gradients, signed zeros, subnormal
+    gradients, and subnormal, negative-subnormal and NaN values in v^ (a checkpoint can hold
+    them), some where v is 0: max(v^, v) of a flushed -0 and v's +0 is +0, as np.maximum's."""
+    kernel = fastadam._backends.compiled_or_none()
+    if kernel is None:
+        pytest.skip("the compiled kernel is not built")
+    n = 70_001
+    p0 = rng.standard_normal(n).astype(np.float32)
+    p0[100:200:2] = -0.0
+    stream = grads_for(rng, n, 4)
+    stream[1][[7, 500, 4000, n - 3]] = [np.nan, np.inf, -np.inf, np.nan]
+    stream[2][1000:2000] = -0.0
+    stream[3][3000:3100] = 1e-39    # subnormal float32
+    for g in stream:
+        g[5000:5200] = 0.0          # v stays 0 there, so v^'s old value is the max
+
+    def run(backend):
+        p = p0.copy()
+        opt = getattr(fastadam, cls)([p], weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
+                                     state_dtype=state_dtype, seed=5, backend=backend)
+        for k, g in enumerate(stream):
+            opt.step([g])
+            if k == 0 and amsgrad:
+                vmax = opt.state[0]["max_exp_avg_sq"]
+                subnormal, negative, nan, negative_where_v_is_0 = (
+                    (0x0005, 0x8005, 0x7fc1, 0x8003) if state_dtype == "bfloat16"   # bits
+                    else (1e-40, -1e-40, np.nan, -1e-41))
+                vmax[::101] = subnormal
+                vmax[50::202] = negative
+                vmax[7::997] = nan
+                vmax[5000:5200:3] = negative_where_v_is_0
+        return p.tobytes() + b"".join(a.tobytes() for k, a in sorted(opt.state[0].items()) if k != "step")
+
+    expected = run("numpy")
+    before = kernel.isa_in_use()
+    try:
+        for isa in [name for name in kernel.ISA_NAMES if kernel.isa_supported(name)]:
+            kernel.select_isa(isa)
+            assert run("cython") == expected, isa
+    finally:
+        kernel.select_isa(before)
+
+
 def test_state_is_bfloat16_bits_and_half_the_memory(rng):
     p = rng.standard_normal(1000).astype(np.float32)
     full = fastadam.Adam([p.copy()])

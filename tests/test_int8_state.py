@@ -72,10 +72,10 @@ def test_blocks_holding_nan_or_inf_equal_the_reference(amsgrad, maximize, rng):
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
 @pytest.mark.parametrize("amsgrad, maximize, wd", [(False, False, 0.0), (True, False, 0.1),
                                                     (False, True, 0.1), (True, True, 0.0)])
-def test_every_isa_variant_gives_the_same_bits(cls, amsgrad, maximize, wd, rng):
+def test_every_isa_variant_equals_the_reference(cls, amsgrad, maximize, wd, rng):
     """Every instruction set, whole blocks and the partial last one, with non-finite
-    gradients, signed zeros and silent blocks (the AVX-512 variant's whole blocks are
-    written apart from the rest)."""
+    gradients, signed zeros and silent blocks, equals the reference bit for bit (the AVX-512
+    variant's whole blocks are written apart from the rest)."""
     kernel = fastadam._backends.compiled_or_none()
     if kernel is None:
         pytest.skip("the compiled kernel is not built")
@@ -88,20 +88,27 @@ def test_every_isa_variant_gives_the_same_bits(cls, amsgrad, maximize, wd, rng):
         g[2 * BLOCK:4 * BLOCK] = -0.0        # signed zeros, then silence where m and v were set
         g[10 * BLOCK:11 * BLOCK] = 0.0
     stream[0][10 * BLOCK + 3] = 1e3          # one large value in a block of small ones
+    for g in stream:
+        g[12 * BLOCK:13 * BLOCK] = 0.0       # v stays 0 there
+
+    def run(backend):
+        p = p0.copy()
+        opt = getattr(fastadam, cls)([p], weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
+                                     state_dtype="int8", backend=backend)
+        for k, g in enumerate(stream):
+            opt.step([g])
+            if k == 0 and amsgrad:  # validation accepts -0.0: v^ decodes to -0 where v is +0
+                opt.state[0]["max_exp_avg_sq_absmax"][12] = -0.0
+        return p.tobytes() + state_bytes(opt)
+
+    expected = run("numpy")
     before = kernel.isa_in_use()
-    results = []
     try:
         for isa in [name for name in kernel.ISA_NAMES if kernel.isa_supported(name)]:
             kernel.select_isa(isa)
-            p = p0.copy()
-            opt = getattr(fastadam, cls)([p], weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
-                                         state_dtype="int8", backend="cython")
-            for g in stream:
-                opt.step([g])
-            results.append(p.tobytes() + state_bytes(opt))
+            assert run("cython") == expected, isa
     finally:
         kernel.select_isa(before)
-    assert len(results) >= 1 and all(r == results[0] for r in results[1:])
 
 
 def valid_map(signed):
