@@ -335,6 +335,16 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
     __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #define FA_AVX512_INLINE FA_AVX512_TARGET static inline __attribute__((always_inline))
 
+// The top 16-bit word of each of the 32 dwords of (a, b), in order.
+FA_AVX512_INLINE __m512i fa_top_words(__m512i a, __m512i b) {
+    // word i <- word 2i + 1 of the pair
+    return _mm512_permutex2var_epi16(
+        a, _mm512_set_epi32(0x003f003d, 0x003b0039, 0x00370035, 0x00330031, 0x002f002d, 0x002b0029, 0x00270025,
+                            0x00230021, 0x001f001d, 0x001b0019, 0x00170015, 0x00130011, 0x000f000d, 0x000b0009,
+                            0x00070005, 0x00030001),
+        b);
+}
+
 // fa_int8_decode<true> of 16 codes of m, as bits.
 FA_AVX512_INLINE __m512i fa_int8_decode16_signed(const uint8_t *codes) {
     typedef fa_int8_format<true> F;
@@ -363,7 +373,8 @@ FA_AVX512_INLINE __m512i fa_int8_decode16_unsigned(const uint8_t *codes) {
 // fa_int8_store_block of 64 values.  The code depends only on the top 16 bits
 // of y's (every constant of fa_int8_format's rounding is a multiple of 2^16),
 // so the rounding runs on 16-bit words, 32 to a vector.  NON_NEGATIVE: no
-// value has its sign bit set but a NaN (v: a sum of non-negative products), so
+// value has its sign bit set but a NaN (v, a sum of non-negative products, and
+// v^, the max of v and a decoded v^, whose -0 loses the tie to v's +0), so
 // |y|'s bits are y's wherever they decide the code (a NaN's is the top one).
 template <bool SIGNED, bool NON_NEGATIVE>
 FA_AVX512_INLINE void fa_int8_store64(const float *__restrict__ values, __m512 inverse, uint8_t *__restrict__ codes) {
@@ -371,15 +382,10 @@ FA_AVX512_INLINE void fa_int8_store64(const float *__restrict__ values, __m512 i
     static_assert((F::one & 0xffffu) == 0 && (F::half_smallest & 0xffffu) == 0 &&
                   ((uint32_t)F::rounding_bias & 0xffffu) == 0 && F::shift >= 16,
                   "the rounding needs the low 16 bits of y");
-    // word i <- the top word of y's element i: word 2i + 1 of the pair (a, b)
-    const __m512i top_words = _mm512_set_epi32(
-        0x003f003d, 0x003b0039, 0x00370035, 0x00330031, 0x002f002d, 0x002b0029, 0x00270025, 0x00230021,
-        0x001f001d, 0x001b0019, 0x00170015, 0x00130011, 0x000f000d, 0x000b0009, 0x00070005, 0x00030001);
     __m512i code[2];
     for (int h = 0; h < 2; ++h) {
-        const __m512i y = _mm512_permutex2var_epi16(
-            _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h), inverse)), top_words,
-            _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h + 16), inverse)));
+        const __m512i y = fa_top_words(_mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h), inverse)),
+                                       _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(values + 32 * h + 16), inverse)));
         __m512i magnitude = NON_NEGATIVE ? y : _mm512_and_si512(y, _mm512_set1_epi16(0x7fff));
         magnitude = _mm512_min_epu16(magnitude, _mm512_set1_epi16((short)(F::one >> 16)));
         const __m512i k = _mm512_srai_epi16(
@@ -401,7 +407,7 @@ FA_AVX512_INLINE void fa_int8_requantize64(const float (*values)[FA_INT8_BLOCK],
                                            uint8_t *m, uint8_t *v, uint8_t *vmax) {
     fa_int8_store64<true, false>(values[0] + q, inverse[0], m + q);
     fa_int8_store64<false, true>(values[1] + q, inverse[1], v + q);
-    if (AMSGRAD) fa_int8_store64<false, false>(values[2] + q, inverse[2], vmax + q);
+    if (AMSGRAD) fa_int8_store64<false, true>(values[2] + q, inverse[2], vmax + q);
 }
 
 // fa_int8_block over the whole blocks [start, stop), with AVX-512 intrinsics:
@@ -462,8 +468,7 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
                         _mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
                     vd = _mm512_mask_blend_ps(keep, vi, old);
                     _mm512_store_ps(bvmax + j, vd);
-                    largest_vmax =
-                        _mm512_max_epu32(largest_vmax, _mm512_and_si512(_mm512_castps_si512(vd), magnitude_mask));
+                    largest_vmax = _mm512_max_epu32(largest_vmax, _mm512_castps_si512(vd));  // NON_NEGATIVE
                 }
                 const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), inv_sqrt_bc2), eps);
                 __m512 update = _mm512_mul_ps(step_size, _mm512_div_ps(mi, denom));
@@ -495,6 +500,84 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
         for (int q = 0; q < FA_INT8_BLOCK; q += 64)
             fa_int8_requantize64<AMSGRAD>(moments[parity ^ 1], inverse, q, m + last, v + last,
                                           AMSGRAD ? vmax + last : nullptr);
+    }
+}
+
+// fa_storage<float, FA_STATE_BF16>::load of 16 values.
+FA_AVX512_INLINE __m512 fa_bf16_load16(const uint16_t *a) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)a)), 16));
+}
+
+// fa_storage<float, FA_STATE_BF16>::store of 16 values, in the top words: the
+// random bits added, or a NaN's quiet bit set.
+FA_AVX512_INLINE __m512i fa_bf16_round16(__m512 x, __m512i random16) {
+    const __m512i bits = _mm512_castps_si512(x);
+    return _mm512_mask_or_epi32(_mm512_add_epi32(bits, random16), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), bits,
+                                _mm512_set1_epi32(0x00400000));
+}
+
+// fa_adam_loop's bfloat16 path over [start, stop) of one chunk (stop - start a
+// multiple of 32), with AVX-512 intrinsics: the same operations in the same
+// order, so the same bits, in fewer instructions than GCC's vectorisation
+// (which carries the element index in 64 bits and narrows it every step).
+template <int WD, bool AMSGRAD, bool MAXIMIZE>
+FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
+                                                  int64_t stop, uint32_t key_mv, uint32_t key_vmax) {
+    const __m512 grad_scale = _mm512_set1_ps(s.grad_scale), weight_decay = _mm512_set1_ps(s.weight_decay),
+                 decay = _mm512_set1_ps(s.decay), beta1 = _mm512_set1_ps(s.beta1),
+                 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1), beta2 = _mm512_set1_ps(s.beta2),
+                 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps),
+                 step_size = _mm512_set1_ps(s.step_size), inv_sqrt_bc2 = _mm512_set1_ps(s.inv_sqrt_bc2);
+    const __m512 min_normal = _mm512_set1_ps(fa_min_normal<float>::value);
+    const __m512i sign = _mm512_set1_epi32((int32_t)0x80000000u), magnitude_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i multiplier = _mm512_set1_epi32((int32_t)FA_ROUNDING_MULTIPLIER);
+    const __m512i low_half = _mm512_set1_epi32(0xffff), sixteen = _mm512_set1_epi32(16);
+    const __m512i mv_key = _mm512_set1_epi32((int32_t)key_mv), vmax_key = _mm512_set1_epi32((int32_t)key_vmax);
+    float *__restrict__ p = (float *)it.param;
+    const float *__restrict__ g = (const float *)it.grad;
+    uint16_t *__restrict__ m = (uint16_t *)it.exp_avg;
+    uint16_t *__restrict__ v = (uint16_t *)it.exp_avg_sq;
+    uint16_t *__restrict__ vmax = (uint16_t *)it.max_exp_avg_sq;
+    // the elements' indices, mod 2^32
+    __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)start),
+                                     _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    for (int64_t i = start; i < stop; i += 32) {
+        __m512i new_m[2], new_v[2], new_vmax[2];
+        for (int h = 0; h < 2; ++h) {
+            const int64_t j = i + 16 * h;
+            const __m512i r = _mm512_mullo_epi32(_mm512_xor_si512(index, mv_key), multiplier);
+            __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + j), grad_scale);
+            if (MAXIMIZE) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), sign));
+            __m512 pi = _mm512_loadu_ps(p + j);
+            if (WD == FA_WD_L2) gi = _mm512_add_ps(gi, _mm512_mul_ps(weight_decay, pi));
+            if (WD == FA_WD_DECOUPLED) pi = _mm512_mul_ps(pi, decay);
+            const __m512 mi = _mm512_add_ps(_mm512_mul_ps(beta1, fa_bf16_load16(m + j)), _mm512_mul_ps(one_minus_beta1, gi));
+            const __m512 vi = _mm512_add_ps(_mm512_mul_ps(beta2, fa_bf16_load16(v + j)),
+                                            _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gi, gi)));
+            new_m[h] = fa_bf16_round16(mi, _mm512_and_si512(r, low_half));
+            new_v[h] = fa_bf16_round16(vi, _mm512_srli_epi32(r, 16));
+            __m512 vd = vi;
+            if (AMSGRAD) {
+                // a subnormal old value flushed to a zero of its sign (DAZ: the compare sees it as zero)
+                const __m512 stored = fa_bf16_load16(vmax + j);
+                const __mmask16 tiny = _mm512_cmp_ps_mask(
+                    _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(stored), magnitude_mask)), min_normal,
+                    _CMP_LT_OQ);
+                const __m512 old = _mm512_castsi512_ps(
+                    _mm512_mask_and_epi32(_mm512_castps_si512(stored), tiny, _mm512_castps_si512(stored), sign));
+                // old > vi || old != old
+                const __mmask16 keep = _mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+                vd = _mm512_mask_blend_ps(keep, vi, old);
+                new_vmax[h] = fa_bf16_round16(
+                    vd, _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(index, vmax_key), multiplier), low_half));
+            }
+            const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), inv_sqrt_bc2), eps);
+            _mm512_storeu_ps(p + j, _mm512_sub_ps(pi, _mm512_mul_ps(step_size, _mm512_div_ps(mi, denom))));
+            index = _mm512_add_epi32(index, sixteen);
+        }
+        _mm512_storeu_si512(m + i, fa_top_words(new_m[0], new_m[1]));
+        _mm512_storeu_si512(v + i, fa_top_words(new_v[0], new_v[1]));
+        if (AMSGRAD) _mm512_storeu_si512(vmax + i, fa_top_words(new_vmax[0], new_vmax[1]));
     }
 }
 #pragma GCC diagnostic pop
@@ -538,7 +621,15 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     const int64_t chunk_stop = ((chunk >> 32) + 1) << 32 < stop ? ((chunk >> 32) + 1) << 32 : stop;
     const uint32_t hi = (uint32_t)((uint64_t)chunk >> 32) * FA_INDEX_HI_MULTIPLIER;
     const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi;
-    for (int64_t i = chunk; i < chunk_stop; ++i) {
+    int64_t i = chunk;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (ISA == FA_ISA_AVX512 && STATE == FA_STATE_BF16) {
+        const int64_t whole = chunk + (chunk_stop - chunk) / 32 * 32;
+        fa_bf16_range_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, chunk, whole, key_mv, key_vmax);
+        i = whole;
+    }
+#endif
+    for (; i < chunk_stop; ++i) {
         const uint32_t r = STATE == FA_STATE_BF16 ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
         T gi = g[i] * s.grad_scale;
         gi = MAXIMIZE ? fa_flip_sign(gi) : gi;
