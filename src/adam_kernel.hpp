@@ -32,9 +32,12 @@
 //
 // Where the state is 8-bit (fa_adam_int8_loop), the kernel works block by block
 // and clamps the update's Adam term to +-10 lr: fastadam/_reference.py states
-// the maps, the quantization and why.  That step is bound by instructions, not
-// memory, so its whole blocks have an AVX-512 path written with intrinsics
-// (fa_int8_blocks_avx512), the same arithmetic in fewer instructions.
+// the maps, the quantization and why.
+//
+// Compressed state's steps are bound by instructions more than by memory, so
+// on AVX-512 they run paths written with intrinsics (fa_int8_blocks_avx512,
+// fa_bf16_range_avx512): the same operations in the same order, in fewer
+// instructions than GCC's vectorisation of the generic loops finds.
 //
 // Weight-decay mode, AMSGrad, maximize and the state's storage (native,
 // bfloat16 or 8-bit) are template parameters: each variant is its own loop with no
