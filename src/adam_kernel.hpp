@@ -55,6 +55,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <type_traits>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -111,17 +112,12 @@ static inline __attribute__((always_inline)) double fa_signed_zero(double x) { r
 // -x as the reference computes it: the sign bit flipped, a NaN's too.  GCC
 // treats a NaN's sign as unspecified and folds -(g * c) into g * -c, which
 // keeps the gradient NaN's sign; an integer XOR it leaves alone.
-static inline __attribute__((always_inline)) float fa_flip_sign(float x) {
-    uint32_t bits;
+template <typename T>
+static inline __attribute__((always_inline)) T fa_flip_sign(T x) {
+    typedef typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type Bits;
+    Bits bits;
     memcpy(&bits, &x, sizeof bits);
-    bits ^= 0x80000000u;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-static inline __attribute__((always_inline)) double fa_flip_sign(double x) {
-    uint64_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits ^= 0x8000000000000000ull;
+    bits ^= (Bits)1 << (8 * sizeof(Bits) - 1);
     memcpy(&x, &bits, sizeof x);
     return x;
 }
@@ -338,6 +334,51 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
     __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #define FA_AVX512_INLINE FA_AVX512_TARGET static inline __attribute__((always_inline))
 
+// fa_scalars<float>, in all 16 lanes.
+struct fa_vector_scalars {
+    __m512 grad_scale, weight_decay, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+        inv_sqrt_bc2;
+};
+
+FA_AVX512_INLINE fa_vector_scalars fa_broadcast(const fa_scalars<float> &s) {
+    return {_mm512_set1_ps(s.grad_scale), _mm512_set1_ps(s.weight_decay), _mm512_set1_ps(s.decay),
+            _mm512_set1_ps(s.beta1),      _mm512_set1_ps(s.one_minus_beta1), _mm512_set1_ps(s.beta2),
+            _mm512_set1_ps(s.one_minus_beta2), _mm512_set1_ps(s.eps),     _mm512_set1_ps(s.step_size),
+            _mm512_set1_ps(s.inv_sqrt_bc2)};
+}
+
+// The update's first lines for 16 elements: g clipped, negated (maximize) and
+// with L2 weight decay; p with decoupled weight decay.
+template <int WD, bool MAXIMIZE>
+FA_AVX512_INLINE void fa_gradient16(const fa_vector_scalars &c, const float *g, const float *p, __m512 &gi,
+                                    __m512 &pi) {
+    gi = _mm512_mul_ps(_mm512_loadu_ps(g), c.grad_scale);
+    if (MAXIMIZE) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), _mm512_set1_epi32((int32_t)0x80000000u)));
+    pi = _mm512_loadu_ps(p);
+    if (WD == FA_WD_L2) gi = _mm512_add_ps(gi, _mm512_mul_ps(c.weight_decay, pi));
+    if (WD == FA_WD_DECOUPLED) pi = _mm512_mul_ps(pi, c.decay);
+}
+
+// The new m and v of 16 elements from their decoded old values.
+FA_AVX512_INLINE void fa_moments16(const fa_vector_scalars &c, __m512 m, __m512 v, __m512 gi, __m512 &mi,
+                                   __m512 &vi) {
+    mi = _mm512_add_ps(_mm512_mul_ps(c.beta1, m), _mm512_mul_ps(c.one_minus_beta1, gi));
+    vi = _mm512_add_ps(_mm512_mul_ps(c.beta2, v), _mm512_mul_ps(c.one_minus_beta2, _mm512_mul_ps(gi, gi)));
+}
+
+// AMSGrad's max(old, v) of 16 elements: old > v || old != old ? old : v (a NaN
+// wins, a tie takes v).
+FA_AVX512_INLINE __m512 fa_amsgrad_max16(__m512 old, __m512 vi) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q),
+                                vi, old);
+}
+
+// The Adam term of 16 elements: step_size * (m / (sqrt(vd) * inv_sqrt_bc2 + eps)).
+FA_AVX512_INLINE __m512 fa_adam_term16(const fa_vector_scalars &c, __m512 mi, __m512 vd) {
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), c.inv_sqrt_bc2), c.eps);
+    return _mm512_mul_ps(c.step_size, _mm512_div_ps(mi, denom));
+}
+
 // The top 16-bit word of each of the 32 dwords of (a, b), in order.
 FA_AVX512_INLINE __m512i fa_top_words(__m512i a, __m512i b) {
     // word i <- word 2i + 1 of the pair
@@ -424,14 +465,10 @@ FA_AVX512_INLINE void fa_int8_requantize64(const float (*values)[FA_INT8_BLOCK],
 template <int WD, bool AMSGRAD, bool MAXIMIZE>
 FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
                                                    int64_t stop) {
-    const __m512 grad_scale = _mm512_set1_ps(s.grad_scale), weight_decay = _mm512_set1_ps(s.weight_decay),
-                 decay = _mm512_set1_ps(s.decay), beta1 = _mm512_set1_ps(s.beta1),
-                 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1), beta2 = _mm512_set1_ps(s.beta2),
-                 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps),
-                 step_size = _mm512_set1_ps(s.step_size), inv_sqrt_bc2 = _mm512_set1_ps(s.inv_sqrt_bc2);
+    const fa_vector_scalars c = fa_broadcast(s);
     const float max_update_scalar = (float)it.max_update;
     const __m512 max_update = _mm512_set1_ps(max_update_scalar), min_update = _mm512_set1_ps(-max_update_scalar);
-    const __m512i sign = _mm512_set1_epi32((int32_t)0x80000000u), magnitude_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
     float *__restrict__ p = (float *)it.param;
     const float *__restrict__ g = (const float *)it.grad;
     uint8_t *__restrict__ m = (uint8_t *)it.exp_avg;
@@ -451,30 +488,18 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
         for (int q = 0; q < FA_INT8_BLOCK; q += 64) {
             for (int j = q; j < q + 64; j += 16) {
                 const int64_t i = b0 + j;
-                __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), grad_scale);
-                if (MAXIMIZE) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), sign));
-                __m512 pi = _mm512_loadu_ps(p + i);
-                if (WD == FA_WD_L2) gi = _mm512_add_ps(gi, _mm512_mul_ps(weight_decay, pi));
-                if (WD == FA_WD_DECOUPLED) pi = _mm512_mul_ps(pi, decay);
-                const __m512 mi = _mm512_add_ps(
-                    _mm512_mul_ps(beta1, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m)),
-                    _mm512_mul_ps(one_minus_beta1, gi));
-                const __m512 vi = _mm512_add_ps(
-                    _mm512_mul_ps(beta2, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(v + i)), scale_v)),
-                    _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gi, gi)));
+                __m512 gi, pi, mi, vi;
+                fa_gradient16<WD, MAXIMIZE>(c, g + i, p + i, gi, pi);
+                fa_moments16(c, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m),
+                             _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(v + i)), scale_v), gi, mi, vi);
                 __m512 vd = vi;
                 if (AMSGRAD) {
-                    const __m512 old =
-                        _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(vmax + i)), scale_vmax);
-                    // old > vi || old != old
-                    const __mmask16 keep =
-                        _mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
-                    vd = _mm512_mask_blend_ps(keep, vi, old);
+                    vd = fa_amsgrad_max16(
+                        _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(vmax + i)), scale_vmax), vi);
                     _mm512_store_ps(bvmax + j, vd);
                     largest_vmax = _mm512_max_epu32(largest_vmax, _mm512_castps_si512(vd));  // NON_NEGATIVE
                 }
-                const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), inv_sqrt_bc2), eps);
-                __m512 update = _mm512_mul_ps(step_size, _mm512_div_ps(mi, denom));
+                __m512 update = fa_adam_term16(c, mi, vd);
                 update = _mm512_min_ps(max_update, update);  // update > max_update ? max_update : update
                 update = _mm512_max_ps(min_update, update);  // update < -max_update ? -max_update : update
                 _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, update));
@@ -526,11 +551,7 @@ FA_AVX512_INLINE __m512i fa_bf16_round16(__m512 x, __m512i random16) {
 template <int WD, bool AMSGRAD, bool MAXIMIZE>
 FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
                                                   int64_t stop, uint32_t key_mv, uint32_t key_vmax) {
-    const __m512 grad_scale = _mm512_set1_ps(s.grad_scale), weight_decay = _mm512_set1_ps(s.weight_decay),
-                 decay = _mm512_set1_ps(s.decay), beta1 = _mm512_set1_ps(s.beta1),
-                 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1), beta2 = _mm512_set1_ps(s.beta2),
-                 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps),
-                 step_size = _mm512_set1_ps(s.step_size), inv_sqrt_bc2 = _mm512_set1_ps(s.inv_sqrt_bc2);
+    const fa_vector_scalars c = fa_broadcast(s);
     const __m512 min_normal = _mm512_set1_ps(fa_min_normal<float>::value);
     const __m512i sign = _mm512_set1_epi32((int32_t)0x80000000u), magnitude_mask = _mm512_set1_epi32(0x7fffffff);
     const __m512i multiplier = _mm512_set1_epi32((int32_t)FA_ROUNDING_MULTIPLIER);
@@ -549,14 +570,9 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
         for (int h = 0; h < 2; ++h) {
             const int64_t j = i + 16 * h;
             const __m512i r = _mm512_mullo_epi32(_mm512_xor_si512(index, mv_key), multiplier);
-            __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + j), grad_scale);
-            if (MAXIMIZE) gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi), sign));
-            __m512 pi = _mm512_loadu_ps(p + j);
-            if (WD == FA_WD_L2) gi = _mm512_add_ps(gi, _mm512_mul_ps(weight_decay, pi));
-            if (WD == FA_WD_DECOUPLED) pi = _mm512_mul_ps(pi, decay);
-            const __m512 mi = _mm512_add_ps(_mm512_mul_ps(beta1, fa_bf16_load16(m + j)), _mm512_mul_ps(one_minus_beta1, gi));
-            const __m512 vi = _mm512_add_ps(_mm512_mul_ps(beta2, fa_bf16_load16(v + j)),
-                                            _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(gi, gi)));
+            __m512 gi, pi, mi, vi;
+            fa_gradient16<WD, MAXIMIZE>(c, g + j, p + j, gi, pi);
+            fa_moments16(c, fa_bf16_load16(m + j), fa_bf16_load16(v + j), gi, mi, vi);
             new_m[h] = fa_bf16_round16(mi, _mm512_and_si512(r, low_half));
             new_v[h] = fa_bf16_round16(vi, _mm512_srli_epi32(r, 16));
             __m512 vd = vi;
@@ -568,14 +584,11 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
                     _CMP_LT_OQ);
                 const __m512 old = _mm512_castsi512_ps(
                     _mm512_mask_and_epi32(_mm512_castps_si512(stored), tiny, _mm512_castps_si512(stored), sign));
-                // old > vi || old != old
-                const __mmask16 keep = _mm512_cmp_ps_mask(old, vi, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
-                vd = _mm512_mask_blend_ps(keep, vi, old);
+                vd = fa_amsgrad_max16(old, vi);
                 new_vmax[h] = fa_bf16_round16(
                     vd, _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(index, vmax_key), multiplier), low_half));
             }
-            const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vd), inv_sqrt_bc2), eps);
-            _mm512_storeu_ps(p + j, _mm512_sub_ps(pi, _mm512_mul_ps(step_size, _mm512_div_ps(mi, denom))));
+            _mm512_storeu_ps(p + j, _mm512_sub_ps(pi, fa_adam_term16(c, mi, vd)));
             index = _mm512_add_epi32(index, sixteen);
         }
         _mm512_storeu_si512(m + i, fa_top_words(new_m[0], new_m[1]));

@@ -13,6 +13,19 @@ def backend_params(names=_backends.BACKENDS):
             for n in names]
 
 
+def on_every_isa(kernel, run):
+    """{isa: run()} for every instruction set this CPU supports; the selection is restored."""
+    before = kernel.isa_in_use()
+    results = {}
+    try:
+        for isa in [name for name in kernel.ISA_NAMES if kernel.isa_supported(name)]:
+            kernel.select_isa(isa)
+            results[isa] = run()
+    finally:
+        kernel.select_isa(before)
+    return results
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -4,7 +4,7 @@ import pytest
 
 import fastadam
 from fastadam import _reference
-from conftest import backend_params
+from conftest import backend_params, on_every_isa
 from test_errors import assert_unchanged, snapshot
 
 BF16_BACKENDS = backend_params(("cython", "numpy"))
@@ -100,13 +100,8 @@ def test_every_isa_variant_equals_the_reference_on_edge_values(state_dtype, cls,
         return p.tobytes() + b"".join(a.tobytes() for k, a in sorted(opt.state[0].items()) if k != "step")
 
     expected = run("numpy")
-    before = kernel.isa_in_use()
-    try:
-        for isa in [name for name in kernel.ISA_NAMES if kernel.isa_supported(name)]:
-            kernel.select_isa(isa)
-            assert run("cython") == expected, isa
-    finally:
-        kernel.select_isa(before)
+    for isa, got in on_every_isa(kernel, lambda: run("cython")).items():
+        assert got == expected, isa
 
 
 def test_state_is_bfloat16_bits_and_half_the_memory(rng):

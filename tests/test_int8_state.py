@@ -4,7 +4,7 @@ import pytest
 
 import fastadam
 from fastadam import _reference
-from conftest import backend_params
+from conftest import backend_params, on_every_isa
 from test_errors import assert_unchanged, snapshot
 
 INT8_BACKENDS = backend_params(("cython", "numpy"))
@@ -102,13 +102,8 @@ def test_every_isa_variant_equals_the_reference(cls, amsgrad, maximize, wd, rng)
         return p.tobytes() + state_bytes(opt)
 
     expected = run("numpy")
-    before = kernel.isa_in_use()
-    try:
-        for isa in [name for name in kernel.ISA_NAMES if kernel.isa_supported(name)]:
-            kernel.select_isa(isa)
-            assert run("cython") == expected, isa
-    finally:
-        kernel.select_isa(before)
+    for isa, got in on_every_isa(kernel, lambda: run("cython")).items():
+        assert got == expected, isa
 
 
 def valid_map(signed):
