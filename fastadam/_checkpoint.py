@@ -112,8 +112,8 @@ def _convert_state(entry, key, p, where, kind):
     convert into each other through float32: bfloat16 (uint16 bits, or
     ml_dtypes.bfloat16) decodes exactly and is stored rounded to nearest; 8-bit
     codes decode with their absmax and are stored by _reference.int8_encode.
-    The same storage is copied bit for bit.  Compressed state is placed as the
-    optimizer places it (_flat.state_zeros)."""
+    The same storage is copied bit for bit.  The buffers are placed as the
+    optimizer places new state (_flat.state_zeros)."""
     a, name = entry[key], f"{where}[{key!r}]"
     absmax_key = _rules.ABSMAX_KEYS[key]
     target_kind = _rules.tensor_state(p, kind)
@@ -145,14 +145,12 @@ def _convert_state(entry, key, p, where, kind):
     if target_kind == "int8":
         if absmax_key not in entry:
             codes, absmax = _reference.int8_encode(values, signed=key == "exp_avg")
-        out = _flat.state_zeros(a.shape, target, key)
+        out = _flat.state_zeros(a.shape, target, key, p.ctypes.data)
         out[...] = codes
         return {key: out, absmax_key: np.array(absmax, np.float32, order="C", copy=True)}
     if target_kind == "bfloat16" and values.dtype != np.uint16:
         values = _reference.bf16_round_nearest(values).reshape(a.shape)
-    if target_kind == "float32":
-        return {key: np.array(values, order="C", copy=True)}
-    out = _flat.state_zeros(a.shape, target, key)
+    out = _flat.state_zeros(a.shape, target, key, p.ctypes.data)
     out[...] = values
     return {key: out}
 

@@ -60,19 +60,28 @@ def _aligned_zeros(n, dtype, align):
     return raw[start:start + n * dtype.itemsize].view(dtype)
 
 
-# Where in a page each compressed-state buffer starts (fastadam allocates them).
-# bfloat16 m and v are read at half the stride of p and g, so their addresses drift
-# through p's and g's; when all four start at the same page offset, as large NumPy
-# arrays do, power-of-two sizes alias in the caches: a bfloat16 step over 64M
-# parameters took 0.656 ns/param with m and v at p's page offset and 0.375-0.441
-# with them staggered (2 threads, AMD EPYC), against 0.507 for float32 state.
+# Where in a page each state buffer starts, past its parameter's cache line in
+# the page.  Large NumPy (and torch) arrays all start at the same page offset, and
+# a step's streams at one page offset collide in the caches (4K aliasing); a
+# parameter 16 bytes past a cache line, as NumPy's large arrays are, makes it
+# worse, since every vector access then splits two lines.  bfloat16 m and v are
+# read at half the stride of p and g, so their addresses also drift through
+# p's and g's.  Measured on AMD EPYC (Zen 4): see docs/speed.md, "Where the
+# state is placed".
 STATE_PAGE_OFFSETS = {"exp_avg": 17 * 64, "exp_avg_sq": 41 * 64, "max_exp_avg_sq": 59 * 64}
+# Smaller buffers are plain zeros: the placement costs up to 4 KiB of padding each.
+STATE_PLACEMENT_MIN_BYTES = 1 << 16
 
 
-def state_zeros(shape, dtype, key):
-    """Zeros for state buffer ``key``, starting at its STATE_PAGE_OFFSETS within a page."""
+def state_zeros(shape, dtype, key, beside):
+    """Zeros for state buffer ``key`` of the parameter at address ``beside``: one of
+    at least STATE_PLACEMENT_MIN_BYTES starts on a cache line, STATE_PAGE_OFFSETS[key]
+    bytes past the parameter's line within a page."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
-    raw = np.zeros(n * dtype.itemsize + 8192, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 4096 + STATE_PAGE_OFFSETS[key]
-    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < STATE_PLACEMENT_MIN_BYTES:
+        return np.zeros(shape, dtype)
+    raw = np.zeros(nbytes + 4096, dtype=np.uint8)
+    target = (beside // 64 * 64 + STATE_PAGE_OFFSETS[key]) % 4096
+    start = (target - raw.ctypes.data) % 4096
+    return raw[start:start + nbytes].view(dtype).reshape(shape)

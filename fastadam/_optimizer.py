@@ -307,13 +307,11 @@ class Adam:
 
     def _new_state_buffers(self, p, key):
         """{key: zeros} for parameter p's state buffer ``key``, with its absmax for
-        8-bit state (zero bits are zero in every storage); compressed state starts at
-        a staggered page offset (see _flat.state_zeros)."""
+        8-bit state (zero bits are zero in every storage), placed beside p as
+        _flat.state_zeros places state."""
         kind = _rules.tensor_state(p, self.state_dtype)
         dtype = _rules.state_storage(p.dtype, kind)
-        if kind == "float32":
-            return {key: np.zeros(p.shape, dtype)}
-        buffers = {key: _flat.state_zeros(p.shape, dtype, key)}
+        buffers = {key: _flat.state_zeros(p.shape, dtype, key, p.ctypes.data)}
         if kind == "int8":
             buffers[_rules.ABSMAX_KEYS[key]] = np.zeros(_reference.int8_blocks(p.size), np.float32)
         return buffers
