@@ -320,7 +320,8 @@ class Adam:
 
     def state_nbytes(self):
         """Bytes held by the optimizer state (m, v and AMSGrad's running max, with
-        the 8-bit state's absmax arrays)."""
+        the 8-bit state's absmax arrays), not counting the up to 4 KiB of padding
+        that places each buffer of 64 KiB or more (see _flat.state_zeros)."""
         with self._lock:
             return sum(value.nbytes for entry in self.state.values() for key, value in entry.items()
                        if isinstance(value, np.ndarray) and (
