@@ -1,4 +1,5 @@
-"""Builds the compiled kernel, fastadam._kernel, from src/.
+"""Builds the compiled kernel, fastadam._kernel, and fastadam.torch's compiled
+planned path, fastadam._torch_plan, from src/.
 
 Build-time switches (environment variables):
   FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially)
@@ -37,9 +38,18 @@ kernel = Extension(
     language="c++",
 )
 
+# fastadam.torch's planned path (no kernel, no OpenMP, no torch headers).
+torch_plan = Extension(
+    "fastadam._torch_plan",
+    sources=["src/_torch_plan.pyx"],
+    include_dirs=[numpy.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=["-O2"],
+)
+
 setup(
     ext_modules=cythonize(
-        [kernel],
+        [kernel, torch_plan],
         compiler_directives={
             "language_level": 3,
             "boundscheck": debug,

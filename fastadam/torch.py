@@ -24,6 +24,12 @@ import torch.optim.optimizer as _torch_optimizer
 
 from . import _flat, _optimizer, _rules
 
+try:
+    from . import _torch_plan
+except ImportError as e:  # a source tree whose extensions are not built
+    raise ImportError("fastadam.torch needs fastadam's compiled extension, which is not built "
+                      "(pip install fastadam, or pip install -e . in a source tree)") from e
+
 __all__ = ["Adam", "AdamW"]
 
 _BUFFERS = _rules.STATE_BUFFERS
@@ -44,6 +50,9 @@ def _refuse_unfit(t, what):
     if t.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"{what} has dtype {t.dtype}; fastadam.torch supports float32 and "
                            "float64 (keep float32 master weights, or use torch.optim.Adam)")
+    if t.is_neg():
+        raise RuntimeError(f"{what} is a lazily negated view (its negative bit is set); "
+                           "fastadam.torch reads memory as it is (pass it through .resolve_neg())")
     if not t.is_contiguous():
         raise RuntimeError(f"{what} is not contiguous; the update is in place (make the "
                            "parameter contiguous once, before creating the optimizer)")
@@ -93,6 +102,10 @@ def _zeros_like(p, key):
                                               p.data_ptr()))
 
 
+# The dtype torch.optim.Adam gives its step tensors (float64 under a float64 default dtype).
+_scalar_dtype = getattr(_torch_optimizer, "_get_scalar_dtype", lambda: torch.float32)
+
+
 def _view(t):
     """A NumPy array sharing ``t``'s memory."""
     return t.detach().numpy()
@@ -126,7 +139,7 @@ class Adam(torch.optim.Optimizer):
                         decoupled_weight_decay=self._decoupled)
         self._num_threads = num_threads
         self._lock = threading.Lock()  # a step, add_param_group and load_state_dict are whole
-        self._planned = None
+        self._plan = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -136,72 +149,28 @@ class Adam(torch.optim.Optimizer):
             for j, p in enumerate(self.param_groups[i]["params"]):
                 _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
             _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
-            self._planned = None
+            self._plan = None
 
     def load_state_dict(self, state_dict):
         with self._lock:
             super().load_state_dict(state_dict)
-            self._planned = None
+            self._plan = None
 
     # -- the step -------------------------------------------------------------
     #
     # As in fastadam.Adam, a step has two paths with one meaning.  The planned path
-    # verifies, per parameter in group order, that what the inner optimizer's plan
-    # holds is still what this optimizer has: the parameter object and its memory,
-    # its state dict, state tensors and their memory, whether it has a gradient.
-    # The gradients are read as NumPy views (the inner plan then checks their dtype,
-    # shape and contiguity exactly).  Anything else, or a gradient NumPy cannot view,
-    # goes to the checked path: every rule with torch's names, then a new plan.
-
-    def _planned_gradients(self):
-        """This step's gradients as NumPy views if the plan holds, else None; on the
-        way, the groups' hyperparameters (schedulers change them) are copied into the plan's."""
-        planned, state = self._planned, self.state
-        if (planned is None or state is not self._planned_state
-                or state.changes != self._planned_changes):
-            return None
-        grads = []
-        append = grads.append
-        k = 0
-        try:
-            for inner_group, group in self._hyper_pairs:  # schedulers change them
-                lr, betas, amsgrad = group["lr"], group["betas"], group["amsgrad"]
-                if amsgrad is not inner_group["amsgrad"]:
-                    return None  # its running max is created (or dropped) by a rebuild
-                if type(lr) is float and type(betas) is tuple:
-                    inner_group["lr"], inner_group["betas"] = lr, betas
-                    inner_group["eps"], inner_group["weight_decay"] = group["eps"], group["weight_decay"]
-                    inner_group["maximize"] = group["maximize"]
-                else:  # tensors, lists or something wrong: the checked path names it
-                    inner_group.update(_hyperparameters(group))
-            for group in self.param_groups:
-                for p in group["params"]:
-                    q, address, st, step, m, m_at, v, v_at, vmax, vmax_at = planned[k]
-                    k += 1
-                    if q is not p:
-                        return None
-                    g = p.grad
-                    if g is None:
-                        if address is not None:
-                            return None
-                        continue
-                    if address is None or p.data_ptr() != address:
-                        return None
-                    if (st.get("step") is not step
-                            or st.get("exp_avg") is not m or m.data_ptr() != m_at
-                            or st.get("exp_avg_sq") is not v or v.data_ptr() != v_at
-                            or (vmax is not None and (st.get("max_exp_avg_sq") is not vmax
-                                                      or vmax.data_ptr() != vmax_at))):
-                        return None
-                    append(g.numpy())  # raises for what NumPy cannot view
-        except (LookupError, TypeError, ValueError, RuntimeError):
-            return None
-        return grads if k == len(planned) else None
+    # (a _torch_plan.TorchPlan, compiled) verifies, per parameter in group order, that
+    # what the inner optimizer's plan holds is still what this optimizer has: the
+    # param_group dicts, the parameter object and its memory, its state dict, state
+    # tensors and their memory, whether it has a gradient.  The gradients are read as
+    # NumPy views (the inner plan then checks their dtype, shape and contiguity exactly).
+    # Anything else, or a gradient NumPy cannot view, goes to the checked path: every
+    # rule with torch's names, then a new plan.
 
     def _checked_gradients(self):
         """Every rule of a step with torch's names: this step's parameters (those with
-        a gradient) and their gradients as NumPy views; raises and changes nothing."""
-        params, grads = [], []
+        a gradient); raises and changes nothing."""
+        params = []
         for i, group in enumerate(self.param_groups):
             _rules.hyperparameters(_hyperparameters(group), f" (param_groups[{i}])")
             for j, p in enumerate(group["params"]):
@@ -214,17 +183,20 @@ class Adam(torch.optim.Optimizer):
                 if g.dtype != p.dtype:
                     raise RuntimeError(f"the gradient of {where} has dtype {g.dtype}; "
                                        f"its parameter has {p.dtype}")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"the gradient of {where} has shape {tuple(g.shape)}; "
+                                       f"its parameter has {tuple(p.shape)}")
                 for key in _BUFFERS:
                     if key in self.state.get(p, {}):
                         _refuse_unfit(self.state[p][key], f"state[p][{key!r}] of {where}")
+                _view(g)  # raises for what NumPy cannot view (a gradient may require grad)
                 params.append(p)
-                grads.append(g.numpy())
-        return params, grads
+        return params
 
     def _build(self, params):
         """A fastadam optimizer over views of ``params`` (checked), grouped as here,
         whose state is views of this optimizer's state tensors (created as torch
-        does), and the plan _planned_gradients verifies."""
+        does), and the plan each step verifies (a TorchPlan)."""
         if type(self.state) is not _TrackedState:  # new, loaded, or set by the caller
             self.state = _TrackedState(dict, self.state)
         index = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
@@ -236,7 +208,7 @@ class Adam(torch.optim.Optimizer):
         for k, p in enumerate(params):
             st = self.state[p]
             if "step" not in st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)  # torch's scalar step
+                st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # torch's scalar step
                 st["exp_avg"] = _zeros_like(p, "exp_avg")
                 st["exp_avg_sq"] = _zeros_like(p, "exp_avg_sq")
             if self.param_groups[index[id(p)]]["amsgrad"] and "max_exp_avg_sq" not in st:
@@ -244,40 +216,40 @@ class Adam(torch.optim.Optimizer):
             entry = {key: _view(st[key]) for key in _BUFFERS if key in st}
             entry["step"] = int(st["step"].item())
             inner.state[k] = entry
-        # Per parameter in group order: itself, its memory, its state dict, and its
-        # step, exp_avg, exp_avg_sq and max_exp_avg_sq tensors with the memory of
-        # each the kernel writes (None for a parameter without a gradient).
-        with_grad = {id(p) for p in params}
-        self._planned = [_planned_entry(p, self.state[p]) if id(p) in with_grad
-                         else (p,) + (None,) * 9 for group in self.param_groups for p in group["params"]]
-        self._planned_state, self._planned_changes = self.state, self.state.changes
-        self._inner = inner
-        self._hyper_pairs = [(inner_group, self.param_groups[i])
-                             for inner_group, i in zip(inner.param_groups, group_of)]
-        # float32 views of the step tensors: a step sets them without a torch call.
-        self._step_views = [(entry, self.state[p]["step"].detach().view(1).numpy())
-                            for entry, p in zip(inner.state.values(), params)]
+        self._plan = _torch_plan.TorchPlan(
+            inner, self.param_groups, self.state, {id(p) for p in params},
+            [(inner_group, self.param_groups[i]) for inner_group, i in zip(inner.param_groups, group_of)],
+            # Views of the step tensors: a step sets them without a torch call.
+            [(entry, self.state[p]["step"].detach().view(1).numpy())
+             for entry, p in zip(inner.state.values(), params)],
+            _hyperparameters, torch.Tensor, torch.strided,
+            {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num})
 
     def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with self._lock:
-            grads = self._planned_gradients()
-            if grads is None:
-                params, grads = self._checked_gradients()
-                if not grads:
-                    return loss
-                with torch.no_grad():
-                    self._build(params)
-            try:
-                self._inner.step(grads)  # raises having changed nothing
-            except Exception:
+        try:
+            if self._plan is not None and self._plan.step_under(self):
+                return loss
+        except Exception:  # raised having changed nothing
+            with self._lock:
                 self._checked_gradients()  # the error in torch's names, if it has one
+            raise
+        with self._lock:  # the plan does not hold: every rule, then a new plan
+            params = self._checked_gradients()
+            if not params:
+                return loss
+            with torch.no_grad():
+                self._build(params)
+            try:
+                applied = self._plan.step(self.param_groups, self.state)
+            except Exception:
+                self._checked_gradients()
                 raise
-            for entry, view in self._step_views:
-                view[0] = entry["step"]
+            if not applied:
+                raise RuntimeError("fastadam.torch: a new plan does not hold; please report this")
         return loss
 
 
@@ -307,13 +279,6 @@ def _step(self, closure=None):
 _hooked_step = torch.optim.Optimizer.profile_hook_step(Adam._step)
 _step.hooked = True  # torch's Optimizer must not wrap it again
 Adam.step = _step
-
-
-def _planned_entry(p, st):
-    """What _planned_gradients verifies of a parameter with a gradient (see _build)."""
-    m = st.get("max_exp_avg_sq")
-    return (p, p.data_ptr(), st, st["step"], st["exp_avg"], st["exp_avg"].data_ptr(),
-            st["exp_avg_sq"], st["exp_avg_sq"].data_ptr(), m, None if m is None else m.data_ptr())
 
 
 def _hyperparameters(group):

@@ -174,9 +174,28 @@ def _drop_gradient(p, opt):
     p.grad = None
 
 
+def _replace_group_dict(p, opt):
+    opt.param_groups[0] = dict(opt.param_groups[0], lr=0.003, betas=(0.8, 0.99))
+
+
+def _gradient_of_a_subclass(p, opt):
+    class Marked(torch.Tensor):
+        pass
+    p.grad = p.grad.as_subclass(Marked)
+
+
+def _gradient_that_requires_grad(p, opt):
+    p.grad = p.grad.clone().requires_grad_()
+
+
+def _gradient_with_a_storage_offset(p, opt):
+    p.grad = torch.cat([torch.zeros(7), p.grad.flatten()])[7:].view(p.shape)
+
+
 @pytest.mark.parametrize("change", [_replace_param_memory, _replace_exp_avg, _swap_exp_avg_sq_memory,
                                     _restart_step, _reset_state_of_p, _pop_state_of_p, _reset_all_state,
-                                    _drop_gradient])
+                                    _drop_gradient, _replace_group_dict, _gradient_of_a_subclass,
+                                    _gradient_that_requires_grad, _gradient_with_a_storage_offset])
 def test_a_change_between_steps_is_followed_as_torch_follows_it(change, rng):
     """torch.optim.Adam reads its state and parameters afresh every step; after any of
     these changes fastadam.torch must step what torch steps (oracle: torch itself)."""
@@ -267,3 +286,94 @@ def test_malformed_betas_set_between_steps_get_a_named_error_and_nothing_changes
     with pytest.raises((ValueError, TypeError), match=r"param_groups\[0\]|betas"):
         opt.step()
     assert torch.equal(param.detach(), before) and opt.state[param]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize("bad_gradient, match", [
+    (lambda p: torch.randn(2 * p.numel())[::2], "gradient of param_groups.0..'params'..0. is not contiguous"),
+    (lambda p: torch._neg_view(torch.randn(p.numel())), "gradient of .* negative bit.*resolve_neg"),
+    (lambda p: torch.randn(5, 2), r"gradient of param_groups\[0\]\['params'\]\[0\] has shape \(5, 2\); "
+                                 r"its parameter has \(10,\)"),
+])
+def test_an_unfit_gradient_met_on_the_planned_path_is_refused_and_nothing_changes(bad_gradient, match):
+    param = torch.nn.Parameter(torch.ones(10))
+    opt = ft.Adam([param], lr=0.1)
+    param.grad = torch.ones(10)
+    opt.step()   # the plan is built
+    before = (param.detach().clone(), {k: v.clone() for k, v in opt.state[param].items()})
+    param.grad.data = bad_gradient(param)  # .data: past torch's own setter check
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert torch.equal(param.detach(), before[0])
+    assert all(torch.equal(opt.state[param][k], v) for k, v in before[1].items())
+    param.grad = torch.ones(10)  # and it goes on
+    opt.step()
+    assert opt.state[param]["step"].item() == 2.0
+
+
+def test_a_second_order_gradient_loop_follows_torch(rng):
+    """Gradients made with create_graph=True require grad themselves; torch's Adam reads them."""
+    runs = []
+    for cls in (torch.optim.Adam, ft.Adam):
+        model = mlp(3)
+        X, y = data()
+        opt = cls(model.parameters(), lr=1e-2, **({"foreach": False} if cls is torch.optim.Adam else {}))
+        for _ in range(5):
+            loss = torch.nn.functional.cross_entropy(model(X), y)
+            grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            assert all(p.grad.requires_grad for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for got, expected in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_parameters_and_step_tensors_follow_torch(rng):
+    """Under a float64 default dtype torch keeps float64 parameters and float64 step tensors;
+    a checkpoint moves both ways and the steps go on as torch's."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        p0 = rng.standard_normal((4, 25))
+        grads = rng.standard_normal((9, 4, 25))
+        runs = []
+        for first, second in ((torch.optim.Adam, torch.optim.Adam), (ft.Adam, torch.optim.Adam),
+                              (torch.optim.Adam, ft.Adam)):
+            param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+            opt = first([param], lr=0.01, amsgrad=True)
+            for k, g in enumerate(grads):
+                if k == 5:
+                    state = opt.state_dict()
+                    opt = second([param], lr=0.01, amsgrad=True)
+                    opt.load_state_dict(state)
+                param.grad = torch.from_numpy(g.copy())
+                opt.step()
+                step = opt.state[param]["step"]
+                assert step.dtype == torch.float64 and step.item() == k + 1
+            runs.append(param.detach().numpy().copy())
+        np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(runs[2], runs[0], rtol=1e-12, atol=1e-15)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_the_plan_is_kept_from_step_to_step_with_fresh_gradients(monkeypatch):
+    """The planned path, not a rebuild, takes a step whose gradients are new tensors
+    (zero_grad(set_to_none=True)), and reads them where they are."""
+    model = mlp()
+    X, y = data()
+    opt = ft.AdamW(model.parameters(), lr=1e-3)
+    builds = []
+    build = ft.Adam._build
+    monkeypatch.setattr(ft.Adam, "_build", lambda self, params: (builds.append(1), build(self, params)))
+    seen = []
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        grads = opt._plan.gradients(opt.param_groups, opt.state) if opt._plan is not None else None
+        if grads is not None:
+            seen.append(all(np.shares_memory(a, p.grad.numpy()) for a, p in zip(grads, model.parameters())))
+        opt.step()
+    assert builds == [1] and seen == [True] * 3
