@@ -722,21 +722,19 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
 }
 
 // One function per ISA: a switch over the variants, outside the loop, for each
-// (dtype, state storage) pair that exists.
+// (dtype, state storage) pair that exists.  Macros, not helper functions, so that
+// every case is compiled inside the ISA's target function.
+#define FA_AMSGRAD_MAXIMIZE_CASES(T, WD, STATE, ISA)                                   \
+    case FA_VARIANT(WD, 0, 0): fa_adam_loop<T, WD, false, false, STATE, ISA>(it, a, b); break; \
+    case FA_VARIANT(WD, 0, 1): fa_adam_loop<T, WD, false, true, STATE, ISA>(it, a, b); break;  \
+    case FA_VARIANT(WD, 1, 0): fa_adam_loop<T, WD, true, false, STATE, ISA>(it, a, b); break;  \
+    case FA_VARIANT(WD, 1, 1): fa_adam_loop<T, WD, true, true, STATE, ISA>(it, a, b); break;
+
 #define FA_VARIANT_CASES(T, STATE, ISA)                                                \
     switch (it.variant) {                                                              \
-    case FA_VARIANT(FA_WD_NONE, 0, 0): fa_adam_loop<T, FA_WD_NONE, false, false, STATE, ISA>(it, a, b); break;           \
-    case FA_VARIANT(FA_WD_NONE, 0, 1): fa_adam_loop<T, FA_WD_NONE, false, true, STATE, ISA>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 0): fa_adam_loop<T, FA_WD_NONE, true, false, STATE, ISA>(it, a, b); break;            \
-    case FA_VARIANT(FA_WD_NONE, 1, 1): fa_adam_loop<T, FA_WD_NONE, true, true, STATE, ISA>(it, a, b); break;             \
-    case FA_VARIANT(FA_WD_L2, 0, 0): fa_adam_loop<T, FA_WD_L2, false, false, STATE, ISA>(it, a, b); break;               \
-    case FA_VARIANT(FA_WD_L2, 0, 1): fa_adam_loop<T, FA_WD_L2, false, true, STATE, ISA>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 0): fa_adam_loop<T, FA_WD_L2, true, false, STATE, ISA>(it, a, b); break;                \
-    case FA_VARIANT(FA_WD_L2, 1, 1): fa_adam_loop<T, FA_WD_L2, true, true, STATE, ISA>(it, a, b); break;                 \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 0): fa_adam_loop<T, FA_WD_DECOUPLED, false, false, STATE, ISA>(it, a, b); break; \
-    case FA_VARIANT(FA_WD_DECOUPLED, 0, 1): fa_adam_loop<T, FA_WD_DECOUPLED, false, true, STATE, ISA>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 0): fa_adam_loop<T, FA_WD_DECOUPLED, true, false, STATE, ISA>(it, a, b); break;  \
-    case FA_VARIANT(FA_WD_DECOUPLED, 1, 1): fa_adam_loop<T, FA_WD_DECOUPLED, true, true, STATE, ISA>(it, a, b); break;   \
+    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_NONE, STATE, ISA)                               \
+    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_L2, STATE, ISA)                                 \
+    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_DECOUPLED, STATE, ISA)                          \
     default: break;                                                                    \
     }
 
