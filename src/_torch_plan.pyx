@@ -100,7 +100,7 @@ cdef class TorchPlan:
             lock.release()
 
     cdef bint run(self, list groups, object state) except -1:
-        grads = self.gradients(groups, state)
+        grads = self.planned_gradients(groups, state)
         if grads is None:
             return False
         self.inner.step(grads)
@@ -110,6 +110,9 @@ cdef class TorchPlan:
     def gradients(self, list groups, object state):
         """This step's gradients as NumPy views if the plan holds, else None; on the
         way, the groups' hyperparameters are copied into the inner optimizer's."""
+        return self.planned_gradients(groups, state)
+
+    cdef object planned_gradients(self, list groups, object state):
         try:
             if state is not self.state or state.changes != self.changes:
                 return None
