@@ -377,3 +377,46 @@ def test_the_plan_is_kept_from_step_to_step_with_fresh_gradients(monkeypatch):
             seen.append(all(np.shares_memory(a, p.grad.numpy()) for a, p in zip(grads, model.parameters())))
         opt.step()
     assert builds == [1] and seen == [True] * 3
+
+
+def test_ctrl_c_inside_a_planned_step_changes_nothing_and_frees_the_lock(rng):
+    """A KeyboardInterrupt raised while the compiled plan reads the gradients (here from a
+    gradient's detach(), which the plan calls for a Tensor subclass) propagates, leaves the
+    parameters and state as they were, releases the optimizer's lock, and the next step is
+    the step torch.optim.Adam takes (oracle: torch, which never saw the interrupted step)."""
+    class Interrupting(torch.Tensor):
+        def detach(self):
+            raise KeyboardInterrupt
+
+    p0 = rng.standard_normal((2, 64)).astype(np.float32)
+    grads = rng.standard_normal((4, 2, 64)).astype(np.float32)
+    mine = [torch.nn.Parameter(torch.from_numpy(row.copy())) for row in p0]
+    theirs = [torch.nn.Parameter(torch.from_numpy(row.copy())) for row in p0]
+    opt, oracle = ft.Adam(mine, lr=0.01), torch.optim.Adam(theirs, lr=0.01, foreach=False)
+    for k in (0, 1):
+        for params, o in ((mine, opt), (theirs, oracle)):
+            for p, row in zip(params, grads[k]):
+                p.grad = torch.from_numpy(row.copy())
+            o.step()
+    plan = opt._plan
+    before = ([p.detach().clone() for p in mine],
+              {i: {key: t.clone() for key, t in opt.state[p].items()} for i, p in enumerate(mine)})
+    mine[0].grad = torch.from_numpy(grads[2][0].copy())
+    mine[1].grad = torch.from_numpy(grads[2][1].copy()).as_subclass(Interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert opt._plan is plan  # it was the planned path that was interrupted
+    assert opt._lock.acquire(blocking=False)
+    opt._lock.release()
+    for p, old in zip(mine, before[0]):
+        assert torch.equal(p.detach(), old)
+    for i, p in enumerate(mine):
+        for key, old in before[1][i].items():
+            assert torch.equal(opt.state[p][key], old), key
+    for params, o in ((mine, opt), (theirs, oracle)):
+        for p, row in zip(params, grads[3]):
+            p.grad = torch.from_numpy(row.copy())
+        o.step()
+    for p, q in zip(mine, theirs):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6, atol=1e-7)
+        assert opt.state[p]["step"].item() == oracle.state[q]["step"].item()
