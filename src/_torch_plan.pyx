@@ -108,17 +108,18 @@ cdef class TorchPlan:
         return True
 
     def gradients(self, list groups, object state):
-        """This step's gradients as NumPy views if the plan holds, else None; on the
-        way, the groups' hyperparameters are copied into the inner optimizer's."""
+        """This step's gradients as NumPy views if the plan holds, else None; if it
+        holds, the groups' hyperparameters are copied into the inner optimizer's."""
         return self.planned_gradients(groups, state)
 
     cdef object planned_gradients(self, list groups, object state):
         try:
             if state is not self.state or state.changes != self.changes:
                 return None
-            if not self.copy_hyperparameters():
+            grads = self.verified_gradients(groups)  # first: it checks the groups are the planned ones
+            if grads is None or not self.copy_hyperparameters():
                 return None
-            return self.verified_gradients(groups)
+            return grads
         except (LookupError, TypeError, ValueError, RuntimeError, AttributeError):
             return None
 
