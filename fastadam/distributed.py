@@ -145,6 +145,7 @@ class ZeroAdam:
             self._send = _flat._aligned_zeros(L.padded, self.dtype, SHARD_ALIGN)
             self._gathered = _flat._aligned_zeros(L.padded, self.dtype, SHARD_ALIGN)
         self._group_of = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]
         self.backend = _backends.load(backend).name  # the shard's kernel
         self._shard = None
         if self._pieces:
@@ -163,6 +164,24 @@ class ZeroAdam:
 
     def _hyper_signature(self):
         return [tuple(repr(g[key]) for key in _rules.HYPERPARAMETERS) for g in self.param_groups]
+
+    def _check_parameters(self):
+        """The shards were cut from the arrays the optimizer was built with: param_groups
+        must still hold those arrays, in the same groups (their values may change)."""
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if sizes != self._group_sizes:
+            raise ValueError(f"param_groups hold {sizes} parameters per group; this ZeroAdam was "
+                             f"built with {self._group_sizes}: its state is sharded over the "
+                             "parameters it was built with; build a new ZeroAdam to change them")
+        k = 0
+        for i, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                if p is not self._params[k]:
+                    raise ValueError(f"param_groups[{i}]['params'][{j}] is not the array this "
+                                     "ZeroAdam was built with: its state is sharded over the "
+                                     "parameters it was built with; update the array in place "
+                                     "or build a new ZeroAdam")
+                k += 1
 
     def _agree(self, error, signature=None):
         """One small collective: every rank learns every rank's error (or None)
@@ -197,6 +216,7 @@ class ZeroAdam:
         params, MPI = self._params, self._MPI
 
         def check():
+            self._check_parameters()
             _rules.gradient_list(grads, len(params))
             for k, p in enumerate(params):
                 _rules.gradient(grads[k], p, k)

@@ -159,6 +159,26 @@ def scenario_bad_rank():
         else:
             raise AssertionError("no error")
         zero.param_groups[0]["lr"] = 1e-3
+    # a parameter replaced, or one added, on one rank: refused on every rank, nothing changed
+    # (the shards are cut from the arrays it was built with; it stepped the old array before)
+    group = zero.param_groups[0]["params"]
+    for change, undo, words in (
+            (lambda: group.__setitem__(1, group[1].copy()), lambda: group.__setitem__(1, ours[1]),
+             "param_groups[0]['params'][1] is not the array"),
+            (lambda: group.append(np.zeros(3)), group.pop, "parameters per group")):
+        if rank == size - 1:
+            change()
+        try:
+            zero.step(local_grads(2, rank))
+        except ValueError as e:
+            assert words in str(e), str(e)
+            assert rank == size - 1 or str(e).startswith(f"rank {size - 1}: "), str(e)
+        else:
+            raise AssertionError("no error")
+        if rank == size - 1:
+            undo()
+        assert all(np.array_equal(p, q) for p, q in zip(ours, before))
+        assert same_state(zero.state_dict(), state)
     # and the collectives still line up: a good step goes through on all
     assert zero.step(local_grads(2, rank)) is True
 
