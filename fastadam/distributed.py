@@ -176,11 +176,15 @@ class ZeroAdam:
         k = 0
         for i, g in enumerate(self.param_groups):
             for j, p in enumerate(g["params"]):
+                name = f"param_groups[{i}]['params'][{j}]"
                 if p is not self._params[k]:
-                    raise ValueError(f"param_groups[{i}]['params'][{j}] is not the array this "
-                                     "ZeroAdam was built with: its state is sharded over the "
-                                     "parameters it was built with; update the array in place "
-                                     "or build a new ZeroAdam")
+                    raise ValueError(f"{name} is not the array this ZeroAdam was built with: its "
+                                     "state is sharded over the parameters it was built with; "
+                                     "update the array in place or build a new ZeroAdam")
+                _rules.parameter(p, name)  # still writeable (its flags can change)
+                if p.dtype != self.dtype or p.size != self._layout.sizes[k]:
+                    raise ValueError(f"{name} is now {p.size} elements of {p.dtype}; this ZeroAdam "
+                                     f"was built with {self._layout.sizes[k]} of {self.dtype}")
                 k += 1
 
     def _agree(self, error, signature=None):

@@ -165,7 +165,9 @@ def scenario_bad_rank():
     for change, undo, words in (
             (lambda: group.__setitem__(1, group[1].copy()), lambda: group.__setitem__(1, ours[1]),
              "param_groups[0]['params'][1] is not the array"),
-            (lambda: group.append(np.zeros(3)), group.pop, "parameters per group")):
+            (lambda: group.append(np.zeros(3)), group.pop, "parameters per group"),
+            (lambda: setattr(group[2].flags, "writeable", False),
+             lambda: setattr(group[2].flags, "writeable", True), "param_groups[0]['params'][2] is read-only")):
         if rank == size - 1:
             change()
         try:
