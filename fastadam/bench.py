@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 import fastadam
+from fastadam import _flat
 
 BYTES_PER_PARAM = 28  # float32: read p, g, m, v (16 B); write p, m, v (12 B)
 SIZES = (4096, 65536, 1 << 20, 1 << 24, 1 << 26)
@@ -104,7 +105,10 @@ def _roofline(n, threads):
     except ImportError as e:
         raise Unavailable(str(e))
     p, g = _buffers(n)
-    m, v = np.zeros_like(p), np.zeros_like(p)
+    # m and v placed as fastadam places state: at the page offset of p and g, every
+    # stream would collide in the caches (4K aliasing) and the row would be a slow
+    # placement's limit, not the machine's.
+    m, v = (_flat.state_zeros(p.shape, p.dtype, key, p.ctypes.data) for key in ("exp_avg", "exp_avg_sq"))
 
     def step():
         _kernel.roofline_step(p, g, m, v, threads)
