@@ -225,8 +225,8 @@ cdef inline double clip_coefficient(double max_norm, double norm) noexcept nogil
 
 
 def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, int num_threads=0):
-    """Adam's memory traffic with trivial arithmetic (p += g, m += g, v += g): the
-    bandwidth limit of this machine for an Adam step (benchmarks only)."""
+    """Adam's memory traffic with trivial arithmetic (p += g, m += g, v += g): where the
+    memory wall of an Adam step is (benchmarks only; a plain streaming loop, not a proven bound)."""
     cdef int64_t n = p.shape[0]
     cdef int t, nt = resolve_num_threads(num_threads)
     if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:

@@ -951,7 +951,8 @@ static inline int64_t fa_prepass_blocks(const int64_t *offsets, int64_t n_items)
 
 // The roofline: Adam's memory traffic (read p, g, m, v; write p, m, v) with
 // trivial arithmetic, split between threads as the Adam kernel is.  Its
-// speed is the machine's bandwidth limit for this access pattern.
+// speed marks the memory wall for this access pattern (a plain streaming
+// loop, not a proven bound: docs/speed.md).
 template <typename T>
 static inline void fa_traffic_range(T *__restrict__ p, const T *__restrict__ g, T *__restrict__ m,
                                     T *__restrict__ v, int64_t start, int64_t stop) {
