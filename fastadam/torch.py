@@ -146,9 +146,13 @@ class Adam(torch.optim.Optimizer):
         with self._lock:
             super().add_param_group(param_group)
             i = len(self.param_groups) - 1
-            for j, p in enumerate(self.param_groups[i]["params"]):
-                _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
-            _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
+            try:
+                for j, p in enumerate(self.param_groups[i]["params"]):
+                    _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
+                _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
+            except BaseException:  # refused: the optimizer is as it was
+                self.param_groups.pop()
+                raise
             self._plan = None
 
     def load_state_dict(self, state_dict):

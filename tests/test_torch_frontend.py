@@ -420,3 +420,21 @@ def test_ctrl_c_inside_a_planned_step_changes_nothing_and_frees_the_lock(rng):
     for p, q in zip(mine, theirs):
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6, atol=1e-7)
         assert opt.state[p]["step"].item() == oracle.state[q]["step"].item()
+
+
+@pytest.mark.parametrize("group, match", [
+    ({"params": [torch.zeros(4, dtype=torch.float16, requires_grad=True)]}, "float16"),
+    ({"params": [torch.zeros(4, requires_grad=True)], "lr": -1.0}, "learning rate"),
+])
+def test_a_refused_param_group_is_not_added(group, match, rng):
+    p = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(8).astype(np.float32)))
+    opt = ft.Adam([p], lr=0.1)
+    ref = torch.optim.Adam([torch.nn.Parameter(p.detach().clone())], lr=0.1, foreach=False)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+    g = torch.from_numpy(rng.standard_normal(8).astype(np.float32))
+    p.grad, ref.param_groups[0]["params"][0].grad = g.clone(), g.clone()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p.detach(), ref.param_groups[0]["params"][0].detach(), rtol=1e-6, atol=0)
