@@ -10,8 +10,11 @@ memory, all tensors in one call of fastadam's kernel (the update rule is
 :class:`fastadam.Adam`'s); the state tensors (``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``, ``step``) are the kernel's buffers.
 
-Only what the kernel can update in place is accepted: CPU, dense, contiguous
-float32 or float64 parameters and gradients.  Anything else is refused with an
+``state_dtype="bfloat16"`` keeps m and v as bfloat16 state tensors (fastadam's
+stochastic rounding, see docs/compressed-state.md); their checkpoints load into
+``torch.optim.Adam`` as float32 state, and float32 checkpoints load into it
+rounded to nearest.  Only what the kernel can update in place is accepted: CPU,
+dense, contiguous float32 or float64 parameters and gradients.  Anything else is refused with an
 error that names the parameter and says what to do.  This module is the only
 one that imports torch.
 """
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _flat, _optimizer, _rules
+from . import _flat, _optimizer, _reference, _rules
 
 try:
     from . import _torch_plan
@@ -34,6 +37,8 @@ __all__ = ["Adam", "AdamW"]
 
 _BUFFERS = _rules.STATE_BUFFERS
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# The state dtypes fastadam.torch keeps: "float32" (the parameters' dtype) or bfloat16 bits.
+_STATE_NUMPY = {"bfloat16": _rules.STATE_STORAGE["bfloat16"]}
 
 
 def _refuse_unfit(t, what):
@@ -93,13 +98,23 @@ class _TrackedState(collections.defaultdict):
     del _counted
 
 
-def _zeros_like(p, key):
-    """State tensor ``key`` for ``p`` (contiguous, as the kernel needs): zeros in
+def _placed(p, key, values):
+    """State tensor ``key`` for ``p`` holding ``values`` (a NumPy array of p's shape:
+    p's dtype, or bfloat16 bits as uint16), contiguous, as the kernel needs: in
     NumPy's memory, which asks the kernel for huge pages on large buffers (torch's
     allocator does not), making the step up to 1.2x faster where TLB misses count
     (1M parameters), placed beside p as fastadam places state (_flat.state_zeros)."""
-    return torch.from_numpy(_flat.state_zeros(tuple(p.shape), _NUMPY_DTYPES[p.dtype], key,
-                                              p.data_ptr()))
+    a = _flat.state_zeros(tuple(p.shape), values.dtype, key, p.data_ptr())
+    a[...] = values
+    if a.dtype == np.uint16:  # bfloat16 bits (NumPy has no bfloat16; torch reads them as such)
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _zeros_like(p, key, state_dtype):
+    """Zeros for state tensor ``key`` of ``p`` (see _placed)."""
+    dtype = _STATE_NUMPY[state_dtype] if state_dtype != "float32" else _NUMPY_DTYPES[p.dtype]
+    return _placed(p, key, np.zeros((), dtype))
 
 
 # The dtype torch.optim.Adam gives its step tensors (float64 under a float64 default dtype).
@@ -107,8 +122,11 @@ _scalar_dtype = getattr(_torch_optimizer, "_get_scalar_dtype", lambda: torch.flo
 
 
 def _view(t):
-    """A NumPy array sharing ``t``'s memory."""
-    return t.detach().numpy()
+    """A NumPy array sharing ``t``'s memory (a bfloat16 tensor's: its bits, as uint16)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 class Adam(torch.optim.Optimizer):
@@ -116,14 +134,24 @@ class Adam(torch.optim.Optimizer):
 
     Arguments as ``torch.optim.Adam`` (``foreach``, ``capturable``, ``differentiable``
     and ``fused`` are accepted for compatibility and must keep their defaults),
-    plus ``num_threads`` (as :class:`fastadam.Adam`).
+    plus ``num_threads``, and ``state_dtype`` (``"float32"``: the parameters' dtype,
+    as torch; or ``"bfloat16"``, for float32 parameters) with its rounding ``seed``,
+    as :class:`fastadam.Adam` has them.  8-bit state is fastadam.Adam's only: its
+    codes are not moments, and torch.optim.Adam would load them as if they were.
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=None, num_threads=None):
+                 differentiable=False, fused=None, decoupled_weight_decay=None, num_threads=None,
+                 state_dtype="float32", seed=0):
+        self._state_dtype = _rules.state_dtype(state_dtype)
+        if self._state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype={state_dtype!r}: fastadam.torch keeps 'float32' or "
+                             "'bfloat16' state (8-bit codes are not moments, and torch.optim.Adam "
+                             "would load them as if they were; use fastadam.Adam over NumPy views)")
+        self._seed = _rules.seed(seed)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled
         if decoupled_weight_decay is not self._decoupled:
@@ -149,6 +177,7 @@ class Adam(torch.optim.Optimizer):
             try:
                 for j, p in enumerate(self.param_groups[i]["params"]):
                     _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
+                    self._refuse_for_state(p, f"param_groups[{i}]['params'][{j}]")
                 _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
             except BaseException:  # refused: the optimizer is as it was
                 self.param_groups.pop()
@@ -156,9 +185,41 @@ class Adam(torch.optim.Optimizer):
             self._plan = None
 
     def load_state_dict(self, state_dict):
+        """As torch's; torch casts the loaded state tensors to their parameters' dtype,
+        and with bfloat16 state they are then rounded to nearest into bfloat16."""
         with self._lock:
             super().load_state_dict(state_dict)
             self._plan = None
+            if self._state_dtype == "bfloat16":
+                self._state_to_bfloat16()
+
+    def _state_to_bfloat16(self):
+        """Round float32 state tensors of p's shape to bfloat16, as fastadam.Adam's
+        load converts (all computed before any is set); anything else is left for the
+        step's checks to name."""
+        converted = []
+        for p, st in self.state.items():
+            for key in _BUFFERS:
+                t = st.get(key)
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                        and t.device.type == "cpu" and t.layout == torch.strided
+                        and t.shape == p.shape):
+                    values = t.detach().cpu().resolve_neg().contiguous().numpy()
+                    converted.append((st, key, _placed(p, key, _reference.bf16_round_nearest(values)
+                                                          .reshape(values.shape))))
+        for st, key, t in converted:
+            st[key] = t
+
+    def _state_torch_dtype(self, p):
+        """The dtype of p's state tensors."""
+        return torch.bfloat16 if self._state_dtype == "bfloat16" else p.dtype
+
+    def _refuse_for_state(self, p, what):
+        """Compressed state is for float32 parameters."""
+        if self._state_dtype != "float32" and p.dtype != torch.float32:
+            raise RuntimeError(f"{what} has dtype {p.dtype}; state_dtype={self._state_dtype!r} needs "
+                               "float32 parameters (keep float32 master weights, or use "
+                               "state_dtype='float32')")
 
     # -- the step -------------------------------------------------------------
     #
@@ -183,6 +244,7 @@ class Adam(torch.optim.Optimizer):
                     continue
                 where = f"param_groups[{i}]['params'][{j}]"
                 _refuse_unfit(p, where)
+                self._refuse_for_state(p, where)
                 _refuse_unfit(g, f"the gradient of {where}")
                 if g.dtype != p.dtype:
                     raise RuntimeError(f"the gradient of {where} has dtype {g.dtype}; "
@@ -192,10 +254,26 @@ class Adam(torch.optim.Optimizer):
                                        f"its parameter has {tuple(p.shape)}")
                 for key in _BUFFERS:
                     if key in self.state.get(p, {}):
-                        _refuse_unfit(self.state[p][key], f"state[p][{key!r}] of {where}")
+                        self._refuse_unfit_state(self.state[p][key], p, f"state[p][{key!r}] of {where}")
                 _view(g)  # raises for what NumPy cannot view (a gradient may require grad)
                 params.append(p)
         return params
+
+    def _refuse_unfit_state(self, t, p, what):
+        """A state tensor the kernel cannot update in place, or not of the dtype and
+        shape this optimizer keeps for p."""
+        if not isinstance(t, torch.Tensor):
+            raise RuntimeError(f"{what} is a {type(t).__name__}, not a tensor")
+        dtype = self._state_torch_dtype(p)
+        if t.dtype != dtype:
+            raise RuntimeError(f"{what} has dtype {t.dtype}; with state_dtype={self._state_dtype!r} "
+                               f"it must be {dtype} (load state with load_state_dict, which converts)")
+        if dtype != torch.bfloat16:
+            _refuse_unfit(t, what)
+        elif t.is_sparse or t.layout != torch.strided or t.device.type != "cpu" or not t.is_contiguous():
+            raise RuntimeError(f"{what} must be a dense, contiguous CPU tensor")
+        if t.shape != p.shape:
+            raise RuntimeError(f"{what} has shape {tuple(t.shape)}; its parameter has {tuple(p.shape)}")
 
     def _build(self, params):
         """A fastadam optimizer over views of ``params`` (checked), grouped as here,
@@ -208,15 +286,15 @@ class Adam(torch.optim.Optimizer):
         groups = [dict(params=[_view(p) for p in params if index[id(p)] == i],
                        **_hyperparameters(self.param_groups[i])) for i in group_of]
         inner = (_optimizer.AdamW if self._decoupled else _optimizer.Adam)(
-            groups, num_threads=self._num_threads)
+            groups, num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed)
         for k, p in enumerate(params):
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # torch's scalar step
-                st["exp_avg"] = _zeros_like(p, "exp_avg")
-                st["exp_avg_sq"] = _zeros_like(p, "exp_avg_sq")
+                st["exp_avg"] = _zeros_like(p, "exp_avg", self._state_dtype)
+                st["exp_avg_sq"] = _zeros_like(p, "exp_avg_sq", self._state_dtype)
             if self.param_groups[index[id(p)]]["amsgrad"] and "max_exp_avg_sq" not in st:
-                st["max_exp_avg_sq"] = _zeros_like(p, "max_exp_avg_sq")
+                st["max_exp_avg_sq"] = _zeros_like(p, "max_exp_avg_sq", self._state_dtype)
             entry = {key: _view(st[key]) for key in _BUFFERS if key in st}
             entry["step"] = int(st["step"].item())
             inner.state[k] = entry
@@ -305,8 +383,8 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, num_threads=None):
+                 differentiable=False, fused=None, num_threads=None, state_dtype="float32", seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         num_threads=num_threads)
+                         num_threads=num_threads, state_dtype=state_dtype, seed=seed)
