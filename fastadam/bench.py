@@ -141,9 +141,10 @@ def _torch_optimizer(kind, threads, arrays, grads):
     except ImportError:
         raise Unavailable("torch is not installed (pip install torch)")
     params = _torch_params(torch, arrays, grads)
-    if kind == "fastadam-torch":  # its threads are fastadam's (num_threads), not torch's
+    if kind in ("fastadam-torch", "fastadam-torch-bf16"):  # threads: fastadam's (num_threads)
         from . import torch as fastadam_torch
-        opt = fastadam_torch.Adam(params, lr=1e-3, num_threads=threads)
+        opt = fastadam_torch.Adam(params, lr=1e-3, num_threads=threads,
+                                  state_dtype="bfloat16" if kind.endswith("bf16") else "float32")
         opt.step()
         return opt.step
     if kind == "deepspeed-cpu-adam":
@@ -191,6 +192,7 @@ IMPLEMENTATIONS = {
     "bitsandbytes-adam8bit": _bitsandbytes_adam8bit,
     "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
     "fastadam-torch": _torch_side("fastadam-torch"),
+    "fastadam-torch-bf16": _torch_side("fastadam-torch-bf16"),
     "torch-foreach": _torch_side("torch-foreach"),
     "torch-fused": _torch_side("torch-fused"),
     "deepspeed-cpu-adam": _torch_side("deepspeed-cpu-adam"),
