@@ -270,8 +270,10 @@ class Adam(torch.optim.Optimizer):
                                f"it must be {dtype} (load state with load_state_dict, which converts)")
         if dtype != torch.bfloat16:
             _refuse_unfit(t, what)
-        elif t.is_sparse or t.layout != torch.strided or t.device.type != "cpu" or not t.is_contiguous():
-            raise RuntimeError(f"{what} must be a dense, contiguous CPU tensor")
+        elif (t.is_sparse or t.layout != torch.strided or t.device.type != "cpu"
+              or not t.is_contiguous() or t.is_neg()):
+            raise RuntimeError(f"{what} must be a dense, contiguous CPU tensor (not a lazily "
+                               "negated view)")
         if t.shape != p.shape:
             raise RuntimeError(f"{what} has shape {tuple(t.shape)}; its parameter has {tuple(p.shape)}")
 

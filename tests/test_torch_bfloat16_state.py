@@ -161,6 +161,7 @@ def test_float64_parameters_are_refused_with_bfloat16_state():
     (lambda t: t.float(), r"has dtype torch.float32; with state_dtype='bfloat16' it must be torch.bfloat16"),
     (lambda t: t[:-1].clone(), r"has shape"),
     (lambda t: torch.zeros(t.shape[::-1], dtype=torch.bfloat16).t(), r"must be a dense, contiguous CPU tensor"),
+    (lambda t: torch._neg_view(t.clone()), r"must be a dense, contiguous CPU tensor \(not a lazily negated"),
 ])
 def test_an_unfit_state_tensor_is_refused_and_nothing_changes(replacement, match):
     params = torch_params(parameters())
