@@ -37,8 +37,6 @@ __all__ = ["Adam", "AdamW"]
 
 _BUFFERS = _rules.STATE_BUFFERS
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-# The state dtypes fastadam.torch keeps: "float32" (the parameters' dtype) or bfloat16 bits.
-_STATE_NUMPY = {"bfloat16": _rules.STATE_STORAGE["bfloat16"]}
 
 
 def _refuse_unfit(t, what):
@@ -98,23 +96,17 @@ class _TrackedState(collections.defaultdict):
     del _counted
 
 
-def _placed(p, key, values):
-    """State tensor ``key`` for ``p`` holding ``values`` (a NumPy array of p's shape:
-    p's dtype, or bfloat16 bits as uint16), contiguous, as the kernel needs: in
-    NumPy's memory, which asks the kernel for huge pages on large buffers (torch's
-    allocator does not), making the step up to 1.2x faster where TLB misses count
-    (1M parameters), placed beside p as fastadam places state (_flat.state_zeros)."""
-    a = _flat.state_zeros(tuple(p.shape), values.dtype, key, p.data_ptr())
-    a[...] = values
-    if a.dtype == np.uint16:  # bfloat16 bits (NumPy has no bfloat16; torch reads them as such)
+def _zeros_like(p, key, state_dtype):
+    """State tensor ``key`` for ``p`` (contiguous, as the kernel needs; bfloat16 state
+    as its bits in uint16, which torch reads as bfloat16): zeros in NumPy's memory,
+    which asks the kernel for huge pages on large buffers (torch's allocator does not),
+    making the step up to 1.2x faster where TLB misses count (1M parameters), placed
+    beside p as fastadam places state (_flat.state_zeros)."""
+    dtype = _rules.state_storage(_NUMPY_DTYPES[p.dtype], state_dtype)
+    a = _flat.state_zeros(tuple(p.shape), dtype, key, p.data_ptr())
+    if a.dtype == np.uint16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
-
-
-def _zeros_like(p, key, state_dtype):
-    """Zeros for state tensor ``key`` of ``p`` (see _placed)."""
-    dtype = _STATE_NUMPY[state_dtype] if state_dtype != "float32" else _NUMPY_DTYPES[p.dtype]
-    return _placed(p, key, np.zeros((), dtype))
 
 
 # The dtype torch.optim.Adam gives its step tensors (float64 under a float64 default dtype).
@@ -204,9 +196,10 @@ class Adam(torch.optim.Optimizer):
                 if (isinstance(t, torch.Tensor) and t.dtype == torch.float32
                         and t.device.type == "cpu" and t.layout == torch.strided
                         and t.shape == p.shape):
-                    values = t.detach().cpu().resolve_neg().contiguous().numpy()
-                    converted.append((st, key, _placed(p, key, _reference.bf16_round_nearest(values)
-                                                          .reshape(values.shape))))
+                    values = t.detach().resolve_neg().contiguous().numpy()
+                    bf16 = _zeros_like(p, key, "bfloat16")
+                    _view(bf16)[...] = _reference.bf16_round_nearest(values).reshape(values.shape)
+                    converted.append((st, key, bf16))
         for st, key, t in converted:
             st[key] = t
 

@@ -51,6 +51,14 @@ def state_keys(k):
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if k < 2 else ())
 
 
+def assert_same_as_reference(params, opt, ref_params, ref):
+    """Parameters and state bits of fastadam.torch equal to the NumPy reference's."""
+    for k, p in enumerate(params):
+        np.testing.assert_array_equal(p.detach().numpy(), ref_params[k])
+        for key in state_keys(k):
+            np.testing.assert_array_equal(bits(opt.state[p][key]), ref.state[k][key])
+
+
 def test_the_step_is_fastadams_bfloat16_step_on_the_same_memory():
     params = torch_params(parameters())
     opt = ft.AdamW(groups(params), lr=1e-2, state_dtype="bfloat16", seed=7)
@@ -60,11 +68,8 @@ def test_the_step_is_fastadams_bfloat16_step_on_the_same_memory():
     run(opt, params, grads)
     for step_grads in grads:
         ref.step(step_grads)
-    for k, p in enumerate(params):
-        np.testing.assert_array_equal(p.detach().numpy(), ref_params[k])
-        for key in state_keys(k):
-            np.testing.assert_array_equal(bits(opt.state[p][key]), ref.state[k][key])
-        assert opt.state[p]["step"].item() == 6.0
+    assert_same_as_reference(params, opt, ref_params, ref)
+    assert all(opt.state[p]["step"].item() == 6.0 for p in params)
 
 
 def test_state_is_half_the_bytes_of_float32_state():
@@ -118,10 +123,7 @@ def test_a_float32_checkpoint_is_rounded_to_nearest_and_training_goes_on_as_fast
     run(opt, params, more)
     for step_grads in more:
         ref.step(step_grads)
-    for k, p in enumerate(params):
-        np.testing.assert_array_equal(p.detach().numpy(), ref_params[k])
-        for key in state_keys(k):
-            np.testing.assert_array_equal(bits(opt.state[p][key]), ref.state[k][key])
+    assert_same_as_reference(params, opt, ref_params, ref)
 
 
 def test_a_resumed_run_is_the_uninterrupted_run_bit_for_bit():
