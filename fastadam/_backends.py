@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _interrupts, _threads
-from ._reference import (WD_DECOUPLED, WD_L2, WD_NONE, adam_update_bf16, adam_update_int8,
-                         clip_coefficient, grad_norm, rounding_key, step_scalars)
+from . import _formats, _interrupts, _threads
+from ._formats import rounding_key
+from ._step import clip_coefficient, grad_norm, step_scalars, variant_options, weight_decay_mode
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -52,11 +52,13 @@ class _CheckedOnlyPlan:
     """A plan for a kernel without compiled checks: every step goes through the
     optimizer's checked path, which then runs it through ``load`` and ``run``.
 
-    ``update`` has the signature of :func:`fastadam._reference.adam_update`."""
+    ``kernel`` is a module with the update functions of :mod:`fastadam._reference`
+    (``adam_update``, and ``adam_update_bf16``/``adam_update_int8`` where the
+    backend offers compressed state)."""
 
-    def __init__(self, layout, update, default_threads=lambda: 1):
+    def __init__(self, layout, kernel, default_threads=lambda: 1):
         self._layout = layout
-        self._update = update
+        self._kernel = kernel
         self._default_threads = default_threads
         self._work = None
         self.last_grad_norm = None
@@ -70,8 +72,7 @@ class _CheckedOnlyPlan:
         k = 0
         for (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize), size in zip(
                 hypers, self._layout.group_sizes):
-            wd_mode = WD_NONE if weight_decay == 0 else (
-                WD_DECOUPLED if self._layout.decoupled else WD_L2)
+            wd_mode = weight_decay_mode(weight_decay, self._layout.decoupled)
             for _ in range(size):
                 work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
                                                     steps[k] + 1), wd_mode, amsgrad, maximize, lr])
@@ -92,22 +93,22 @@ class _CheckedOnlyPlan:
             item[1] = item[1]._replace(grad_scale=c)
 
     def run(self, num_threads):
-        L = self._layout
+        L, kernel = self._layout, self._kernel
         threads = num_threads or self._default_threads()
         steps = self._work[2]
         for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
             if L.absmaxes is not None and L.absmaxes[k] is not None:
-                adam_update_int8(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                kernel.adam_update_int8(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
                                  L.max_exp_avg_sqs[k], L.absmaxes[k], scalars, wd_mode, amsgrad,
                                  maximize, lr)
             elif L.state_dtype == "bfloat16":
                 keys = [rounding_key(L.seed, k, steps[k], moment) for moment in range(3)]
-                adam_update_bf16(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                kernel.adam_update_bf16(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
                                  L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize, keys)
             else:
-                self._update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
-                             L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize,
-                             num_threads=threads)
+                kernel.adam_update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
+                                   L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize,
+                                   num_threads=threads)
 
     def commit_steps(self):
         _, entries, new_steps = self._work
@@ -168,8 +169,8 @@ class _NumbaPlan:
         started = time.perf_counter()
         for k, (variant, *scalars) in enumerate(self._checks.scalars()):
             self._update(L.params[k], grads[k], L.exp_avgs[k], L.exp_avg_sqs[k],
-                         L.max_exp_avg_sqs[k], scalars, variant & 3, bool(variant & 4),
-                         bool(variant & 8), num_threads=threads)
+                         L.max_exp_avg_sqs[k], scalars, *variant_options(variant),
+                         num_threads=threads)
         self._checks.record_step(threads, time.perf_counter() - started)
 
     def commit_steps(self):
@@ -204,10 +205,9 @@ class NumbaBackend:
         return _threads.default_num_threads(self._compiled)
 
     def new_plan(self, layout):
-        update = self.module.adam_update
         if self._compiled is None:
-            return _CheckedOnlyPlan(layout, update, self.default_num_threads)
-        return _NumbaPlan(self._compiled.Plan(*layout), layout, update)
+            return _CheckedOnlyPlan(layout, self.module, self.default_num_threads)
+        return _NumbaPlan(self._compiled.Plan(*layout), layout, self.module.adam_update)
 
 
 class ReferenceBackend:
@@ -218,7 +218,7 @@ class ReferenceBackend:
         self.module = module
 
     def new_plan(self, layout):
-        return _CheckedOnlyPlan(layout, self.module.adam_update)
+        return _CheckedOnlyPlan(layout, self.module)
 
 
 @functools.cache
@@ -226,9 +226,8 @@ def _load_cython():
     with _threads.kernel_openmp_environment():
         from . import _kernel
     _kernel.set_cpu_limit(_threads.cpu_limit())
-    from . import _reference  # the 8-bit state's formats are stated there
-    stated = (_reference.INT8_BLOCK, _reference.INT8_FRACTION_BITS,
-              _reference.INT8_SIGNED_EXPONENT_OFFSET, _reference.INT8_UNSIGNED_EXPONENT_OFFSET)
+    stated = (_formats.INT8_BLOCK, _formats.INT8_FRACTION_BITS,
+              _formats.INT8_SIGNED_EXPONENT_OFFSET, _formats.INT8_UNSIGNED_EXPONENT_OFFSET)
     if _kernel.INT8_FORMAT != stated:
         raise ImportError(f"fastadam._kernel was built for 8-bit formats {_kernel.INT8_FORMAT}, "
                           f"the package states {stated}: rebuild the extension")
@@ -260,7 +259,7 @@ def _make_numba():
 
 
 def _make_numpy():
-    from . import _reference
+    from . import _reference  # backend="numpy" is the oracle itself, by design
     return ReferenceBackend(_reference)
 
 

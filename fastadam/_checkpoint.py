@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from . import _flat, _reference, _rules
+from . import _flat, _formats, _rules
 
 FORMAT = "fastadam-optimizer-state"
 VERSION = 1
@@ -111,7 +111,7 @@ def _convert_state(entry, key, p, where, kind):
     ``kind``: {key: array} or {key: codes, absmax key: absmax}.  Storage kinds
     convert into each other through float32: bfloat16 (uint16 bits, or
     ml_dtypes.bfloat16) decodes exactly and is stored rounded to nearest; 8-bit
-    codes decode with their absmax and are stored by _reference.int8_encode.
+    codes decode with their absmax and are stored by _formats.int8_encode.
     The same storage is copied bit for bit.  The buffers are placed as the
     optimizer places new state (_flat.state_zeros)."""
     a, name = entry[key], f"{where}[{key!r}]"
@@ -129,13 +129,13 @@ def _convert_state(entry, key, p, where, kind):
         if target_kind == "int8":
             codes, absmax = a, absmax
         else:
-            values = _reference.int8_decode(a, absmax, signed=key == "exp_avg")
+            values = _formats.int8_decode(a, absmax, signed=key == "exp_avg")
     elif a.dtype == np.uint8:
         raise ValueError(f"{where} has no {absmax_key!r}: 8-bit codes need their absmax")
     elif a.dtype == target:
         values = a
     elif a.dtype == np.uint16 and p.dtype == np.float32:
-        values = _reference.bf16_decode(a).reshape(a.shape)
+        values = _formats.bf16_decode(a).reshape(a.shape)
     elif a.dtype == p.dtype:
         values = a
     else:
@@ -144,12 +144,12 @@ def _convert_state(entry, key, p, where, kind):
                         "into each other)")
     if target_kind == "int8":
         if absmax_key not in entry:
-            codes, absmax = _reference.int8_encode(values, signed=key == "exp_avg")
+            codes, absmax = _formats.int8_encode(values, signed=key == "exp_avg")
         out = _flat.state_zeros(a.shape, target, key, p.ctypes.data)
         out[...] = codes
         return {key: out, absmax_key: np.array(absmax, np.float32, order="C", copy=True)}
     if target_kind == "bfloat16" and values.dtype != np.uint16:
-        values = _reference.bf16_round_nearest(values).reshape(a.shape)
+        values = _formats.bf16_round_nearest(values).reshape(a.shape)
     out = _flat.state_zeros(a.shape, target, key, p.ctypes.data)
     out[...] = values
     return {key: out}
@@ -314,7 +314,7 @@ def _read_checked(zf, path, opt):
                     lambda shape: shape == p.shape, p.nbytes)
             info = members.pop(f"state/{index}/{_rules.ABSMAX_KEYS[buffer]}.npy", None)
             if info is not None:
-                blocks = _reference.int8_blocks(p.size)
+                blocks = _formats.int8_blocks(p.size)
                 entry[_rules.ABSMAX_KEYS[buffer]] = _read_member(
                     zf, info, lambda dt: dt == np.float32, lambda shape: shape == (blocks,), 4 * blocks)
         state[index] = entry

@@ -19,7 +19,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._reference import WD_DECOUPLED, WD_L2, FlushToZero
+from ._formats import FlushToZero
+from ._step import WD_DECOUPLED, WD_L2
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -38,7 +39,7 @@ _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
 
 
-# The flush-to-zero rule of fastadam/_reference.py, one operation at a time: a
+# The flush-to-zero rule of fastadam/_formats.py, one operation at a time: a
 # result below the smallest normal (after rounding with an unbounded exponent:
 # `scaled` is the same operation with its operands scaled by 2**SCALE_EXP) is a
 # zero of its sign; r * 0 is that zero (r is finite there).

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _flat, _interrupts, _reference, _rules
+from . import _backends, _checkpoint, _flat, _formats, _interrupts, _rules, _step
 from ._backends import APPLIED, SKIPPED, UNVERIFIED
 
 
@@ -293,7 +293,7 @@ class Adam:
                 if self._skip_if_nonfinite and not finite:
                     return SKIPPED
             scale = self._grad_scale * (
-                _reference.clip_coefficient(self._max_grad_norm, norm) if clip else 1.0)
+                _step.clip_coefficient(self._max_grad_norm, norm) if clip else 1.0)
             if scale != 1.0:
                 plan.scale_gradients_by(scale)
             with _interrupts.deferred():
@@ -313,7 +313,7 @@ class Adam:
         dtype = _rules.state_storage(p.dtype, kind)
         buffers = {key: _flat.state_zeros(p.shape, dtype, key, p.ctypes.data)}
         if kind == "int8":
-            buffers[_rules.ABSMAX_KEYS[key]] = np.zeros(_reference.int8_blocks(p.size), np.float32)
+            buffers[_rules.ABSMAX_KEYS[key]] = np.zeros(_formats.int8_blocks(p.size), np.float32)
         return buffers
 
     # -- state --------------------------------------------------------------

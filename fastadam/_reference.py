@@ -15,140 +15,36 @@ and gradient ``g``::
     p   <- p - lr / (1 - beta1^t) * (m / (sqrt(v) * (1 / sqrt(1 - beta2^t)) + eps))
 
 every operation rounded in the arrays' dtype T (the scalars are computed once
-per step in double and rounded to T once), under one rule for subnormal
-numbers, **flush to zero**, which is what x86's FTZ and DAZ modes do (and
-``torch.set_flush_denormal(True)``):
-
-- every operand whose magnitude is below T's smallest normal number is read as
-  a zero of its sign (DAZ), scalars included;
-- every result whose magnitude, rounded to T's precision with an unbounded
-  exponent, is below the smallest normal number is a zero of its sign (FTZ).
-  (x86 detects this "tininess" after rounding: a result just below the
-  smallest normal that rounds up to it is kept.)
-
-So no subnormal number is ever stored in p, m, v or v^, and no operation ever
-works on one (each costs a ~100-cycle microcode assist).  With ``eps=0`` the
-rule shows: a gradient whose square underflows (|g| < ~3e-18 in float32 with
-beta2 = 0.999) leaves v = 0 beside a nonzero m, and m / 0 moves p to +-inf, as
-torch does under ``set_flush_denormal(True)``; where m and v are both 0 the
-update is 0/0 = NaN, as in torch.  The default eps = 1e-8 has neither.
+per step in double and rounded to T once; ``fastadam._step.step_scalars``),
+under the flush-to-zero rule that ``fastadam._formats`` states and implements
+(``FlushToZero``: no subnormal is read or produced; x86's FTZ and DAZ modes).
+With ``eps=0`` the rule shows: a gradient whose square underflows (|g| < ~3e-18
+in float32 with beta2 = 0.999) leaves v = 0 beside a nonzero m, and m / 0 moves
+p to +-inf, as torch does under ``set_flush_denormal(True)``; where m and v are
+both 0 the update is 0/0 = NaN, as in torch.  The default eps = 1e-8 has neither.
 
 Gradient clipping (``max_grad_norm``), torch's ``clip_grad_norm_`` folded into
 the step: the global L2 norm of all the step's gradients (``grad_norm``, in
 IEEE double, in an order fixed by element indices alone, so the same bits for
 every thread count), then ``c = clip_coefficient(max_grad_norm, norm)``.
 
-The compiled kernel sets FTZ and DAZ around its loops; IEEE arithmetic, which
-NumPy does, rounds into the subnormal range instead, so here every operation
-is followed by the flush, and a result IEEE rounds to exactly the smallest
-normal is recomputed with its operands scaled by a power of two (exact) to see
-where the unbounded rounding lands.  The compiled kernel, the Numba backend and
-this reference are bitwise equal.
+The state formats (bfloat16, blockwise 8-bit) and the rounding streams are those
+of ``fastadam._formats``; the per-step scalars and the norm's order those of
+``fastadam._step``.  This module writes the update once, one NumPy operation at
+a time, and is imported by the tests and by ``backend="numpy"`` alone.  The
+compiled kernel, the Numba backend and this reference are bitwise equal.
 """
-import math
-from typing import NamedTuple
-
 import numpy as np
 
-WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
-
-
-class StepScalars(NamedTuple):
-    """The per-step scalars of one tensor, computed once in double."""
-
-    beta1: float
-    one_minus_beta1: float
-    beta2: float
-    one_minus_beta2: float
-    eps: float
-    weight_decay: float
-    decay: float         # 1 - lr * weight_decay (AdamW)
-    step_size: float     # lr / (1 - beta1^step)
-    inv_sqrt_bc2: float  # 1 / sqrt(1 - beta2^step)
-    grad_scale: float = 1.0  # gradient clipping's coefficient (clip_coefficient)
-
-
-def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
-    """The scalars for ``step`` (the step being taken, counting from 1)."""
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
-    return StepScalars(
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
-        1.0 - lr * weight_decay, lr / bias_correction1, 1.0 / math.sqrt(bias_correction2),
-    )
-
-
-# -- bfloat16 optimizer state (state_dtype="bfloat16") ----------------------------
-#
-# m, v (and v^) are stored as the upper 16 bits of their float32 value (bfloat16,
-# in uint16 arrays).  A step decodes them exactly (a shift), updates in float32
-# as above, updates p from the new float32 m and v, then stores them rounded to
-# bfloat16 *stochastically*: the 16 bits cut off are compared with a random
-# 16-bit number, i.e. r is added below the kept bits before truncating, so a
-# value rounds up with probability equal to its distance from the lower
-# neighbour.  Round-to-nearest would make v stagnate: with beta2 = 0.999,
-# beta2 * v differs from v by 0.1%, below bfloat16's half-spacing (~0.4%), so
-# v would never decay.  The random bits come from a counter-based hash of (seed,
-# tensor index, step, element index): the same for every thread count and run.
-# The per-step key is a full hash (rounding_key); per element it is combined
-# with the index and multiplied by an odd constant (a bijection, so uniform for
-# each element, and independent from step to step as the keys are).  The 32
-# bits serve m (low half) and v (high half); AMSGrad's v^ takes the low half
-# of a second stream (moment 2).
-
-
-def mix32(x):
-    """A 32-bit integer hash (the "lowbias32" mixer: xor-shift, multiply, twice)."""
-    x = np.asarray(x, np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
-
-
-def rounding_key(seed, tensor, step, moment):
-    """The per-(seed, tensor, step, moment) key of the stochastic rounding stream."""
-    with np.errstate(over="ignore"):
-        key = mix32(np.uint32(seed & 0xFFFFFFFF) ^ mix32(np.uint32((seed >> 32) & 0xFFFFFFFF)))
-        key = mix32(key ^ np.uint32(tensor & 0xFFFFFFFF))
-        key = mix32(key ^ np.uint32(step & 0xFFFFFFFF) ^ mix32(np.uint32(step >> 32)))
-        return int(mix32(key ^ np.uint32(moment)))
-
-
-def rounding_bits(key, n):
-    """32 random bits per element 0..n-1 of one stream: (lo(i) ^ hi(i) * C ^ key) * K."""
-    with np.errstate(over="ignore"):
-        i = np.arange(n, dtype=np.uint64)
-        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        hi = (i >> np.uint64(32)).astype(np.uint32) * np.uint32(0x9E3779B9)
-        return (lo ^ hi ^ np.uint32(key)) * np.uint32(0x9E3779B1)
-
-
-def bf16_decode(bits):
-    """bfloat16 bits (uint16) -> float32, exactly."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def bf16_round_stochastic(x, random16):
-    """float32 -> bfloat16 bits (flat), adding ``random16`` below the kept bits; NaN stays NaN."""
-    b = np.ascontiguousarray(x, np.float32).reshape(-1).view(np.uint32)
-    out = ((b + random16.astype(np.uint32)) >> np.uint32(16)).astype(np.uint16)
-    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        out[nan] = ((b[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
-    return out
-
-
-def bf16_round_nearest(x):
-    """float32 -> bfloat16 bits, round to nearest even (checkpoint conversion)."""
-    b = np.asarray(x, np.float32).view(np.uint32)
-    with np.errstate(over="ignore"):
-        out = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        out[nan] = ((b[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
-    return out
+from ._formats import (  # noqa: F401  (re-exported: the oracle's whole vocabulary)
+    ABSMAX_LIMIT, INT8_BLOCK, INT8_FRACTION_BITS, INT8_MAX_UPDATE, INT8_MIN_NUMEL,
+    INT8_SIGNED_EXPONENT_OFFSET, INT8_UNSIGNED_EXPONENT_OFFSET, SCALE_EXP, SIGNED_MAP,
+    SIGNED_MAGNITUDES, SIGNED_TOP_CODE, UNSIGNED_MAP, UNSIGNED_TOP_CODE, FlushToZero,
+    bf16_decode, bf16_round_nearest, bf16_round_stochastic, int8_blocks, int8_decode,
+    int8_encode, int8_nearest_codes, mix32, rounding_bits, rounding_key)
+from ._step import (  # noqa: F401
+    NORM_BLOCK, NORM_LANES, WD_DECOUPLED, WD_L2, WD_NONE, StepScalars, clip_coefficient,
+    grad_norm, step_scalars)
 
 
 def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
@@ -168,147 +64,6 @@ def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight
     if amsgrad:
         low2 = rounding_bits(keys[2], n) & np.uint32(0xFFFF)
         max_exp_avg_sq[...] = bf16_round_stochastic(vmax, low2).reshape(max_exp_avg_sq.shape)
-
-
-
-# -- blockwise 8-bit optimizer state (state_dtype="int8") -------------------------
-#
-# Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (2022): each
-# tensor of at least INT8_MIN_NUMEL elements is cut into blocks of INT8_BLOCK;
-# a block of a moment is stored as one float32 absmax (its largest magnitude)
-# and one 8-bit code per element, the index of the nearest value of a "dynamic"
-# map applied to x / absmax.  The dynamic maps are the paper's dynamic tree
-# quantization: magnitudes in the decades [0.1, 1] * 10^-e for e = 6..0, the
-# decade 10^-e split linearly into 2^(F-e) bins and represented by their
-# midpoints (F fraction bits), plus 0 and exactly 1.0 (so the block's largest
-# element is stored without error):
-#
-#   m (signed, SIGNED_MAP): bit 7 is the sign, bits 0-6 index 128 magnitudes
-#     (F = 6: 127 midpoints and 0, the largest midpoint replaced by 1.0);
-#   v and v^ (unsigned, UNSIGNED_MAP): 256 magnitudes (F = 7: 254 midpoints,
-#     0 and 1.0).
-#
-# A step, per block, in one pass: decode (code value * absmax, rounded in
-# float32), update in float32 as in the float32 rule above, update p from the
-# new, unquantized m and v, then take the block's new absmax (the largest
-# magnitude, NaN ignored, at most ABSMAX_LIMIT) and store the nearest code of
-# x * (1 / absmax) (a NaN or an infinity is stored as +-1.0, the block's
-# absmax; m's sign bit is y's, so -0 is stored as -0).  Tensors below
-# INT8_MIN_NUMEL elements keep float32 state: their state is small and
-# blockwise error is largest there.
-#
-# The maps.  Both are small floating-point formats of y = x / absmax in [-1, 1]
-# with 3 fraction bits, so that a code is found from y's float32 bits and
-# decoded into float32 bits with a few integer operations and no table (table
-# lookups cost more than the bytes they save).  A code's magnitude bits k mean
-#
-#     k = 0:  0
-#     k > 0:  2^((k >> 3) - E) * (1 + (k & 7) / 8)
-#
-#   m (signed): bit 7 is the sign, k is bits 0-6, E = INT8_SIGNED_EXPONENT_OFFSET
-#     (15): 1.0 is k = 120, the smallest magnitude 2^-15 * 1.125 (~3.4e-5);
-#   v and v^ (unsigned): k is the whole code, E = INT8_UNSIGNED_EXPONENT_OFFSET
-#     (31): 1.0 is k = 248, the smallest magnitude 2^-31 * 1.125 (~5.2e-10).
-#
-# Like the paper's dynamic maps they are dense near 1 and reach far below it
-# (v, which spans the square of the gradients' range, reaches twice as far);
-# the relative gap between neighbours is at most 12.5%.  Codes above 1.0 (m:
-# k = 121-127; v: 249-255) are never written and refused in a loaded state.
-#
-# The nearest code of |y| <= 1: k = ((bits(|y|) + 2^19) >> 20) - ((127 - E) << 3)
-# rounds the exponent and top 3 fraction bits to nearest (ties to the larger
-# magnitude); where k < 1, y is below the smallest magnitude s and the code is
-# 1 if |y| >= s / 2, else 0.  Decoding is the same in reverse: the float32
-# bits of k's magnitude are (k + ((127 - E) << 3)) << 20.
-#
-# The guard.  Quantizing v to a code of its block's absmax loses an element
-# whose v is below ~2.6e-10 of the block's largest: it is stored as 0.  If its
-# m survives (m's map reaches ~1.7e-5 of its own absmax) and its gradient then
-# falls silent, the next update is m / eps, thousands of times lr.  So where
-# the state is 8-bit, the Adam term of each element's update is clamped:
-#
-#     p <- p - clamp(lr / bc1 * (m / d), -INT8_MAX_UPDATE * lr, +INT8_MAX_UPDATE * lr)
-#
-# so no element moves more than 10 lr in a step (plus the final rounding of
-# the subtraction, and the decoupled weight decay, which is a separate factor).
-# With exact state Adam's update is bounded by lr * (1 - beta1) / sqrt(1 - beta2)
-# (Kingma & Ba, section 2.1: 3.16 lr with the default betas), so the clamp
-# only acts where the 8-bit state has lost v.
-
-INT8_BLOCK = 256
-INT8_MIN_NUMEL = 4096
-INT8_MAX_UPDATE = 10.0  # in units of lr
-ABSMAX_LIMIT = np.float32(2.0 ** 126)  # so that 1 / absmax is a normal number
-INT8_FRACTION_BITS = 3
-INT8_SIGNED_EXPONENT_OFFSET = 15
-INT8_UNSIGNED_EXPONENT_OFFSET = 31
-SIGNED_TOP_CODE = INT8_SIGNED_EXPONENT_OFFSET << INT8_FRACTION_BITS  # the code of 1.0
-UNSIGNED_TOP_CODE = INT8_UNSIGNED_EXPONENT_OFFSET << INT8_FRACTION_BITS
-
-
-def _exponent_offset(signed):
-    return INT8_SIGNED_EXPONENT_OFFSET if signed else INT8_UNSIGNED_EXPONENT_OFFSET
-
-
-def _code_magnitudes(signed):
-    """The values of the magnitude bits k = 0 .. 127 (signed) or 0 .. 255."""
-    k = np.arange(128 if signed else 256, dtype=np.uint32)
-    bits = (k + np.uint32((127 - _exponent_offset(signed)) << INT8_FRACTION_BITS)) << np.uint32(
-        23 - INT8_FRACTION_BITS)
-    return np.where(k == 0, np.float32(0), bits.view(np.float32))
-
-
-SIGNED_MAGNITUDES = _code_magnitudes(signed=True)
-# Decoding tables (code -> value): m's sign-magnitude codes, and v's.
-SIGNED_MAP = np.concatenate([SIGNED_MAGNITUDES, -SIGNED_MAGNITUDES])
-UNSIGNED_MAP = _code_magnitudes(signed=False)
-
-
-def int8_blocks(numel):
-    """The number of absmax blocks of a tensor of ``numel`` elements."""
-    return -(-numel // INT8_BLOCK)
-
-
-def int8_nearest_codes(y, signed):
-    """The nearest code of each float32 y (the rounding above); |y| is capped at 1."""
-    y = np.asarray(y, np.float32)
-    exponent_offset = _exponent_offset(signed)
-    half_smallest = np.float32(2.0 ** -exponent_offset * 0.5625)
-    with np.errstate(invalid="ignore"):
-        magnitude = np.abs(y)
-        magnitude = np.where(magnitude <= 1, magnitude, np.float32(1))  # NaN, inf -> 1
-        shift = 23 - INT8_FRACTION_BITS
-        k = (((magnitude.view(np.uint32).astype(np.int64) + (1 << (shift - 1))) >> shift)
-             - ((127 - exponent_offset) << INT8_FRACTION_BITS))
-        codes = np.where(k >= 1, k, magnitude >= half_smallest).astype(np.uint32)
-        if signed:
-            codes |= np.signbit(y).astype(np.uint32) << np.uint32(7)
-    return codes.astype(np.uint8)
-
-
-def int8_decode(codes, absmax, signed):
-    """Codes and per-block absmax -> float32 values (code value * absmax, under the rule)."""
-    f = FlushToZero(np.dtype(np.float32))
-    flat = np.asarray(codes, np.uint8).reshape(-1)
-    scale = np.repeat(f.operand(np.asarray(absmax, np.float32)), INT8_BLOCK)[:flat.size]
-    table = SIGNED_MAP if signed else UNSIGNED_MAP
-    return f.mul(table[flat], scale).reshape(np.shape(codes))
-
-
-def int8_encode(x, signed):
-    """float32 values -> (codes, absmax): per block the largest magnitude (NaN
-    ignored, at most ABSMAX_LIMIT), and the nearest code of x * (1 / absmax)."""
-    f = FlushToZero(np.dtype(np.float32))
-    flat = f.operand(np.asarray(x, np.float32).reshape(-1))
-    n_blocks = int8_blocks(flat.size)
-    blocks = np.zeros((n_blocks, INT8_BLOCK), np.float32)
-    blocks.reshape(-1)[:flat.size] = flat
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        absmax = np.minimum(np.fmax.reduce(np.abs(blocks), axis=1, initial=np.float32(0)),
-                            ABSMAX_LIMIT).astype(np.float32)
-        inverse = np.where(absmax > 0, np.float32(1) / absmax, np.float32(0)).astype(np.float32)
-        codes = int8_nearest_codes(f.mul(blocks, inverse[:, None]), signed)
-    return codes.reshape(-1)[:flat.size].reshape(np.shape(x)), absmax
 
 
 def adam_update_int8(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, absmaxes, s,
@@ -339,88 +94,6 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
         # Overflow to inf and NaN are documented results (README), as in the compiled kernels.
         _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
                 maximize, max_update)
-
-
-NORM_BLOCK, NORM_LANES = 4096, 16  # src/adam_kernel.hpp: FA_NORM_BLOCK, FA_NORM_LANES
-
-
-def grad_norm(grads):
-    """The global L2 norm of ``grads`` in float64, summed in the kernel's fixed order:
-    the concatenated gradients in blocks of NORM_BLOCK elements; within a block,
-    element i adds g*g to lane i mod NORM_LANES, one after another; a block's sum
-    is its lanes added in order; the norm is the square root of the blocks' sums
-    added in order.  (np.cumsum adds in sequence, unlike np.sum.)"""
-    flat = np.concatenate([np.asarray(g, np.float64).reshape(-1) for g in grads] or [np.zeros(0)])
-    if flat.size == 0:
-        return 0.0
-    n_blocks = -(-flat.size // NORM_BLOCK)
-    squares = np.zeros(n_blocks * NORM_BLOCK)
-    squares[:flat.size] = flat * flat
-    lanes = np.cumsum(squares.reshape(n_blocks, NORM_BLOCK // NORM_LANES, NORM_LANES), axis=1)[:, -1]
-    blocks = np.cumsum(lanes, axis=1)[:, -1]
-    return float(np.sqrt(np.cumsum(blocks)[-1]))
-
-
-def clip_coefficient(max_norm, norm):
-    """torch's clip_grad_norm_: max_norm / (norm + 1e-6), at most 1 (a NaN norm gives NaN)."""
-    c = max_norm / (norm + 1e-6)
-    return 1.0 if c > 1.0 else c
-
-
-# Scaling by 2**SCALE_EXP lifts a result near the smallest normal into the normal
-# range without rounding (the operands of such a result are at most ~4 in magnitude).
-SCALE_EXP = {np.dtype(np.float32): 64, np.dtype(np.float64): 512}
-
-
-class FlushToZero:
-    """The arithmetic of the rule above, in dtype ``t``, on arrays or T scalars."""
-
-    def __init__(self, dtype):
-        self.t = dtype.type
-        self.tiny = self.t(np.finfo(dtype).smallest_normal)
-        self.scale = self.t(2.0 ** SCALE_EXP[dtype])
-        self.scaled_tiny = self.tiny * self.scale
-        self.zero = self.t(0)
-
-    def scalar(self, x):
-        """A double rounded to T, as the kernel converts it (under FTZ)."""
-        r = np.array(self.t(x))
-        return self._result(r, lambda e: self.t(x * 2.0 ** SCALE_EXP[np.dtype(self.t)]))[()]
-
-    def operand(self, x):
-        """DAZ: below the smallest normal, a zero of its sign."""
-        magnitude = np.abs(x)
-        if not (magnitude < self.tiny).any():  # the usual case: nothing to flush
-            return x
-        return np.where(magnitude < self.tiny, np.copysign(self.zero, x), x).astype(self.t)
-
-    def _result(self, r, scaled):
-        """FTZ for r = op(...); ``scaled(mask)`` recomputes op with scaled operands at mask."""
-        magnitude = np.abs(r)
-        if not (magnitude <= self.tiny).any():  # the usual case: nothing near the edge
-            return r
-        out = np.where(magnitude < self.tiny, np.copysign(self.zero, r), r).astype(self.t)
-        edge = magnitude == self.tiny
-        if edge.any():
-            tiny_before = np.abs(scaled(edge)) < self.scaled_tiny
-            out[edge] = np.where(tiny_before, np.copysign(self.zero, r[edge]), r[edge])
-        return out
-
-    @staticmethod
-    def _at(x, mask):
-        return np.broadcast_to(x, mask.shape)[mask]
-
-    def mul(self, a, b):
-        return self._result(a * b, lambda e: (self._at(a, e) * self.scale) * self._at(b, e))
-
-    def add(self, a, b):
-        return self._result(a + b, lambda e: self._at(a, e) * self.scale + self._at(b, e) * self.scale)
-
-    def sub(self, a, b):
-        return self._result(a - b, lambda e: self._at(a, e) * self.scale - self._at(b, e) * self.scale)
-
-    def div(self, a, b):
-        return self._result(a / b, lambda e: (self._at(a, e) * self.scale) / self._at(b, e))
 
 
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,

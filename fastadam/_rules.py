@@ -15,7 +15,7 @@ import numbers
 
 import numpy as np
 
-from ._reference import (INT8_BLOCK, INT8_MIN_NUMEL, SIGNED_TOP_CODE, UNSIGNED_TOP_CODE,
+from ._formats import (INT8_BLOCK, INT8_MIN_NUMEL, SIGNED_TOP_CODE, UNSIGNED_TOP_CODE,
                          int8_blocks)
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from . import _backends, _flat, _reference, _rules
+from . import _backends, _flat, _rules, _step
 from ._optimizer import Adam, AdamW
 
 SHARD_ALIGN = 64  # bytes: shard boundaries fall on cache-line multiples
@@ -250,7 +250,7 @@ class ZeroAdam:
                 self.skipped_steps += 1
                 return False
             if clip:
-                scale *= _reference.clip_coefficient(self.max_grad_norm, norm)
+                scale *= _step.clip_coefficient(self.max_grad_norm, norm)
         if self._shard is not None:
             for group, (k, *_) in zip(self._shard.param_groups, self._pieces):
                 group.update(self._group_hypers(self._group_of[k]))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _flat, _optimizer, _reference, _rules
+from . import _flat, _formats, _optimizer, _rules
 
 try:
     from . import _torch_plan
@@ -198,7 +198,7 @@ class Adam(torch.optim.Optimizer):
                         and t.shape == p.shape):
                     values = t.detach().resolve_neg().contiguous().numpy()
                     bf16 = _zeros_like(p, key, "bfloat16")
-                    _view(bf16)[...] = _reference.bf16_round_nearest(values).reshape(values.shape)
+                    _view(bf16)[...] = _formats.bf16_round_nearest(values).reshape(values.shape)
                     converted.append((st, key, bf16))
         for st, key, t in converted:
             st[key] = t

@@ -1,0 +1,65 @@
+"""The structure docs/architecture.md describes, held against the code.
+
+These read the package's source (imports and definitions), so a change that
+breaks the layering fails here rather than in a review.
+"""
+import ast
+import pathlib
+
+import fastadam
+from fastadam import _formats, _reference, _step
+
+PACKAGE = pathlib.Path(fastadam.__file__).parent
+
+
+def production_modules():
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "_reference.py")
+
+
+def imports_of(tree):
+    """(function name or None, imported module name) for every import in a module."""
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Import):
+                found.extend((inner, alias.name) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                module = "." * child.level + (child.module or "")
+                found.append((inner, module))
+                found.extend((inner, f"{module}.{alias.name}") for alias in child.names)
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_the_oracle_is_imported_only_as_the_numpy_backend():
+    users = []
+    for path in production_modules():
+        for function, module in imports_of(ast.parse(path.read_text())):
+            if module.split(".")[-1] == "_reference":
+                users.append((path.relative_to(PACKAGE).as_posix(), function))
+    assert users == [("_backends.py", "_make_numpy")]
+
+
+def test_the_oracle_defines_no_format_of_its_own():
+    """What code and oracle share is defined in _formats/_step; the oracle only re-exports it."""
+    defined = {node.name for node in ast.parse(pathlib.Path(_reference.__file__).read_text()).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert defined == {"adam_update", "adam_update_bf16", "adam_update_int8", "_update"}
+    for name in ("bf16_round_nearest", "int8_encode", "FlushToZero", "rounding_key"):
+        assert getattr(_reference, name) is getattr(_formats, name)
+    for name in ("StepScalars", "step_scalars", "grad_norm", "clip_coefficient"):
+        assert getattr(_reference, name) is getattr(_step, name)
+
+
+def test_option_bits_pack_and_unpack():
+    for wd in (_step.WD_NONE, _step.WD_L2, _step.WD_DECOUPLED):
+        for amsgrad in (False, True):
+            for maximize in (False, True):
+                code = _step.variant(wd, amsgrad, maximize)
+                assert _step.variant_options(code) == (wd, amsgrad, maximize)
+    codes = {_step.variant(wd, a, m) for wd in range(3) for a in (0, 1) for m in (0, 1)}
+    assert len(codes) == 12
