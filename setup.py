@@ -12,6 +12,7 @@ reference does.  No -ffast-math (it would change the floating-point state of
 the whole process) and no -march=native (the AVX2 and AVX-512 variants are
 compiled per function and chosen at run time; see src/adam_kernel.hpp).
 """
+import glob
 import os
 
 import numpy
@@ -31,6 +32,7 @@ if openmp:
 kernel = Extension(
     "fastadam._kernel",
     sources=["src/_kernel.pyx"],
+    depends=sorted(glob.glob("src/*.hpp") + glob.glob("src/*.h")),  # rebuilt when a header changes
     include_dirs=["src", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,

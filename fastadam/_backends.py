@@ -226,12 +226,27 @@ def _load_cython():
     with _threads.kernel_openmp_environment():
         from . import _kernel
     _kernel.set_cpu_limit(_threads.cpu_limit())
-    stated = (_formats.INT8_BLOCK, _formats.INT8_FRACTION_BITS,
-              _formats.INT8_SIGNED_EXPONENT_OFFSET, _formats.INT8_UNSIGNED_EXPONENT_OFFSET)
-    if _kernel.INT8_FORMAT != stated:
-        raise ImportError(f"fastadam._kernel was built for 8-bit formats {_kernel.INT8_FORMAT}, "
-                          f"the package states {stated}: rebuild the extension")
+    _check_built_with(_kernel)
     return _kernel
+
+
+def _check_built_with(kernel):
+    """The compiled kernel's copies of the package's definitions: the step's scalar
+    record and option bits, the step-count limit, the 8-bit formats and guard."""
+    from . import _rules, _step
+    stated = {
+        "STEP_SCALAR_NAMES": _step.StepScalars._fields,
+        "VARIANT_BITS": (_step.WD_MASK, _step.AMSGRAD, _step.MAXIMIZE),
+        "MAX_STEP": _rules.MAX_STEP,
+        "INT8_FORMAT": (_formats.INT8_BLOCK, _formats.INT8_FRACTION_BITS,
+                        _formats.INT8_SIGNED_EXPONENT_OFFSET, _formats.INT8_UNSIGNED_EXPONENT_OFFSET),
+        "INT8_MAX_UPDATE": _formats.INT8_MAX_UPDATE,
+    }
+    for name, value in stated.items():
+        built = getattr(kernel, name, None)
+        if built != value:
+            raise ImportError(f"fastadam._kernel was built with {name} = {built!r}, the package "
+                              f"states {value!r}: rebuild the extension")
 
 
 def compiled_or_none():

@@ -19,7 +19,7 @@ from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.ref cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.math cimport pow, sqrt
+from libc.math cimport sqrt
 from libc.stdint cimport int64_t, intptr_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, qsort
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -39,18 +39,23 @@ cdef extern from "adam_kernel.hpp" nogil:
         int64_t numel
         int dtype
         int variant
-        double beta1, one_minus_beta1, beta2, one_minus_beta2
-        double eps, weight_decay, decay, step_size, inv_sqrt_bc2, grad_scale
+        double grad_scale
         int state
         uint32_t keys[3]
         float *absmax[3]
         double max_update
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
+        FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_STEP_SCALARS
         FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
+    const char *FA_STEP_SCALAR_NAMES
+    int fa_variant(int wd, int amsgrad, int maximize)
+    void fa_set_step(fa_item *it, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, int64_t step, double max_update_in_lr)
+    void fa_get_step(const fa_item *it, double *out)
     uint32_t fa_mix32(uint32_t x)
     int fa_select_isa(int forced)
     int fa_isa_supported(int isa)
@@ -142,11 +147,17 @@ def isa_in_use():
 
 
 INT8_BLOCK = FA_INT8_BLOCK
+# The step's record and option bits as the kernel was built with them
+# (fastadam._step's; _backends checks them at import).
+STEP_SCALAR_NAMES = tuple(FA_STEP_SCALAR_NAMES.decode().split())
+VARIANT_BITS = (FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE)
 # The 8-bit codes' formats (fastadam._reference states them; checked at import).
 INT8_FORMAT = (FA_INT8_BLOCK, FA_INT8_FRACTION_BITS, FA_INT8_SIGNED_EXPONENT_OFFSET,
                FA_INT8_UNSIGNED_EXPONENT_OFFSET)
-# The clamp of the 8-bit state's update, in units of lr (fastadam._reference.INT8_MAX_UPDATE).
-cdef double INT8_MAX_UPDATE = 10.0
+# The clamp of the 8-bit state's update, in units of lr (fastadam._formats.INT8_MAX_UPDATE;
+# checked at import).
+cdef double _int8_max_update = 10.0
+INT8_MAX_UPDATE = _int8_max_update
 
 
 cdef void run_items(const fa_item *items, const int64_t *offsets, int64_t n_items,
@@ -273,8 +284,9 @@ cdef enum:
     SLOT_WEIGHT_DECAY = 4
     N_SLOTS = 5
 
-# The largest stored step count a step may start from (fastadam._rules.MAX_STEP).
-cdef long long MAX_STEP = (1LL << 53) - 1
+# A step count may not reach this: fastadam._rules.MAX_STEP (checked at import).
+cdef long long _max_step = (1LL << 53) - 1
+MAX_STEP = _max_step
 
 # The thread planner (Plan.threads_for_step): steps timed per candidate in a
 # trial (median5 takes the median of five), and steps between trials.
@@ -604,20 +616,8 @@ cdef class Plan:
                                  long long step) noexcept:
         """Tensor k's scalars for taking step number ``step`` (counting from 1), in double."""
         cdef fa_item *it = &self.items[k]
-        cdef double bc1 = 1.0 - pow(beta1, <double>step)
-        cdef double bc2 = 1.0 - pow(beta2, <double>step)
         it.variant = variant
-        it.beta1 = beta1
-        it.one_minus_beta1 = 1.0 - beta1
-        it.beta2 = beta2
-        it.one_minus_beta2 = 1.0 - beta2
-        it.eps = eps
-        it.weight_decay = weight_decay
-        it.decay = 1.0 - lr * weight_decay
-        it.step_size = lr / bc1
-        it.inv_sqrt_bc2 = 1.0 / sqrt(bc2)
-        it.grad_scale = 1.0
-        it.max_update = INT8_MAX_UPDATE * lr
+        fa_set_step(it, lr, beta1, beta2, eps, weight_decay, step, _int8_max_update)
         if self.state_kind == FA_STATE_BF16:
             it.keys[0] = rounding_key(self.seed, k, step, 0)
             it.keys[1] = rounding_key(self.seed, k, step, 1)
@@ -743,8 +743,8 @@ cdef class Plan:
             if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
                 return False
             maximize = <object>ptr is True
-            variant = ((0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
-                       | (<int>amsgrad << 2) | (<int>maximize << 3))
+            variant = fa_variant(0 if weight_decay == 0.0 else self.wd_mode_if_nonzero,
+                                 amsgrad, maximize)
             ptr = PyDict_GetItem(<dict>group, "params")
             if ptr == NULL or type(<object>ptr) is not list:
                 return False
@@ -769,7 +769,7 @@ cdef class Plan:
                 if step == -1 and PyErr_Occurred() != NULL:  # beyond long long
                     PyErr_Clear()
                     return False
-                if not (0 <= step < MAX_STEP):
+                if not (0 <= step < _max_step):
                     return False
                 step += 1
                 if not (PyDict_GetItem(st, "exp_avg") == <PyObject *>self.exp_avgs[k]
@@ -865,8 +865,8 @@ cdef class Plan:
             for j in range(N_SLOTS):
                 if remembered[gi * N_SLOTS + j] is not None:
                     self.remembered_values[gi * N_SLOTS + j] = (lr, beta1, beta2, eps, weight_decay)[j]
-            variant = ((0 if weight_decay == 0.0 else self.wd_mode_if_nonzero)
-                       | (<int>bool(amsgrad) << 2) | (<int>bool(maximize) << 3))
+            variant = fa_variant(0 if weight_decay == 0.0 else self.wd_mode_if_nonzero,
+                                 bool(amsgrad), bool(maximize))
             for j in range(self.group_sizes[gi]):
                 g = <cnp.ndarray?>held[k]
                 if cnp.PyArray_NBYTES(g) != cnp.PyArray_NBYTES(<cnp.ndarray>self.params[k]):
@@ -919,11 +919,15 @@ cdef class Plan:
         self.held_grads = None
 
     def scalars(self):
-        """Per tensor: (variant, beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
-        decay, step_size, 1/sqrt(bc2), grad_scale) of the verified or loaded step."""
-        return [(it.variant, it.beta1, it.one_minus_beta1, it.beta2, it.one_minus_beta2, it.eps,
-                 it.weight_decay, it.decay, it.step_size, it.inv_sqrt_bc2, it.grad_scale)
-                for it in self.items[:self.n]]
+        """Per tensor: (variant, *scalars) of the verified or loaded step, the scalars
+        in the order of STEP_SCALAR_NAMES (fastadam._step.StepScalars)."""
+        cdef double values[FA_N_STEP_SCALARS]
+        cdef Py_ssize_t k
+        out = []
+        for k in range(self.n):
+            fa_get_step(&self.items[k], values)
+            out.append((self.items[k].variant, *[values[j] for j in range(FA_N_STEP_SCALARS)]))
+        return out
 
 
 def _select_isa_from_environment():

@@ -63,3 +63,23 @@ def test_option_bits_pack_and_unpack():
                 assert _step.variant_options(code) == (wd, amsgrad, maximize)
     codes = {_step.variant(wd, a, m) for wd in range(3) for a in (0, 1) for m in (0, 1)}
     assert len(codes) == 12
+
+
+def test_a_kernel_built_with_other_definitions_is_refused():
+    import types
+
+    import pytest
+
+    from fastadam import _backends
+    kernel = _backends.compiled_or_none()
+    if kernel is None:
+        pytest.skip("the compiled extension is not built")
+    names = ("STEP_SCALAR_NAMES", "VARIANT_BITS", "MAX_STEP", "INT8_FORMAT", "INT8_MAX_UPDATE")
+    built = {name: getattr(kernel, name) for name in names}
+    _backends._check_built_with(types.SimpleNamespace(**built))
+    changed = dict(built, STEP_SCALAR_NAMES=built["STEP_SCALAR_NAMES"][::-1])
+    with pytest.raises(ImportError, match="STEP_SCALAR_NAMES"):
+        _backends._check_built_with(types.SimpleNamespace(**changed))
+    changed = dict(built, VARIANT_BITS=(3, 8, 4))
+    with pytest.raises(ImportError, match="VARIANT_BITS"):
+        _backends._check_built_with(types.SimpleNamespace(**changed))

@@ -1,0 +1,46 @@
+// The update rule of one element, or of a vector of elements, written once.
+//
+// Included once per target, inside a namespace of its own, with FA_RULE_INLINE
+// defined: adam_kernel.hpp includes it for the scalar types (float, double) in
+// namespace fa_rule, fa_avx512.hpp for __m512 in namespace fa_rule_avx512 with
+// the AVX-512 target attribute (GCC will not inline a function of a wider
+// target into one of a narrower, so the vector instance needs its own
+// definition).  V is the value type, S its fa_scalars; the operators are GCC's
+// vector extensions for __m512, so the text is the same for both.  The type's
+// own operations (fa_flip_sign, fa_sqrt) are declared before the include.
+//
+// In this exact order, every operation rounded in V's element type:
+//
+//   g  = g * c                            (c: gradient clipping's coefficient, 1 when off)
+//   g  = maximize ? -g : g
+//   g  = g + wd * p                       (Adam, L2 weight decay)
+//   p  = p * (1 - lr*wd)                  (AdamW, decoupled weight decay)
+//   m  = beta1 * m + (1 - beta1) * g
+//   v  = beta2 * v + (1 - beta2) * (g * g)
+//   vm = max(vm, v)                       (AMSGrad; fa_amsgrad_max of each type)
+//   d  = sqrt(v) * (1 / sqrt(bc2)) + eps  (bc2 = 1 - beta2^step)
+//   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
+
+// The gradient as the moments read it, and p after decoupled weight decay.
+template <int WD, bool MAXIMIZE, typename V, typename S>
+FA_RULE_INLINE void gradient(const S &s, const V &g, const V &p, V &gi, V &pi) {
+    gi = g * s.grad_scale;
+    if (MAXIMIZE) gi = fa_flip_sign(gi);
+    pi = p;
+    if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
+    if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;
+}
+
+// The new m and v from their old (decoded) values.
+template <typename V, typename S>
+FA_RULE_INLINE void moments(const S &s, const V &m, const V &v, const V &gi, V &mi, V &vi) {
+    mi = s.beta1 * m + s.one_minus_beta1 * gi;
+    vi = s.beta2 * v + s.one_minus_beta2 * (gi * gi);
+}
+
+// The Adam term: step_size * (m / (sqrt(vd) * inv_sqrt_bc2 + eps)); vd is v, or AMSGrad's max.
+template <typename V, typename S>
+FA_RULE_INLINE void adam_term(const S &s, const V &mi, const V &vd, V &term) {
+    const V denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
+    term = s.step_size * (mi / denom);
+}

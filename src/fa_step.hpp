@@ -1,0 +1,90 @@
+// What one step of one tensor is: its buffers, its variant's option bits and
+// its per-step scalars.  The scalars' record is FA_STEP_SCALARS, in the order
+// of fastadam/_step.py's StepScalars (checked at import through
+// FA_STEP_SCALAR_NAMES); the option bits are checked there too.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
+enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
+// How m, v (and v^) are stored: in the parameter's dtype, as bfloat16 bits, or
+// as 8-bit codes with a float32 absmax per block.
+enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
+
+// A variant's option bits (fastadam._step.WD_MASK, AMSGRAD, MAXIMIZE): bits 0-1
+// the weight-decay mode, then one bit per flag.  The state storage (enum
+// fa_state) is a separate field of the item.
+enum fa_option_bits { FA_WD_MASK = 3, FA_AMSGRAD = 4, FA_MAXIMIZE = 8 };
+#define FA_VARIANT(wd, amsgrad, maximize) ((wd) | ((amsgrad) ? FA_AMSGRAD : 0) | ((maximize) ? FA_MAXIMIZE : 0))
+
+static inline int fa_variant(int wd, int amsgrad, int maximize) { return FA_VARIANT(wd, amsgrad, maximize); }
+
+// The per-step scalars, computed once per step in double (fa_set_step) and
+// rounded once to the loop's type (fa_scalars).
+#define FA_STEP_SCALARS(X) \
+    X(beta1) X(one_minus_beta1) X(beta2) X(one_minus_beta2) X(eps) X(weight_decay) \
+    X(decay) X(step_size) X(inv_sqrt_bc2) X(grad_scale)
+#define FA_NAME_STRING(name) #name " "
+static const char FA_STEP_SCALAR_NAMES[] = FA_STEP_SCALARS(FA_NAME_STRING);
+#define FA_COUNT_ONE(name) +1
+enum { FA_N_STEP_SCALARS = 0 FA_STEP_SCALARS(FA_COUNT_ONE) };
+
+// One tensor's work: its buffers and its per-step scalars (all in double).
+typedef struct {
+    void *param;
+    const void *grad;
+    void *exp_avg;
+    void *exp_avg_sq;
+    void *max_exp_avg_sq;  // NULL unless amsgrad
+    int64_t numel;
+    int dtype;             // enum fa_dtype
+    int variant;           // FA_VARIANT(...)
+#define FA_DOUBLE_FIELD(name) double name;
+    FA_STEP_SCALARS(FA_DOUBLE_FIELD)
+#undef FA_DOUBLE_FIELD
+    int state;             // enum fa_state
+    uint32_t keys[3];      // bfloat16 state: the rounding key of m, v, v^ (fastadam._formats)
+    float *absmax[3];      // 8-bit state: the per-block absmax of m, v, v^ (NULL if unused)
+    double max_update;     // 8-bit state: the clamp on the update's Adam term (10 lr)
+} fa_item;
+
+// The scalars of fastadam._step.step_scalars for taking step number `step`
+// (counting from 1), and the 8-bit guard's clamp (max_update_in_lr * lr).
+static inline void fa_set_step(fa_item *it, double lr, double beta1, double beta2, double eps,
+                               double weight_decay, int64_t step, double max_update_in_lr) {
+    const double bc1 = 1.0 - pow(beta1, (double)step);
+    const double bc2 = 1.0 - pow(beta2, (double)step);
+    it->beta1 = beta1;
+    it->one_minus_beta1 = 1.0 - beta1;
+    it->beta2 = beta2;
+    it->one_minus_beta2 = 1.0 - beta2;
+    it->eps = eps;
+    it->weight_decay = weight_decay;
+    it->decay = 1.0 - lr * weight_decay;
+    it->step_size = lr / bc1;
+    it->inv_sqrt_bc2 = 1.0 / sqrt(bc2);
+    it->grad_scale = 1.0;
+    it->max_update = max_update_in_lr * lr;
+}
+
+// The item's scalars in record order, into out[0, FA_N_STEP_SCALARS).
+static inline void fa_get_step(const fa_item *it, double *out) {
+    int k = 0;
+#define FA_COPY_OUT(name) out[k++] = it->name;
+    FA_STEP_SCALARS(FA_COPY_OUT)
+#undef FA_COPY_OUT
+}
+
+// The scalars rounded once to the loop's type T.
+template <typename T>
+struct fa_scalars {
+#define FA_T_FIELD(name) T name;
+    FA_STEP_SCALARS(FA_T_FIELD)
+#undef FA_T_FIELD
+    fa_scalars() = default;
+#define FA_ROUND(name) name = (T)it.name;
+    explicit fa_scalars(const fa_item &it) { FA_STEP_SCALARS(FA_ROUND) }
+#undef FA_ROUND
+};
