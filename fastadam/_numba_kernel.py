@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._formats import FlushToZero
-from ._step import WD_DECOUPLED, WD_L2
+from ._step import WD_DECOUPLED, WD_L2, StepScalars
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -33,6 +33,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # region costs more than it saves there (see benchmarks/).
 PARALLEL_THRESHOLD = 1 << 18
 ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
+
+N_RULE_CONSTANTS = 4  # (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T
 
 _compiled = {}
 _compile_lock = threading.Lock()
@@ -77,24 +79,23 @@ def _div(a, b, c):
 
 
 @njit(inline="always", error_model="numpy")
-def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_minus_beta1,
-                    beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                    grad_scale, c):
-    """One element; ``c`` = (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T."""
-    gi = _mul(_daz(g[i], c), grad_scale, c)
+def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c):
+    """One element; ``s`` the step's scalars in T (a StepScalars), ``c`` the rule's
+    constants (N_RULE_CONSTANTS)."""
+    gi = _mul(_daz(g[i], c), s.grad_scale, c)
     gi = -gi if maximize else gi
     pi = _daz(p[i], c)
     if wd_mode == WD_L2:
-        gi = _add(gi, _mul(weight_decay, pi, c), c)
+        gi = _add(gi, _mul(s.weight_decay, pi, c), c)
     elif wd_mode == WD_DECOUPLED:
-        pi = _mul(pi, decay, c)
-    mi = _add(_mul(beta1, _daz(m[i], c), c), _mul(one_minus_beta1, gi, c), c)
+        pi = _mul(pi, s.decay, c)
+    mi = _add(_mul(s.beta1, _daz(m[i], c), c), _mul(s.one_minus_beta1, gi, c), c)
     square = _mul(gi, gi, c)
     if maximize and square != square:
         # A NaN's sign: the reference's (-g) * (-g) is -g's NaN; LLVM folds the two
         # negations away and gives g's.
         square = gi
-    vi = _add(_mul(beta2, _daz(v[i], c), c), _mul(one_minus_beta2, square, c), c)
+    vi = _add(_mul(s.beta2, _daz(v[i], c), c), _mul(s.one_minus_beta2, square, c), c)
     m[i] = mi
     v[i] = vi
     vd = vi
@@ -106,8 +107,8 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1, one_
     # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which
     # vectorises (np.sqrt becomes a call to libm sqrtf, which may set errno).
     # The sqrt of a normal or zero v is never tiny.
-    denom = _add(_mul(math.sqrt(vd), inv_sqrt_bc2, c), eps, c)
-    p[i] = _sub(pi, _mul(step_size, _div(mi, denom, c), c), c)
+    denom = _add(_mul(math.sqrt(vd), s.inv_sqrt_bc2, c), s.eps, c)
+    p[i] = _sub(pi, _mul(s.step_size, _div(mi, denom, c), c), c)
 
 
 def _make_variant(wd_mode, amsgrad, maximize):
@@ -115,33 +116,23 @@ def _make_variant(wd_mode, amsgrad, maximize):
     constants (inlined into _update_element, so its branches fold away); the
     closures hold nothing else, so Numba's cache key is the same in every process."""
 
-    def update_range(p, g, m, v, vmax, start, stop, beta1, one_minus_beta1, beta2,
-                     one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                     grad_scale, tiny, scaled_tiny, scale, zero):
+    def update_range(p, g, m, v, vmax, start, stop, s, c):
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
-        c = (tiny, scaled_tiny, scale, zero)
         for i in range(p.shape[0]):
-            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, beta1,
-                            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay,
-                            step_size, inv_sqrt_bc2, grad_scale, c)
+            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c)
 
-    def update_parallel(p, g, m, v, vmax, n_threads, beta1, one_minus_beta1, beta2,
-                        one_minus_beta2, eps, weight_decay, decay, step_size, inv_sqrt_bc2,
-                        grad_scale, tiny, scaled_tiny, scale, zero):
+    def update_parallel(p, g, m, v, vmax, n_threads, s, c):
         n = p.shape[0]
-        c = (tiny, scaled_tiny, scale, zero)
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
             ps, gs, ms, vs = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
             vmaxs = vmax[start:stop] if amsgrad else vmax
             for i in range(ps.shape[0]):
-                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, beta1,
-                                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                                decay, step_size, inv_sqrt_bc2, grad_scale, c)
+                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, s, c)
 
     serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
@@ -152,13 +143,15 @@ def _make_variant(wd_mode, amsgrad, maximize):
 
 
 def _signatures(n_ints):
-    """Eager signatures for float32 and float64: 5 arrays, then ints, then 10 step scalars
-    and the 4 constants of the flush-to-zero rule."""
+    """Eager signatures for float32 and float64: 5 arrays, then ints, then the step's
+    scalars (the StepScalars record itself) and the flush-to-zero rule's constants."""
     sigs = []
     for t in (numba.float32, numba.float64):
         array = t[::1]
         ints = (numba.int64,) * (2 if n_ints == 7 else 1)
-        sigs.append(numba.void(array, array, array, array, array, *ints, *(t,) * 14))
+        sigs.append(numba.void(array, array, array, array, array, *ints,
+                               numba.types.NamedUniTuple(t, len(StepScalars._fields), StepScalars),
+                               numba.types.UniTuple(t, N_RULE_CONSTANTS)))
     return sigs
 
 
@@ -207,7 +200,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
         flat[1] = flat[1].copy()
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
     f = FlushToZero(param.dtype)
-    scalars = [f.scalar(x) for x in s] + [f.tiny, f.scaled_tiny, f.scale, f.zero]
+    scalars = (StepScalars(*(f.scalar(x) for x in s)), (f.tiny, f.scaled_tiny, f.scale, f.zero))
     n = param.size
     threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     if threads <= 1 or n < PARALLEL_THRESHOLD or _in_forked_child:
