@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _backends, _checkpoint, _flat, _formats, _interrupts, _rules, _step
 from ._backends import APPLIED, SKIPPED, UNVERIFIED
+from ._variants import with_defaults
 
 
 class Adam:
@@ -367,11 +368,4 @@ class AdamW(Adam):
     """
 
     _decoupled = True
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, backend=backend,
-                         num_threads=num_threads, skip_if_nonfinite=skip_if_nonfinite,
-                         max_grad_norm=max_grad_norm, state_dtype=state_dtype, seed=seed)
+    __init__ = with_defaults(Adam.__init__, weight_decay=1e-2)

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _backends, _flat, _rules, _step
 from ._optimizer import Adam, AdamW
+from ._variants import with_defaults
 
 SHARD_ALIGN = 64  # bytes: shard boundaries fall on cache-line multiples
 
@@ -100,15 +101,13 @@ class ZeroAdam:
 
     _optimizer_class = Adam
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=None,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, *, comm=None, backend="auto", num_threads=None,
                  skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0):
         MPI = _mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
-        if weight_decay is None:
-            weight_decay = 1e-2 if self._optimizer_class is AdamW else 0.0
         if _rules.state_dtype(state_dtype) == "int8":
             raise ValueError("state_dtype='int8' is not supported by ZeroAdam: its 256-element "
                              "blocks would straddle shard boundaries; use 'float32' or 'bfloat16'")
@@ -388,3 +387,4 @@ class ZeroAdamW(ZeroAdam):
     """AdamW (decoupled weight decay, default 1e-2) with ZeRO-1 sharded state: see ZeroAdam."""
 
     _optimizer_class = AdamW
+    __init__ = with_defaults(ZeroAdam.__init__, weight_decay=1e-2)

@@ -26,6 +26,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _flat, _formats, _optimizer, _rules
+from ._variants import with_defaults
 
 try:
     from . import _torch_plan
@@ -375,11 +376,5 @@ class AdamW(Adam):
     """``torch.optim.AdamW`` with fastadam's kernel doing the step (default weight_decay=1e-2)."""
 
     _decoupled = True
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, num_threads=None, state_dtype="float32", seed=0):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         num_threads=num_threads, state_dtype=state_dtype, seed=seed)
+    # torch.optim.AdamW has no decoupled_weight_decay either
+    __init__ = with_defaults(Adam.__init__, without=("decoupled_weight_decay",), weight_decay=1e-2)

@@ -6,6 +6,8 @@ breaks the layering fails here rather than in a review.
 import ast
 import pathlib
 
+import pytest
+
 import fastadam
 from fastadam import _formats, _reference, _step
 
@@ -68,8 +70,6 @@ def test_option_bits_pack_and_unpack():
 def test_a_kernel_built_with_other_definitions_is_refused():
     import types
 
-    import pytest
-
     from fastadam import _backends
     kernel = _backends.compiled_or_none()
     if kernel is None:
@@ -83,3 +83,21 @@ def test_a_kernel_built_with_other_definitions_is_refused():
     changed = dict(built, VARIANT_BITS=(3, 8, 4))
     with pytest.raises(ImportError, match="VARIANT_BITS"):
         _backends._check_built_with(types.SimpleNamespace(**changed))
+
+
+def test_variants_are_one_default_apart():
+    import inspect
+
+    import fastadam.distributed as distributed
+
+    pairs = [(fastadam.Adam, fastadam.AdamW), (distributed.ZeroAdam, distributed.ZeroAdamW)]
+    for base, variant in pairs:
+        a, b = inspect.signature(base), inspect.signature(variant)
+        assert [p.name for p in a.parameters.values()] == [p.name for p in b.parameters.values()]
+        assert a.parameters["weight_decay"].default == 0.0
+        assert b.parameters["weight_decay"].default == 1e-2
+        for name, p in a.parameters.items():
+            if name != "weight_decay":
+                assert b.parameters[name] == p
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fastadam.AdamW([], weight_decy=0.1)
