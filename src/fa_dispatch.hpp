@@ -2,48 +2,59 @@
 // choice of instruction set at import.
 #pragma once
 
-// One function per ISA: a switch over the variants, outside the loop, for each
-// (dtype, state storage) pair that exists.  Macros, not helper functions, so that
-// every case is compiled inside the ISA's target function.
-#define FA_AMSGRAD_MAXIMIZE_CASES(T, WD, STATE, ISA)                                   \
-    case FA_VARIANT(WD, 0, 0): fa_adam_loop<T, WD, false, false, STATE, ISA>(it, a, b); break; \
-    case FA_VARIANT(WD, 0, 1): fa_adam_loop<T, WD, false, true, STATE, ISA>(it, a, b); break;  \
-    case FA_VARIANT(WD, 1, 0): fa_adam_loop<T, WD, true, false, STATE, ISA>(it, a, b); break;  \
-    case FA_VARIANT(WD, 1, 1): fa_adam_loop<T, WD, true, true, STATE, ISA>(it, a, b); break;
+// The kernel's table: one row per (parameter dtype, state storage) it is built
+// for, X(DTYPE, T, STATE): the parameter, its gradient and native state are of
+// type T.  A new parameter dtype is a row here, a storage policy in
+// fa_formats.hpp where it needs one, and its code in fa_step.hpp's enum.
+#define FA_KERNELS(X)                     \
+    X(FA_FLOAT32, float, FA_STATE_NATIVE) \
+    X(FA_FLOAT32, float, FA_STATE_BF16)   \
+    X(FA_FLOAT32, float, FA_STATE_INT8)   \
+    X(FA_FLOAT64, double, FA_STATE_NATIVE)
 
-#define FA_VARIANT_CASES(T, STATE, ISA)                                                \
-    switch (it.variant) {                                                              \
-    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_NONE, STATE, ISA)                               \
-    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_L2, STATE, ISA)                                 \
-    FA_AMSGRAD_MAXIMIZE_CASES(T, FA_WD_DECOUPLED, STATE, ISA)                          \
-    default: break;                                                                    \
+// The gradients' element types, for the read-only passes: X(DTYPE, T).
+#define FA_GRADIENT_TYPES(X) X(FA_FLOAT32, float) X(FA_FLOAT64, double)
+
+// Every variant of one table row: a switch outside the loop, so that each
+// variant is its own loop with no branch inside.  Inlined into each ISA's
+// function below, so every loop is compiled for that ISA.
+template <typename T, int STATE, int ISA>
+static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b) {
+    switch (it.variant) {
+#define FA_CASE(WD, AMSGRAD, MAXIMIZE)                                              \
+    case FA_VARIANT(WD, AMSGRAD, MAXIMIZE):                                         \
+        fa_adam_loop<T, WD, AMSGRAD, MAXIMIZE, STATE, ISA>(it, a, b);               \
+        break;
+#define FA_CASES(WD) FA_CASE(WD, false, false) FA_CASE(WD, false, true) FA_CASE(WD, true, false) FA_CASE(WD, true, true)
+    FA_CASES(FA_WD_NONE)
+    FA_CASES(FA_WD_L2)
+    FA_CASES(FA_WD_DECOUPLED)
+#undef FA_CASES
+#undef FA_CASE
+    default: break;
     }
+}
 
-#define FA_DEFINE_ISA(NAME, TARGET, ISA)                                               \
+#define FA_ADAM_ROW(DTYPE, T, STATE) \
+    if (it.dtype == DTYPE && it.state == STATE) return fa_adam_variants<T, STATE, ISA>(it, a, b);
+#define FA_FINITE_ROW(DTYPE, T) \
+    if (it.dtype == DTYPE) return fa_all_finite_loop<T>((const T *)it.grad, a, b);
+#define FA_SUMSQ_ROW(DTYPE, T) \
+    if (it.dtype == DTYPE) return fa_sumsq_loop<T>((const T *)it.grad, lane0, a, b, acc);
+
+// One function per ISA for each pass: the table's rows, compiled for it.
+#define FA_DEFINE_ISA(NAME, TARGET, ISA_CODE)                                          \
     TARGET static void fa_adam_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
-        if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_BF16) {                     \
-            FA_VARIANT_CASES(float, FA_STATE_BF16, ISA)                                \
-        } else if (it.dtype == FA_FLOAT32 && it.state == FA_STATE_INT8) {              \
-            FA_VARIANT_CASES(float, FA_STATE_INT8, ISA)                                \
-        } else if (it.dtype == FA_FLOAT32) {                                           \
-            FA_VARIANT_CASES(float, FA_STATE_NATIVE, ISA)                              \
-        } else {                                                                       \
-            FA_VARIANT_CASES(double, FA_STATE_NATIVE, ISA)                             \
-        }                                                                              \
+        constexpr int ISA = ISA_CODE;                                                  \
+        FA_KERNELS(FA_ADAM_ROW)                                                        \
     }                                                                                  \
     TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
-        if (it.dtype == FA_FLOAT32)                                                    \
-            return fa_all_finite_loop<float, uint32_t, 0x7fffffffu, 0x7f800000u>(      \
-                (const float *)it.grad, a, b);                                         \
-        return fa_all_finite_loop<double, uint64_t, 0x7fffffffffffffffull,            \
-                                  0x7ff0000000000000ull>((const double *)it.grad, a, b); \
+        FA_GRADIENT_TYPES(FA_FINITE_ROW)                                               \
+        return 0;                                                                      \
     }                                                                                  \
     TARGET static void fa_sumsq_range_##NAME(const fa_item &it, int64_t lane0, int64_t a, \
                                              int64_t b, double *acc) {                 \
-        if (it.dtype == FA_FLOAT32)                                                    \
-            fa_sumsq_loop<float>((const float *)it.grad, lane0, a, b, acc);           \
-        else                                                                           \
-            fa_sumsq_loop<double>((const double *)it.grad, lane0, a, b, acc);         \
+        FA_GRADIENT_TYPES(FA_SUMSQ_ROW)                                                \
     }
 
 FA_DEFINE_ISA(baseline, , FA_ISA_BASELINE)

@@ -4,19 +4,31 @@
 #include <stdint.h>
 #include <string.h>
 
+// A floating-point type's bits: the integer of its size, its magnitude mask, +inf's bits.
+template <typename T> struct fa_float_bits;
+template <> struct fa_float_bits<float> {
+    typedef uint32_t bits;
+    static constexpr bits magnitude = 0x7fffffffu, inf = 0x7f800000u;
+};
+template <> struct fa_float_bits<double> {
+    typedef uint64_t bits;
+    static constexpr bits magnitude = 0x7fffffffffffffffull, inf = 0x7ff0000000000000ull;
+};
+
 // Whether every value in g[a, b) is finite.  NaN and +-Inf are the values whose
 // magnitude bits are at least those of +Inf, so an integer max over the
 // magnitude bits decides it: a reduction that vectorises without -ffast-math.
-template <typename T, typename Bits, Bits MAGNITUDE, Bits INF>
+template <typename T>
 static inline __attribute__((always_inline)) int fa_all_finite_loop(const T *__restrict__ g, int64_t a, int64_t b) {
+    typedef typename fa_float_bits<T>::bits Bits;
     Bits largest = 0;
     for (int64_t i = a; i < b; ++i) {
         Bits bits;
         memcpy(&bits, &g[i], sizeof bits);
-        bits &= MAGNITUDE;
+        bits &= fa_float_bits<T>::magnitude;
         largest = bits > largest ? bits : largest;
     }
-    return largest < INF;
+    return largest < fa_float_bits<T>::inf;
 }
 
 // The gradients' sum of squares, for global-norm clipping: in double, in an
