@@ -225,7 +225,6 @@ class ReferenceBackend:
 def _load_cython():
     with _threads.kernel_openmp_environment():
         from . import _kernel
-    _kernel.set_cpu_limit(_threads.cpu_limit())
     _check_built_with(_kernel)
     return _kernel
 

@@ -36,7 +36,7 @@ def config():
         "kernel_variant_in_use": kernel.isa_in_use(), "FASTADAM_ISA": os.environ.get("FASTADAM_ISA"),
         "openmp": kernel.OPENMP_ENABLED, "openmp_runtimes": _openmp_runtimes(),
         "default_num_threads": kernel.default_num_threads(),
-        "parallel_threshold_elements": kernel.PARALLEL_THRESHOLD,
+        "parallel_threshold_elements": kernel.parallel_threshold(),
     })
     return info
 

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _threads
 from ._formats import FlushToZero
 from ._step import WD_DECOUPLED, WD_L2, StepScalars
 
@@ -29,9 +30,6 @@ from ._step import WD_DECOUPLED, WD_L2, StepScalars
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
-# Below this many elements a tensor is updated by one thread: a parallel
-# region costs more than it saves there (see benchmarks/).
-PARALLEL_THRESHOLD = 1 << 18
 ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
 
 N_RULE_CONSTANTS = 4  # (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T
@@ -203,7 +201,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
     scalars = (StepScalars(*(f.scalar(x) for x in s)), (f.tiny, f.scaled_tiny, f.scale, f.zero))
     n = param.size
     threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
-    if threads <= 1 or n < PARALLEL_THRESHOLD or _in_forked_child:
+    if threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child:
         _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)
         return
     parallel = _kernel(weight_decay_mode, amsgrad, maximize, True)

@@ -10,6 +10,11 @@ import contextlib
 import math
 import os
 
+# Below this many elements in a step, one thread does all the work: the
+# fork/join of a parallel region costs more than it saves (docs/speed.md,
+# "Threads").  Every backend uses it; the compiled kernel is given it at load.
+PARALLEL_THRESHOLD = 1 << 15
+
 
 def cgroup_cpu_quota(root="/sys/fs/cgroup"):
     """The CPU quota of this process's cgroup, in CPUs, or None if unlimited."""

@@ -78,15 +78,15 @@ cdef extern from "fa_openmp.h" nogil:
     const int fa_openmp_enabled
     int fa_omp_max_threads()
 
-# Below this many elements in a step, one thread does all the work: the
-# fork/join of a parallel region costs more than it saves (see benchmarks/).
-PARALLEL_THRESHOLD = 1 << 15
-cdef int64_t _parallel_threshold = PARALLEL_THRESHOLD
+# The thread policy is fastadam._threads' (one module for every backend): the
+# CPUs this process may use (affinity mask, cgroup quota, MPI ranks per node),
+# read once here, and the smallest step that runs in parallel.
+# omp_get_max_threads() is asked at every step so that threadpoolctl limits
+# apply at once.
+from fastadam import _threads as _policy
+cdef int64_t _parallel_threshold = _policy.PARALLEL_THRESHOLD
+cdef int _cpu_limit = max(1, _policy.cpu_limit())
 
-# CPUs this process may use (affinity mask, cgroup quota): set once at import
-# by fastadam._threads; omp_get_max_threads() is asked at every step so that
-# threadpoolctl limits apply at once.
-cdef int _cpu_limit = 1
 # libgomp cannot start threads in a child process made by fork() after the
 # parent used OpenMP: a parallel region there waits forever.  A forked child
 # therefore runs every step on its calling thread.
@@ -102,9 +102,8 @@ import os as _os
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def set_cpu_limit(int n):
-    global _cpu_limit
-    _cpu_limit = max(1, n)
+def parallel_threshold():
+    return _parallel_threshold
 
 
 def default_num_threads():
