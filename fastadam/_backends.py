@@ -13,7 +13,10 @@ backend (see ``_kernel.Plan``, the compiled one):
     scale_gradients_by(c), run(num_threads), commit_steps(), release()
     last_grad_norm                                    the last norm computed
 
-so the optimizer never branches on a backend's name.
+so the optimizer never branches on a backend's name.  ``take_step`` is the
+sequence of a step over those operations, written once for the checked path and
+the Numba backend; the compiled ``Plan.step`` is the same sequence fused in C
+(the tests hold the two to the same bits and outcomes).
 """
 import functools
 import threading
@@ -32,6 +35,32 @@ _PREFERENCE = BACKENDS  # what "auto" tries, in order
 
 # What a plan's step reports (the compiled kernel has the same values).
 SKIPPED, APPLIED, UNVERIFIED = 0, 1, 2
+
+
+def take_step(plan, num_threads, skip_if_nonfinite, max_grad_norm, grad_scale,
+              on_norm=None, before_run=None):
+    """A step on a plan that holds it (after ``verify`` or ``load``): the gradients'
+    pre-pass if asked (finiteness, clipping's norm), skip, scale, run, commit.
+    Returns APPLIED or SKIPPED.  ``max_grad_norm`` None: no clipping;
+    ``on_norm()`` is called once the norm is known (applied or skipped),
+    ``before_run()`` just before the update, inside the deferral of interrupts."""
+    clip = max_grad_norm is not None
+    norm = None
+    if skip_if_nonfinite or clip:
+        finite, norm = plan.inspect_gradients(num_threads, clip)
+        if clip and on_norm is not None:
+            on_norm()
+        if skip_if_nonfinite and not finite:
+            return SKIPPED
+    scale = grad_scale * (clip_coefficient(max_grad_norm, norm) if clip else 1.0)
+    if scale != 1.0:
+        plan.scale_gradients_by(scale)
+    with _interrupts.deferred():  # the tensors may be updated one call at a time
+        if before_run is not None:
+            before_run()
+        plan.run(num_threads)
+        plan.commit_steps()
+    return APPLIED
 
 
 class Layout(NamedTuple):
@@ -138,18 +167,8 @@ class _NumbaPlan:
             if not checks.verify(groups, grads, state):
                 return UNVERIFIED
             try:
-                clip = max_grad_norm >= 0
-                if skip_if_nonfinite or clip:
-                    finite, norm = checks.inspect_gradients(num_threads, clip)
-                    if skip_if_nonfinite and not finite:
-                        return SKIPPED
-                scale = grad_scale * (clip_coefficient(max_grad_norm, norm) if clip else 1.0)
-                if scale != 1.0:
-                    checks.scale_gradients_by(scale)
-                with _interrupts.deferred():  # the tensors are updated one call at a time
-                    self.run(num_threads)
-                    checks.commit_steps()
-                return APPLIED
+                return take_step(self, num_threads, skip_if_nonfinite,
+                                 max_grad_norm if max_grad_norm >= 0 else None, grad_scale)
             finally:
                 checks.release()
 

@@ -16,7 +16,6 @@ import os
 import threading
 
 import numba
-import numpy as np
 from numba import njit, prange
 
 from . import _threads

@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _flat, _formats, _interrupts, _rules, _step
-from ._backends import APPLIED, SKIPPED, UNVERIFIED
+from . import _backends, _checkpoint, _flat, _formats, _interrupts, _rules
+from ._backends import APPLIED, SKIPPED
 from ._variants import with_defaults
 
 
@@ -285,24 +285,15 @@ class Adam:
         # Everything is checked: from here on nothing can fail.
         plan = self._backend.new_plan(layout)
         plan.load(hypers, remembered, grads, entries, steps)
+
+        def adopt():  # the new state and plan, with interrupts deferred: nothing can fail now
+            self.state.update(new_state)
+            self._replace_plan(plan)
+
         try:
-            clip = self._max_grad_norm is not None
-            if self._skip_if_nonfinite or clip:
-                finite, norm = plan.inspect_gradients(self._threads_arg, clip)
-                if clip:
-                    self._replace_plan(plan)  # last_grad_norm reads it, applied or skipped
-                if self._skip_if_nonfinite and not finite:
-                    return SKIPPED
-            scale = self._grad_scale * (
-                _step.clip_coefficient(self._max_grad_norm, norm) if clip else 1.0)
-            if scale != 1.0:
-                plan.scale_gradients_by(scale)
-            with _interrupts.deferred():
-                self.state.update(new_state)
-                plan.run(self._threads_arg)
-                plan.commit_steps()
-                self._replace_plan(plan)
-            return APPLIED
+            return _backends.take_step(plan, self._threads_arg, self._skip_if_nonfinite,
+                                       self._max_grad_norm, self._grad_scale,
+                                       on_norm=lambda: self._replace_plan(plan), before_run=adopt)
         finally:
             plan.release()
 
