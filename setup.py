@@ -32,7 +32,7 @@ if openmp:
 kernel = Extension(
     "fastadam._kernel",
     sources=["src/_kernel.pyx"],
-    depends=sorted(glob.glob("src/*.hpp") + glob.glob("src/*.h")),  # rebuilt when a header changes
+    depends=sorted(glob.glob("src/*.hpp") + glob.glob("src/*.h") + glob.glob("src/*.pxi")),  # rebuilt when a header changes
     include_dirs=["src", numpy.get_include()],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,

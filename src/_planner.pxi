@@ -1,0 +1,87 @@
+# The thread planner of the compiled plan (included by _kernel.pyx): the thread
+# count of each step whose num_threads is None, within the policy of
+# fastadam._threads.
+
+# The thread planner (Plan.threads_for_step): steps timed per candidate in a
+# trial (median5 takes the median of five), and steps between trials.
+cdef enum:
+    PLANNER_SAMPLES = 5
+    PLANNER_REPLAN_EVERY = 1000
+TRIAL_SAMPLES, REPLAN_EVERY = PLANNER_SAMPLES, PLANNER_REPLAN_EVERY
+
+cdef inline double median5(double *x) noexcept nogil:
+    """The median of x[0:5] (sorts a copy)."""
+    cdef double a[5]
+    cdef double t
+    cdef int i, j
+    for i in range(5):
+        a[i] = x[i]
+    for i in range(1, 5):
+        t = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > t:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = t
+    return a[2]
+
+
+cdef class ThreadPlanner:
+    """The thread count of a plan's steps (threads_for) from their timings (record).
+
+    With num_threads None, the thread count of a step is chosen by measuring
+    in the context the step actually runs in: inside a NumPy training loop the
+    step follows matrix products whose BLAS threads keep spinning on the other
+    cores, and a second OpenMP thread then only competes with them (measured on
+    two), while alone the same step is twice as fast on two threads.  So the
+    planner times PLANNER_SAMPLES steps at the policy's maximum and as many at
+    1 thread (each block after one warm-up step), keeps the lower median, and repeats the
+    trial every PLANNER_REPLAN_EVERY steps and whenever the maximum changes.  Results
+    are bitwise the same for every thread count, so switching is free.
+    """
+    cdef int planned_max, trial_left, trial_index
+    cdef public int chosen_threads
+    cdef int64_t steps_since_trial
+    cdef double samples[2][PLANNER_SAMPLES]
+    cdef int n_samples[2]
+
+    def __cinit__(self):
+        self.chosen_threads = 1
+
+    cdef int threads_for(self, int requested, int64_t numel) noexcept:
+        cdef int most
+        if requested > 0 or not fa_openmp_enabled or _in_forked_child:
+            return resolve_num_threads(requested)  # the request, or 1 where only 1 can run
+        most = resolve_num_threads(0)
+        if most <= 1 or numel < _parallel_threshold:
+            return 1
+        if most != self.planned_max or (self.trial_left == 0
+                                        and self.steps_since_trial >= PLANNER_REPLAN_EVERY):
+            self.planned_max = most
+            self.trial_left = 2 * (PLANNER_SAMPLES + 1)
+            self.n_samples[0] = self.n_samples[1] = 0
+        if self.trial_left > 0:
+            # A block of steps at the maximum, then a block at 1 thread: in turn, a
+            # parallel step would pay for waking workers that slept through the
+            # serial one, which steps taken back to back do not.
+            self.trial_index = 0 if self.trial_left <= PLANNER_SAMPLES + 1 else 1
+            return 1 if self.trial_index == 0 else most
+        return self.chosen_threads
+
+    cdef void record(self, int threads, double seconds) noexcept:
+        """The duration of a step taken with ``threads`` (from threads_for)."""
+        cdef int i
+        if self.trial_left == 0:
+            self.steps_since_trial += 1
+            return
+        i = self.trial_index
+        # The first step of a block warms up (threads, caches): not a sample.
+        if self.trial_left != PLANNER_SAMPLES + 1 and self.trial_left != 2 * (PLANNER_SAMPLES + 1):
+            if self.n_samples[i] < PLANNER_SAMPLES:
+                self.samples[i][self.n_samples[i]] = seconds
+                self.n_samples[i] += 1
+        self.trial_left -= 1
+        if self.trial_left == 0:
+            self.chosen_threads = (1 if median5(self.samples[0]) < median5(self.samples[1])
+                                   else self.planned_max)
+            self.steps_since_trial = 0
