@@ -99,26 +99,25 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_deca
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode, amsgrad,
             maximize, max_update=None):
     f = FlushToZero(param.dtype)
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, \
-        inv_sqrt_bc2, grad_scale = (f.scalar(x) for x in s)
-    g = f.mul(f.operand(grad), grad_scale)
+    s = StepScalars(*(f.scalar(x) for x in s))  # each rounded to T once
+    g = f.mul(f.operand(grad), s.grad_scale)
     if maximize:
         g = -g
     p = f.operand(param)
     if weight_decay_mode == WD_L2:
-        g = f.add(g, f.mul(weight_decay, p))
+        g = f.add(g, f.mul(s.weight_decay, p))
     elif weight_decay_mode == WD_DECOUPLED:
-        p = f.mul(p, decay)
-    m = f.add(f.mul(beta1, f.operand(exp_avg)), f.mul(one_minus_beta1, g))
-    v = f.add(f.mul(beta2, f.operand(exp_avg_sq)), f.mul(one_minus_beta2, f.mul(g, g)))
+        p = f.mul(p, s.decay)
+    m = f.add(f.mul(s.beta1, f.operand(exp_avg)), f.mul(s.one_minus_beta1, g))
+    v = f.add(f.mul(s.beta2, f.operand(exp_avg_sq)), f.mul(s.one_minus_beta2, f.mul(g, g)))
     exp_avg[...] = m
     exp_avg_sq[...] = v
     if amsgrad:
         v = np.maximum(f.operand(max_exp_avg_sq), v)
         max_exp_avg_sq[...] = v
     # sqrt of a normal or zero v is never tiny: no flush needed after it.
-    denom = f.add(f.mul(np.sqrt(v), inv_sqrt_bc2), eps)
-    update = f.mul(step_size, f.div(m, denom))
+    denom = f.add(f.mul(np.sqrt(v), s.inv_sqrt_bc2), s.eps)
+    update = f.mul(s.step_size, f.div(m, denom))
     if max_update is not None:  # NaN passes through, as in the kernel's selects
         bound = f.scalar(max_update)
         update = np.where(update > bound, bound, np.where(update < -bound, -bound, update))

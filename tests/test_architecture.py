@@ -101,3 +101,35 @@ def test_variants_are_one_default_apart():
                 assert b.parameters[name] == p
     with pytest.raises(TypeError, match="unexpected keyword"):
         fastadam.AdamW([], weight_decy=0.1)
+
+
+SOURCE = PACKAGE.parent / "src"
+
+
+def source_files():
+    """The package's and the extension's sources as written (not Cython's output)."""
+    files = list(PACKAGE.rglob("*.py"))
+    if SOURCE.is_dir():  # an installed wheel has no src/
+        files += [p for p in SOURCE.iterdir() if p.suffix in (".pyx", ".pxi", ".hpp", ".h")]
+    return files
+
+
+def test_no_source_file_over_500_lines():
+    long = {p.name: n for p in source_files() if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_the_scalar_list_is_written_in_one_place_per_language():
+    """The ten names in order appear only in their record: StepScalars (Python) and
+    FA_STEP_SCALARS (C++); everyone else reads fields by name."""
+    import re
+
+    names = list(_step.StepScalars._fields)
+
+    def lists_them(text):  # the ten as a run of the file's own uses of them, comments aside
+        code = "\n".join(re.split(r"#|//", line)[0] for line in text.splitlines())
+        used = [w for w in re.findall(r"[A-Za-z_]\w*", code) if w in names]
+        return any(used[i:i + len(names)] == names for i in range(len(used)))
+
+    holders = sorted(p.name for p in source_files() if lists_them(p.read_text()))
+    assert holders == (["_step.py", "fa_step.hpp"] if SOURCE.is_dir() else ["_step.py"])
