@@ -1,6 +1,6 @@
 """The kernels behind ``backend=``: "cython" (compiled), "numba" (JIT), "numpy" (reference).
 
-Every backend offers one thing to the optimizer: ``new_plan(layout)``, a plan
+Every backend offers one thing to the optimizer: ``new_plan(buffers)``, a plan
 over an optimizer's validated buffers with the same operations whatever the
 backend (see ``_kernel.Plan``, the compiled one):
 
@@ -63,7 +63,7 @@ def take_step(plan, num_threads, skip_if_nonfinite, max_grad_norm, grad_scale,
     return APPLIED
 
 
-class Layout(NamedTuple):
+class Buffers(NamedTuple):
     """An optimizer's validated buffers in tensor order (the arguments of a Plan)."""
 
     params: list
@@ -85,8 +85,8 @@ class _CheckedOnlyPlan:
     (``adam_update``, and ``adam_update_bf16``/``adam_update_int8`` where the
     backend offers compressed state)."""
 
-    def __init__(self, layout, kernel, default_threads=lambda: 1):
-        self._layout = layout
+    def __init__(self, buffers, kernel, default_threads=lambda: 1):
+        self._buffers = buffers
         self._kernel = kernel
         self._default_threads = default_threads
         self._work = None
@@ -100,8 +100,8 @@ class _CheckedOnlyPlan:
         work = []
         k = 0
         for (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize), size in zip(
-                hypers, self._layout.group_sizes):
-            wd_mode = weight_decay_mode(weight_decay, self._layout.decoupled)
+                hypers, self._buffers.group_sizes):
+            wd_mode = weight_decay_mode(weight_decay, self._buffers.decoupled)
             for _ in range(size):
                 work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
                                                     steps[k] + 1), wd_mode, amsgrad, maximize, lr])
@@ -122,7 +122,7 @@ class _CheckedOnlyPlan:
             item[1] = item[1]._replace(grad_scale=c)
 
     def run(self, num_threads):
-        L, kernel = self._layout, self._kernel
+        L, kernel = self._buffers, self._kernel
         threads = num_threads or self._default_threads()
         steps = self._work[2]
         for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
@@ -151,9 +151,9 @@ class _CheckedOnlyPlan:
 class _NumbaPlan:
     """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math."""
 
-    def __init__(self, checks, layout, update):
+    def __init__(self, checks, buffers, update):
         self._checks = checks
-        self._layout = layout
+        self._buffers = buffers
         self._update = update
 
     @property
@@ -182,7 +182,7 @@ class _NumbaPlan:
         self._checks.scale_gradients_by(c)
 
     def run(self, num_threads):
-        L = self._layout
+        L = self._buffers
         grads = self._checks.gradients()
         threads = self._checks.threads_for_step(num_threads)  # the compiled plan's planner
         started = time.perf_counter()
@@ -206,8 +206,8 @@ class CompiledBackend:
     def __init__(self, kernel):
         self.kernel = kernel
 
-    def new_plan(self, layout):
-        return self.kernel.Plan(*layout)
+    def new_plan(self, buffers):
+        return self.kernel.Plan(*buffers)
 
 
 class NumbaBackend:
@@ -223,10 +223,10 @@ class NumbaBackend:
     def default_num_threads(self):
         return _threads.default_num_threads(self._compiled)
 
-    def new_plan(self, layout):
+    def new_plan(self, buffers):
         if self._compiled is None:
-            return _CheckedOnlyPlan(layout, self.module, self.default_num_threads)
-        return _NumbaPlan(self._compiled.Plan(*layout), layout, self.module.adam_update)
+            return _CheckedOnlyPlan(buffers, self.module, self.default_num_threads)
+        return _NumbaPlan(self._compiled.Plan(*buffers), buffers, self.module.adam_update)
 
 
 class ReferenceBackend:
@@ -236,8 +236,8 @@ class ReferenceBackend:
     def __init__(self, module):
         self.module = module
 
-    def new_plan(self, layout):
-        return _CheckedOnlyPlan(layout, self.module)
+    def new_plan(self, buffers):
+        return _CheckedOnlyPlan(buffers, self.module)
 
 
 @functools.cache

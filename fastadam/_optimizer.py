@@ -232,7 +232,7 @@ class Adam:
         grads = tuple(grads)  # held: another thread may change the caller's list
         hypers, remembered, steps, written = [], [], [], []
         entries, new_state = [], {}
-        layout = _backends.Layout([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [])
+        buffers = _backends.Buffers([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [])
         zeros = self._new_state_buffers
         k = 0
         for i, group in enumerate(self.param_groups):
@@ -261,29 +261,29 @@ class Adam:
                 if amsgrad and "max_exp_avg_sq" not in entry:
                     # AMSGrad switched on after the first step: its running max starts at zero.
                     entry = new_state[k] = dict(entry, **zeros(p, "max_exp_avg_sq"))
-                layout.params.append(p)
-                layout.exp_avgs.append(entry["exp_avg"])
-                layout.exp_avg_sqs.append(entry["exp_avg_sq"])
-                layout.max_exp_avg_sqs.append(entry["max_exp_avg_sq"] if amsgrad else None)
+                buffers.params.append(p)
+                buffers.exp_avgs.append(entry["exp_avg"])
+                buffers.exp_avg_sqs.append(entry["exp_avg_sq"])
+                buffers.max_exp_avg_sqs.append(entry["max_exp_avg_sq"] if amsgrad else None)
                 written += [(f"params[{k}]", p), (f"state[{k}]['exp_avg']", entry["exp_avg"]),
                             (f"state[{k}]['exp_avg_sq']", entry["exp_avg_sq"])]
                 if amsgrad:
                     written.append((f"state[{k}]['max_exp_avg_sq']", entry["max_exp_avg_sq"]))
                 if _rules.tensor_state(p, self.state_dtype) == "int8":
                     keys = [_rules.ABSMAX_KEYS[key] for key in _rules.STATE_BUFFERS[:3 if amsgrad else 2]]
-                    layout.absmaxes.append(tuple(entry[key] for key in keys) + (None,) * (3 - len(keys)))
+                    buffers.absmaxes.append(tuple(entry[key] for key in keys) + (None,) * (3 - len(keys)))
                     written += [(f"state[{k}][{key!r}]", entry[key]) for key in keys]
                 else:
-                    layout.absmaxes.append(None)
+                    buffers.absmaxes.append(None)
                 entries.append(entry)
                 steps.append(step)
                 k += 1
-            layout.group_sizes.append(len(group["params"]))
+            buffers.group_sizes.append(len(group["params"]))
         spans = _rules.no_overlap(written)
         for k, g in enumerate(grads):
             _rules.gradient_not_written(g, k, spans)
         # Everything is checked: from here on nothing can fail.
-        plan = self._backend.new_plan(layout)
+        plan = self._backend.new_plan(buffers)
         plan.load(hypers, remembered, grads, entries, steps)
 
         def adopt():  # the new state and plan, with interrupts deferred: nothing can fail now

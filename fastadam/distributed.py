@@ -61,7 +61,7 @@ def flat_parameters(shapes, comm=None, dtype=np.float32):
                                 numel_multiple=shard_multiple(comm, dtype))
 
 
-class _Layout:
+class _Shards:
     """Where each parameter's elements fall in the shards (the same on every rank)."""
 
     def __init__(self, sizes, n_ranks, itemsize):
@@ -128,14 +128,14 @@ class ZeroAdam:
         if len(dtypes) > 1:
             raise TypeError(f"ZeroAdam needs one dtype for all parameters, got {sorted(map(str, dtypes))}")
         self.dtype = dtypes.pop()
-        self._layout = _Layout([p.size for p in self._params], self.world_size, self.dtype.itemsize)
+        self._shards = _Shards([p.size for p in self._params], self.world_size, self.dtype.itemsize)
         mine = (tuple(p.shape for p in self._params), str(self.dtype), self._hyper_signature())
         everyone = self.comm.allgather(mine)
         if any(other != mine for other in everyone):
             raise ValueError("ZeroAdam: the ranks disagree on the parameters' shapes, dtype or "
                              "the hyperparameters; every rank must build the same optimizer "
                              f"(rank 0: {everyone[0]!r}; rank {self.rank}: {mine!r})")
-        L = self._layout
+        L = self._shards
         self._pieces = L.pieces(self.rank)
         self._grad_shard = _flat._aligned_zeros(L.shard, self.dtype, SHARD_ALIGN)
         flat = len(self._params) == 1 and self._params[0].size == L.padded
@@ -181,9 +181,9 @@ class ZeroAdam:
                                      "state is sharded over the parameters it was built with; "
                                      "update the array in place or build a new ZeroAdam")
                 _rules.parameter(p, name)  # still writeable (its flags can change)
-                if p.dtype != self.dtype or p.size != self._layout.sizes[k]:
+                if p.dtype != self.dtype or p.size != self._shards.sizes[k]:
                     raise ValueError(f"{name} is now {p.size} elements of {p.dtype}; this ZeroAdam "
-                                     f"was built with {self._layout.sizes[k]} of {self.dtype}")
+                                     f"was built with {self._shards.sizes[k]} of {self.dtype}")
                 k += 1
 
     def _agree(self, error, signature=None):
@@ -208,7 +208,7 @@ class ZeroAdam:
 
     def __repr__(self):
         return (f"{type(self).__name__}(rank {self.rank} of {self.world_size}, "
-                f"{self._layout.total} elements, shard of {self._layout.shard})")
+                f"{self._shards.total} elements, shard of {self._shards.shard})")
 
     # -- the step -----------------------------------------------------------
 
@@ -232,7 +232,7 @@ class ZeroAdam:
             send = grads[0].reshape(-1)
         else:
             send = self._send
-            for k, (start, g) in enumerate(zip(self._layout.starts, grads)):
+            for k, (start, g) in enumerate(zip(self._shards.starts, grads)):
                 send[start:start + g.size] = g.reshape(-1)
         self.comm.Reduce_scatter_block(send, self._grad_shard, op=MPI.SUM)
         scale = 1.0 / self.world_size
@@ -267,11 +267,11 @@ class ZeroAdam:
             self.comm.Allgather(MPI.IN_PLACE, self._flat_params)
         else:
             gathered = self._gathered
-            lo = self.rank * self._layout.shard
+            lo = self.rank * self._shards.shard
             for k, a, b, s in self._pieces:
                 gathered[lo + s:lo + s + b - a] = params[k].reshape(-1)[a:b]
             self.comm.Allgather(MPI.IN_PLACE, gathered)
-            for p, start in zip(params, self._layout.starts):
+            for p, start in zip(params, self._shards.starts):
                 p.reshape(-1)[...] = gathered[start:start + p.size]
         return True
 
@@ -362,7 +362,7 @@ class ZeroAdam:
             parts = []
             for r in range(self.world_size):
                 part = {}
-                for j, (k, a, b, _) in enumerate(self._layout.pieces(r)):
+                for j, (k, a, b, _) in enumerate(self._shards.pieces(r)):
                     entry = sd["state"].get(k)
                     if entry is not None:
                         part[j] = {key: (value.reshape(-1)[a:b].copy()

@@ -122,6 +122,16 @@ def _view(t):
     return t.numpy()
 
 
+# torch's registries of global step hooks (module-level dicts that registration fills);
+# where a torch version lacks one, a non-empty stand-in sends every step through torch's wrapper.
+_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {None: None})
+_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {None: None})
+_PROFILER = torch.autograd.profiler
+if not hasattr(_PROFILER, "_is_profiler_enabled"):  # not this torch's flag: always the wrapper
+    _GLOBAL_PRE_HOOKS = {None: None}
+
+
+
 class Adam(torch.optim.Optimizer):
     """``torch.optim.Adam`` with fastadam's kernel doing the step.
 
@@ -303,7 +313,21 @@ class Adam(torch.optim.Optimizer):
             _hyperparameters, torch.Tensor, torch.strided,
             {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num})
 
-    def _step(self, closure=None):
+    def step(self, closure=None):
+        """One step over every parameter with a gradient; returns the closure's loss.
+
+        Optimizer step hooks and the autograd profiler's record apply as for any
+        torch optimizer (through torch's own wrapper, taken only when one is active:
+        it costs about 10 us a step)."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
+                or _PROFILER._is_profiler_enabled):
+            return _hooked_step(self, closure)
+        return self._unhooked_step(closure)
+
+    step.hooked = True  # torch's Optimizer must not wrap it again
+
+    def _unhooked_step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -331,32 +355,7 @@ class Adam(torch.optim.Optimizer):
         return loss
 
 
-# torch's registries of global step hooks (module-level dicts that registration fills);
-# where a torch version lacks one, a non-empty stand-in sends every step through torch's wrapper.
-_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {None: None})
-_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", {None: None})
-_PROFILER = torch.autograd.profiler
-if not hasattr(_PROFILER, "_is_profiler_enabled"):  # not this torch's flag: always the wrapper
-    _GLOBAL_PRE_HOOKS = {None: None}
-
-
-def _step(self, closure=None):
-    """One step over every parameter with a gradient; returns the closure's loss.
-
-    Optimizer step hooks and the autograd profiler's record apply as for any
-    torch optimizer (through torch's own wrapper, taken only when one is active)."""
-    # Whether an optimizer step hook is registered or the autograd profiler records
-    # (torch's wrapper costs about 10 us a step).
-    if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-            or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
-            or _PROFILER._is_profiler_enabled):
-        return _hooked_step(self, closure)
-    return self._step(closure)
-
-
-_hooked_step = torch.optim.Optimizer.profile_hook_step(Adam._step)
-_step.hooked = True  # torch's Optimizer must not wrap it again
-Adam.step = _step
+_hooked_step = torch.optim.Optimizer.profile_hook_step(Adam._unhooked_step)
 
 
 def _hyperparameters(group):
