@@ -164,6 +164,7 @@ class Adam(torch.optim.Optimizer):
         if capturable or differentiable or fused:
             raise ValueError("capturable, differentiable and fused are torch's own step "
                              "implementations; fastadam.torch has one (leave them unset)")
+        _refuse_tensor_hyperparameters(lr, betas, foreach)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=False,
                         differentiable=False, fused=None,
@@ -173,12 +174,48 @@ class Adam(torch.optim.Optimizer):
         self._plan = None
         super().__init__(params, defaults)
 
+    # What torch's Optimizer pickles (defaults, state, param_groups), and this one's own.
+    _OWN = ("_state_dtype", "_seed", "_num_threads")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._OWN})
+        return state
+
+    def __setstate__(self, state):
+        """As torch.optim.Adam's (it fills in what older checkpoints lack, and makes
+        non-tensor step counts tensors); a copy or an unpickled optimizer gets a lock
+        of its own and plans its first step anew."""
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+        self._plan = None
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
+                               ("capturable", False), ("differentiable", False), ("fused", None)):
+                group.setdefault(key, value)
+            group.setdefault("decoupled_weight_decay", self._decoupled)
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+
     def add_param_group(self, param_group):
         with self._lock:
             super().add_param_group(param_group)
             i = len(self.param_groups) - 1
             try:
+                group = self.param_groups[i]
+                _refuse_tensor_hyperparameters(group["lr"], group["betas"], group.get("foreach"),
+                                               f" (param_groups[{i}])")
+                seen = {}
                 for j, p in enumerate(self.param_groups[i]["params"]):
+                    if id(p) in seen:
+                        raise ValueError(
+                            f"param_groups[{i}]['params'][{j}] is the tensor of "
+                            f"param_groups[{i}]['params'][{seen[id(p)]}]: each parameter may be "
+                            "listed once (torch steps a repeated one twice and warns that this "
+                            "will become an error)")
+                    seen[id(p)] = j
                     _refuse_unfit(p, f"param_groups[{i}]['params'][{j}]")
                     self._refuse_for_state(p, f"param_groups[{i}]['params'][{j}]")
                 _rules.hyperparameters(_hyperparameters(self.param_groups[i]), f" (param_groups[{i}])")
@@ -191,7 +228,7 @@ class Adam(torch.optim.Optimizer):
         """As torch's; torch casts the loaded state tensors to their parameters' dtype,
         and with bfloat16 state they are then rounded to nearest into bfloat16."""
         with self._lock:
-            super().load_state_dict(state_dict)
+            super().load_state_dict(state_dict)  # through __setstate__, as torch.optim.Adam's
             self._plan = None
             if self._state_dtype == "bfloat16":
                 self._state_to_bfloat16()
@@ -295,6 +332,8 @@ class Adam(torch.optim.Optimizer):
             groups, num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed)
         for k, p in enumerate(params):
             st = self.state[p]
+            if "step" in st and not torch.is_tensor(st["step"]):  # set by hand: torch's form
+                st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
             if "step" not in st:
                 st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # torch's scalar step
                 st["exp_avg"] = _zeros_like(p, "exp_avg", self._state_dtype)
@@ -313,8 +352,9 @@ class Adam(torch.optim.Optimizer):
             _hyperparameters, torch.Tensor, torch.strided,
             {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num})
 
-    def step(self, closure=None):
-        """One step over every parameter with a gradient; returns the closure's loss.
+    def step(self, *args, **kwargs):
+        """``step(closure=None)``: one step over every parameter with a gradient;
+        returns the closure's loss.
 
         Optimizer step hooks and the autograd profiler's record apply as for any
         torch optimizer (through torch's own wrapper, taken only when one is active:
@@ -322,8 +362,9 @@ class Adam(torch.optim.Optimizer):
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
                 or _PROFILER._is_profiler_enabled):
-            return _hooked_step(self, closure)
-        return self._unhooked_step(closure)
+            # The hooks see the call's own arguments, as torch's: (opt,) for opt.step().
+            return _hooked_step(self, *args, **kwargs)
+        return self._unhooked_step(*args, **kwargs)
 
     step.hooked = True  # torch's Optimizer must not wrap it again
 
@@ -356,6 +397,34 @@ class Adam(torch.optim.Optimizer):
 
 
 _hooked_step = torch.optim.Optimizer.profile_hook_step(Adam._unhooked_step)
+# torch.compile runs the step eagerly (a graph break): it is one call into compiled
+# code over NumPy views, which TorchDynamo cannot trace and need not.
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
+    Adam.step = torch.compiler.disable(Adam.step)
+    Adam.step.hooked = True  # torch's Optimizer must not wrap it again
+
+
+def _refuse_tensor_hyperparameters(lr, betas, foreach, where=""):
+    """torch.optim.Adam's rules for tensor hyperparameters, with its messages: a tensor
+    lr or beta holds one element, betas are both tensors or neither, and neither is a
+    tensor with foreach=True (torch's foreach step needs capturable, which fastadam.torch
+    does not have)."""
+    if isinstance(lr, torch.Tensor):
+        if foreach:
+            raise ValueError(f"lr as a Tensor is not supported for capturable=False and "
+                             f"foreach=True{where}")
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element{where}")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        tensors = [isinstance(b, torch.Tensor) for b in betas]
+        if tensors[0] != tensors[1]:
+            raise ValueError(f"betas must be either both floats or both Tensors{where}")
+        for k, b in enumerate(betas):
+            if tensors[k] and foreach:
+                raise ValueError(f"betas[{k}] as a Tensor is not supported for capturable=False "
+                                 f"and foreach=True{where}")
+            if tensors[k] and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{k}] must be 1-element{where}")
 
 
 def _hyperparameters(group):

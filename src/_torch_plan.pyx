@@ -129,7 +129,8 @@ cdef class TorchPlan:
             lr, betas = group["lr"], group["betas"]
             if group["amsgrad"] is not inner["amsgrad"]:
                 return False  # its running max is created (or dropped) by a rebuild
-            if type(lr) is float and type(betas) is tuple:
+            if (type(lr) is float and type(betas) is tuple and len(<tuple>betas) == 2
+                    and type((<tuple>betas)[0]) is float and type((<tuple>betas)[1]) is float):
                 inner["lr"], inner["betas"] = lr, betas
                 inner["eps"], inner["weight_decay"] = group["eps"], group["weight_decay"]
                 inner["maximize"] = group["maximize"]
