@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from . import _flat, _formats, _rules
+from . import _flat, _formats, _paths, _rules
 
 FORMAT = "fastadam-optimizer-state"
 VERSION = 1
@@ -182,13 +182,21 @@ def file_meta(opt, snapshot):
     }
 
 
+def _plain(value):
+    """A NumPy scalar (a hyperparameter may be one) as the Python number it holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{_rules.describe(value)} cannot be written to a checkpoint")
+
+
 def write(path, snapshot, meta):
     """Write ``snapshot`` to ``path`` as .npz: a temporary file, fsync, rename."""
     arrays = {f"state/{index}/{key}": entry[key]
               for index, entry in snapshot["state"].items()
               for key in _rules.STATE_BUFFERS + tuple(_rules.ABSMAX_KEYS.values()) if key in entry}
-    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["meta"] = np.array(json.dumps(meta, default=_plain))
     path = os.fspath(path)
+    _paths.check_replaceable(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastadam-", suffix=".npz.tmp", dir=directory)
     try:
@@ -250,21 +258,22 @@ def read(path, opt):
     against ``opt`` before anything large is read; refuse anything else,
     naming the file."""
     path = os.fspath(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable fastadam state file "
-                         f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
-    try:
-        with zf:
-            return _read_checked(zf, path, opt)
-    except (_Corrupt, OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        if isinstance(e, FileNotFoundError) or str(e).startswith(f"{path}: "):
+    with _paths.open_regular(path) as f:  # a FIFO or a device is refused, not waited on
+        try:
+            zf = zipfile.ZipFile(f)
+        except FileNotFoundError:
             raise
-        raise ValueError(f"{path}: not a readable fastadam state file "
-                         f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable fastadam state file "
+                             f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
+        try:
+            with zf:
+                return _read_checked(zf, path, opt)
+        except (_Corrupt, OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            if isinstance(e, FileNotFoundError) or str(e).startswith(f"{path}: "):
+                raise
+            raise ValueError(f"{path}: not a readable fastadam state file "
+                             f"(corrupt or truncated?): {type(e).__name__}: {e}") from None
 
 
 def _read_checked(zf, path, opt):

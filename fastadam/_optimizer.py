@@ -101,6 +101,23 @@ class Adam:
         for group in params:
             self.add_param_group(group)
 
+    # -- copies ---------------------------------------------------------------
+
+    def __getstate__(self):
+        """What copy.deepcopy and pickle keep: everything but the lock, the plan and the
+        backend's modules (the backend is kept by name)."""
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_plan", "_backend")}
+            state["_backend"] = self._backend.name
+            state["_earlier_grad_norm"] = self.last_grad_norm
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        backend = _backends.load(state.pop("_backend"))
+        self.__dict__.update(state)
+        self._backend, self._lock, self._plan = backend, _backends.new_lock(), None
+
     @property
     def backend(self):
         """The backend's name: "cython", "numba" or "numpy"."""

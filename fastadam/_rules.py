@@ -203,6 +203,7 @@ def parameter(p, name):
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(p)} "
                         "(parameters are updated in place, so they cannot be converted)")
+    not_masked(p, name)
     if p.dtype not in FLOAT_DTYPES or not p.dtype.isnative:
         raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32 or float64)")
     if not p.flags.c_contiguous:
@@ -212,6 +213,13 @@ def parameter(p, name):
         raise ValueError(f"{name} is not aligned to its dtype")
     if not p.flags.writeable:
         raise ValueError(f"{name} is read-only")
+
+
+def not_masked(a, name):
+    """A masked array is refused: the kernel reads and writes its data, mask or not."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a numpy.ma.MaskedArray: the step would use its masked "
+                        "elements' data too (pass .filled(0) for a gradient, .data for a parameter)")
 
 
 def gradient_list(grads, n_params):
@@ -228,6 +236,7 @@ def gradient(g, p, k):
     """``grads[k]`` against ``params[k]``: read only, so read-only arrays are fine."""
     if not isinstance(g, np.ndarray):
         raise TypeError(f"grads[{k}]: expected a numpy.ndarray, got {describe(g)}")
+    not_masked(g, f"grads[{k}]")
     if g.dtype != p.dtype or not g.dtype.isnative:
         raise TypeError(f"grads[{k}]: dtype {g.dtype} does not match params[{k}] dtype {p.dtype}")
     if g.shape != p.shape:

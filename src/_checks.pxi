@@ -2,6 +2,15 @@
 # allocation (included by _kernel.pyx before _plan.pxi).
 
 
+from numpy.ma import MaskedArray as _MaskedArray
+
+
+cdef inline bint is_unmasked_array(object obj):
+    """An ndarray and not a masked one (the checked path refuses those by name)."""
+    return cnp.PyArray_CheckExact(obj) or (cnp.PyArray_Check(obj)
+                                           and not isinstance(obj, _MaskedArray))
+
+
 cdef void *zeroed(size_t n, size_t size) except NULL:
     """calloc(n, size), or MemoryError."""
     cdef void *p = calloc(n, size)

@@ -206,7 +206,7 @@ cdef class Plan:
 
     cdef inline bint fits_as_gradient(self, object obj, Py_ssize_t k) noexcept:
         cdef cnp.ndarray g
-        if not cnp.PyArray_Check(obj):
+        if not is_unmasked_array(obj):
             return False
         g = <cnp.ndarray>obj
         return (cnp.PyArray_ISCARRAY_RO(g) and cnp.PyArray_TYPE(g) == self.typenums[k]

@@ -15,6 +15,7 @@ import numpy as np
 
 import fastadam
 
+from .. import _paths
 from . import data as mnist_data
 from .model import MLP
 
@@ -209,6 +210,13 @@ def main(argv=None):
 def _main(args, comm):
     root = comm is None or comm.Get_rank() == 0
     print = builtins.print if root else (lambda *a, **k: None)  # noqa: A001 - rank 0 reports
+    try:  # the outputs' paths first: a FIFO or a directory is refused before any training
+        for option, path in (("--json", args.json), ("--plot", args.plot)):
+            if path:
+                _paths.check_replaceable(path)
+    except (OSError, ValueError) as e:
+        print(f"fastadam-mnist: {option}: {e}", file=sys.stderr)
+        return 2
     try:
         directory = mnist_data.locate(args.data, download=not args.no_download, progress=args.progress)
         x_train, y_train, x_test, y_test = mnist_data.load_dataset(directory)
@@ -259,8 +267,12 @@ def _main(args, comm):
         out = {"config": dict(config, optimizer=primary), "epochs": runs[primary]}
         if args.compare:
             out["comparison"] = {"optimizer": "numpy", "epochs": runs["numpy"]}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        except OSError as e:
+            print(f"fastadam-mnist: --json: {e}", file=sys.stderr)
+            return 2
     if args.plot:
         plot_runs({f"{k} ({backends[k]})" if k == "fastadam" else "NumPy reference": v
                    for k, v in runs.items()}, args.plot,

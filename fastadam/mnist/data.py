@@ -6,6 +6,7 @@ big-endian uint32 sizes, then the data.  Files may be gzip-compressed.
 """
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
@@ -13,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from .. import _paths
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -47,7 +50,10 @@ _CHUNK = 1 << 20
 def _open(path):
     """The file as a binary stream, decompressing if it is gzip; and its size on disk."""
     path = Path(path)
-    f = open(path, "rb")
+    try:
+        f = _paths.open_regular(path)  # a FIFO or a device is refused, not waited on
+    except ValueError as e:
+        raise IDXError(str(e)) from None
     size = os.fstat(f.fileno()).st_size
     if f.read(2) == _GZIP_MAGIC:
         f.seek(0)
@@ -100,7 +106,7 @@ def read_idx(path, expect_ndim=None):
             raise IDXError(f"{name}: truncated header")
         shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
         header = 4 + 4 * ndim
-        declared = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        declared = math.prod(shape)  # exact: an int64 product can wrap (2**21 * 2**21 * 2**22 is 0)
         if compressed:
             if declared > _MAX_DEFLATE_RATIO * size_on_disk:
                 raise IDXError(f"{name}: the header's shape {shape} needs {declared} bytes, more than "
@@ -155,6 +161,11 @@ def load_dataset(directory):
         arrays[key + "_path"] = path
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] == 0:
+            raise IDXError(f"{arrays[split + '_images_path']}: no images (a {split} split is needed)")
+        if 0 in images.shape[1:]:
+            raise IDXError(f"{arrays[split + '_images_path']}: images of {images.shape[1]} x "
+                           f"{images.shape[2]} pixels (both must be at least 1)")
         if images.shape[0] != labels.shape[0]:
             raise IDXError(f"{arrays[split + '_images_path']} has {images.shape[0]} images but "
                            f"{arrays[split + '_labels_path']} has {labels.shape[0]} labels")

@@ -1,0 +1,245 @@
+"""Hostile inputs, by class, over every entry point: NumPy scalars as arguments, paths
+that are not regular files, ndarray subclasses, copies, and degenerate datasets for the
+trainer.  Each input is either handled as its plain equivalent (checked against an
+optimizer given the plain value) or refused with an error naming it, with nothing
+changed; none hangs or ends in a traceback.
+"""
+import contextlib
+import copy
+import os
+import pickle
+import signal
+import stat
+import struct
+
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam.mnist import main
+
+SCALARS = {
+    "float32": np.float32, "float64": np.float64, "int64": np.int64,
+    "bool_": np.bool_, "0-d array": np.array,
+}
+# Each argument, a value for it, and how to build the optimizer from it.
+ARGUMENTS = {
+    "lr": (0.01, lambda v: dict(lr=v)),
+    "eps": (1e-6, lambda v: dict(eps=v)),
+    "weight_decay": (0.1, lambda v: dict(weight_decay=v)),
+    "betas[0]": (0.8, lambda v: dict(betas=(v, 0.99))),
+    "betas[1]": (0.9, lambda v: dict(betas=(0.9, v))),
+    "max_grad_norm": (0.5, lambda v: dict(max_grad_norm=v)),
+    "num_threads": (1, lambda v: dict(num_threads=v)),
+    "seed": (7, lambda v: dict(seed=v, state_dtype="bfloat16")),
+}
+
+
+@contextlib.contextmanager
+def deadline(seconds=10):
+    """Fail, rather than hang the suite, if the block blocks."""
+    def fail(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def grads(n=2):
+    return [np.linspace(-1, 1, 10, dtype=np.float32) * (k + 1) for k in range(n)]
+
+
+def through_every_path(opt, tmp_path):
+    """Step, state_dict/load_state_dict, save/load, repr, deepcopy, pickle: the
+    optimizer's parameters after the steps, and the copies'."""
+    tmp_path.mkdir()
+    opt.step(grads())
+    opt.load_state_dict(opt.state_dict())
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    repr(opt)
+    twins = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for o in [opt] + twins:
+        o.step(grads())
+    return [[p.copy() for g in o.param_groups for p in g["params"]] for o in [opt] + twins]
+
+
+@pytest.mark.parametrize("scalar", sorted(SCALARS))
+@pytest.mark.parametrize("argument", sorted(ARGUMENTS))
+def test_numpy_scalars_as_arguments(argument, scalar, tmp_path):
+    plain, build = ARGUMENTS[argument]
+    value = SCALARS[scalar](plain)
+    params = [np.ones(10, np.float32), np.full(10, 2.0, np.float32)]
+    try:
+        opt = fastadam.Adam(params, **build(value))
+    except (TypeError, ValueError) as e:  # refused: by name, with nothing made
+        assert argument.split("[")[0] in str(e)
+        return
+    reference = fastadam.Adam([np.ones(10, np.float32), np.full(10, 2.0, np.float32)],
+                              **build(type(plain)(value)))
+    ours = through_every_path(opt, tmp_path / "a")
+    theirs = through_every_path(reference, tmp_path / "b")
+    for a, b in zip(ours, theirs):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("scalar", ["float32", "float64", "int64"])
+def test_numpy_scalars_set_in_a_group_after_construction(scalar, tmp_path):
+    opt = fastadam.Adam([np.ones(10, np.float32)])
+    opt.step(grads(1))
+    opt.param_groups[0]["lr"] = SCALARS[scalar](1)
+    opt.step(grads(1))
+    opt.save(tmp_path / "opt.npz")
+    opt.load(tmp_path / "opt.npz")
+    copy.deepcopy(opt).step(grads(1))
+
+
+def special_paths(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "directory").mkdir()
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    os.symlink(tmp_path / "fifo", tmp_path / "to-fifo")
+    return {name: tmp_path / name for name in ("fifo", "directory", "dangling", "loop-a", "to-fifo")} | {
+        "/dev/null": "/dev/null", "/dev/zero": "/dev/zero"}
+
+
+@pytest.mark.parametrize("operation", ["load", "save"])
+def test_paths_that_are_not_regular_files(operation, tmp_path):
+    opt = fastadam.Adam([np.ones(10, np.float32)])
+    opt.step(grads(1))
+    before = copy.deepcopy(opt.state_dict())
+    for name, path in special_paths(tmp_path).items():
+        mode = os.lstat(path).st_mode
+        with deadline():
+            with pytest.raises((ValueError, FileNotFoundError)) as caught:
+                getattr(opt, operation)(path)
+        assert str(path) in str(caught.value), name
+        assert os.lstat(path).st_mode == mode, f"{name} was replaced"
+        assert opt.state_dict()["state"][0]["step"] == before["state"][0]["step"]
+        np.testing.assert_array_equal(opt.state[0]["exp_avg"], before["state"][0]["exp_avg"])
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def subclasses(tmp_path):
+    mm = np.memmap(tmp_path / "m", np.float32, "w+", shape=(12,))
+    mm[:] = 1
+    return {
+        "matrix": np.matrix(np.ones((3, 4), np.float32)),
+        "memmap": mm,
+        "recarray": np.ones(12, np.float32).view(np.recarray),
+        "structured view": np.zeros(12, dtype=[("a", np.float32)]).view(np.float32) + 1,
+    }
+
+
+@pytest.mark.parametrize("role", ["parameter", "gradient"])
+def test_ndarray_subclasses_step_as_plain_arrays(role, tmp_path):
+    for name, a in subclasses(tmp_path).items():
+        plain = np.ones(a.shape, np.float32)
+        if role == "parameter":
+            ours, mine = a, fastadam.Adam([a])
+            theirs, ref = plain, fastadam.Adam([plain])
+            for _ in range(3):
+                mine.step([np.full(a.shape, 0.5, np.float32)])
+                ref.step([np.full(a.shape, 0.5, np.float32)])
+        else:
+            ours, theirs = np.ones(a.shape, np.float32), np.ones(a.shape, np.float32)
+            mine, ref = fastadam.Adam([ours]), fastadam.Adam([theirs])
+            for _ in range(3):
+                mine.step([a])
+                ref.step([plain])
+        np.testing.assert_array_equal(np.asarray(ours), theirs, err_msg=name)
+
+
+def test_masked_and_read_only_arrays_are_refused_with_nothing_changed(tmp_path):
+    p = np.ones(12, np.float32)
+    opt = fastadam.Adam([p])
+    opt.step([np.ones(12, np.float32)])  # the next step takes the compiled fast path
+    before, m_before = p.copy(), opt.state[0]["exp_avg"].copy()
+    masked = np.ma.masked_array(np.ones(12, np.float32), mask=[0] * 11 + [1])
+    with pytest.raises(TypeError, match=r"grads\[0\] is a numpy.ma.MaskedArray"):
+        opt.step([masked])
+    np.testing.assert_array_equal(p, before)
+    np.testing.assert_array_equal(opt.state[0]["exp_avg"], m_before)
+    assert opt.state[0]["step"] == 1
+    with pytest.raises(TypeError, match="MaskedArray"):
+        fastadam.Adam([np.ma.masked_array(np.ones(3, np.float32))])
+    mm = np.memmap(tmp_path / "r", np.float32, "w+", shape=(4,))
+    mm.flush()
+    with pytest.raises(ValueError, match="read-only"):
+        fastadam.Adam([np.memmap(tmp_path / "r", np.float32, "r", shape=(4,))])
+
+
+# -- the trainer ---------------------------------------------------------------
+
+def idx(dims, data=b""):
+    return bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + data
+
+
+def dataset(directory, train=(6, 3, 3), test=(4, 3, 3), train_labels=None, test_labels=None,
+            cut=0, shapes_only=False):
+    """Plain IDX files; ``shapes_only`` writes headers whose data would not fit in memory."""
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, dims, n_labels in (("train", train, train_labels), ("t10k", test, test_labels)):
+        size = 0 if shapes_only else int(np.prod(dims))
+        images = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        (directory / f"{stem}-images-idx3-ubyte").write_bytes(idx(dims, images[:len(images) - cut]))
+        n = dims[0] if n_labels is None else n_labels
+        n = min(n, 100)
+        labels = (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (directory / f"{stem}-labels-idx1-ubyte").write_bytes(idx((n,), labels))
+    return directory
+
+
+DEGENERATE = {
+    "empty train split": dict(train=(0, 3, 3)),
+    "empty test split": dict(test=(0, 3, 3)),
+    "zero rows": dict(train=(6, 0, 3), test=(4, 0, 3)),
+    "zero columns": dict(train=(6, 3, 0), test=(4, 3, 0)),
+    "a product beyond memory": dict(train=(65536, 65536, 65536), shapes_only=True),
+    "a product that wraps int64": dict(train=(2 ** 21, 2 ** 21, 2 ** 22), shapes_only=True),
+    "fewer labels than images": dict(train_labels=5),
+    "more test labels than images": dict(test_labels=5),
+    "truncated images": dict(cut=7),
+    "train and test images of other sizes": dict(test=(4, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_datasets_end_with_one_line_and_status_2(case, tmp_path, capsys):
+    directory = dataset(tmp_path / "data", **DEGENERATE[case])
+    with deadline(60):
+        assert main(["--data", str(directory), "--epochs", "1", "--no-download", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastadam-mnist: "), err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_trainer_outputs_that_are_not_regular_files(option, tmp_path, capsys):
+    directory = dataset(tmp_path / "data")
+    for name, path in special_paths(tmp_path).items():
+        mode = os.lstat(path).st_mode
+        with deadline():
+            assert main(["--data", str(directory), "--epochs", "1", "--no-download",
+                         "--no-progress", option, str(path)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fastadam-mnist: {option}: "), (name, err)
+        assert os.lstat(path).st_mode == mode
+
+
+def test_trainer_data_files_that_are_not_regular(tmp_path, capsys):
+    directory = dataset(tmp_path / "data")
+    target = directory / "train-images-idx3-ubyte"
+    target.unlink()
+    os.symlink("/dev/zero", target)
+    with deadline():
+        assert main(["--data", str(directory), "--epochs", "1", "--no-download", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastadam-mnist: ")
