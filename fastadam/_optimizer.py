@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _flat, _formats, _interrupts, _rules
+from . import _backends, _checkpoint, _flat, _fork, _formats, _interrupts, _rules
 from ._backends import APPLIED, SKIPPED
 from ._variants import with_defaults
 
@@ -77,6 +77,7 @@ class Adam:
         self.state_dtype = _rules.state_dtype(state_dtype)
         self.seed = _rules.seed(seed)
         self._lock = _backends.new_lock()
+        _fork.register(self)
         self.num_threads = num_threads
         self.skip_if_nonfinite = skip_if_nonfinite
         self.max_grad_norm = max_grad_norm
@@ -117,6 +118,7 @@ class Adam:
         backend = _backends.load(state.pop("_backend"))
         self.__dict__.update(state)
         self._backend, self._lock, self._plan = backend, _backends.new_lock(), None
+        _fork.register(self)
 
     @property
     def backend(self):

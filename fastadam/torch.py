@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _flat, _formats, _optimizer, _rules
+from . import _flat, _fork, _formats, _optimizer, _rules
 from ._variants import with_defaults
 
 try:
@@ -172,6 +172,7 @@ class Adam(torch.optim.Optimizer):
         self._num_threads = num_threads
         self._lock = threading.Lock()  # a step, add_param_group and load_state_dict are whole
         self._plan = None
+        _fork.register(self)
         super().__init__(params, defaults)
 
     # What torch's Optimizer pickles (defaults, state, param_groups), and this one's own.
@@ -189,6 +190,7 @@ class Adam(torch.optim.Optimizer):
         super().__setstate__(state)
         self._lock = threading.Lock()
         self._plan = None
+        _fork.register(self)
         for group in self.param_groups:
             for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
                                ("capturable", False), ("differentiable", False), ("fused", None)):

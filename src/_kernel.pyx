@@ -303,7 +303,9 @@ cdef class Lock:
     cdef inline void give(self) noexcept:
         PyThread_release_lock(self.handle)
 
-    def acquire(self):
+    def acquire(self, bint blocking=True):
+        if not blocking:
+            return PyThread_acquire_lock(self.handle, NOWAIT_LOCK) != 0
         self.take()
         return True
 

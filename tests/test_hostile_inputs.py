@@ -243,3 +243,70 @@ def test_trainer_data_files_that_are_not_regular(tmp_path, capsys):
         assert main(["--data", str(directory), "--epochs", "1", "--no-download", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastadam-mnist: ")
+
+
+# -- fork ----------------------------------------------------------------------
+
+FORK_WHILE_STEPPING = """
+import os, sys, threading, time, numpy as np
+make, forks = sys.argv[1], 12
+if make == "torch":
+    import torch, fastadam.torch as ft
+    w = torch.nn.Parameter(torch.zeros(1_000_000)); w.grad = torch.ones_like(w)
+    opt = ft.Adam([w]); step = opt.step
+    v = torch.nn.Parameter(torch.zeros(10)); v.grad = torch.ones_like(v)
+    idle = ft.Adam([v]); idle_step = idle.step
+else:
+    import fastadam
+    p = np.zeros(1_000_000, np.float32); g = np.ones_like(p)
+    opt = fastadam.Adam([p], backend=make, num_threads=2); step = lambda: opt.step([g])
+    idle = fastadam.Adam([np.zeros(10, np.float32)], backend=make)
+    idle_step = lambda: idle.step([np.ones(10, np.float32)])
+step()
+stop = False
+def stepper():
+    while not stop:
+        step()
+thread = threading.Thread(target=stepper); thread.start()
+outcomes = []
+for i in range(forks):
+    time.sleep(0.002 * (i % 4))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            step(); code = 10   # the optimizer was free at the fork: it steps
+        except RuntimeError as e:
+            code = 11 if "forked while another thread" in str(e) else 12
+        idle_step()             # one nobody was using steps in any case
+        os._exit(code)
+    deadline = time.time() + 30
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.time() > deadline:
+            os.kill(pid, 9); os.waitpid(pid, 0); outcomes.append("hung"); break
+        time.sleep(0.005)
+    else:
+        continue
+stop = True; thread.join()
+print("ok" if not outcomes else outcomes)
+"""
+
+
+@pytest.mark.parametrize("make", ["cython", "numpy", "torch"])
+def test_fork_while_another_thread_steps_never_hangs_the_child(make, tmp_path):
+    """Forks while a thread steps in a loop: each child either steps (the optimizer was
+    free at the fork) or is refused with a message (it was mid-step), and always can step
+    an optimizer nobody was using; none waits forever on a lock held by a thread that
+    does not exist there."""
+    import subprocess
+    import sys
+    if make == "torch":
+        pytest.importorskip("torch")
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_WHILE_STEPPING.replace("os._exit(code)",
+                                                  "open(os.environ['OUT'] + str(os.getpid()), 'w')"
+                                                  ".write(str(code)); os._exit(0)"))
+    out = subprocess.run([sys.executable, str(script), make], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OUT=str(tmp_path / "child-")))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.stdout, out.stderr[-2000:])
+    codes = [int(f.read_text()) for f in tmp_path.glob("child-*")]
+    assert len(codes) == 12 and set(codes) <= {10, 11}, codes
