@@ -323,10 +323,11 @@ def flat_dtype(dtype):
 
 
 def flat_align(align, itemsize):
-    if isinstance(align, bool) or not isinstance(align, int) or align < itemsize or align % itemsize:
+    if (isinstance(align, (bool, np.bool_)) or not isinstance(align, numbers.Integral)
+            or align < itemsize or align % itemsize):
         raise ValueError(f"align must be a positive multiple of the item size ({itemsize}), "
                          f"got {align!r}")
-    return align
+    return int(align)
 
 
 def flat_shape(name, shape):

@@ -99,6 +99,35 @@ def test_numpy_scalars_set_in_a_group_after_construction(scalar, tmp_path):
     copy.deepcopy(opt).step(grads(1))
 
 
+def test_numpy_scalars_through_the_other_entry_points(tmp_path):
+    """load_state_dict, add_param_group, FlatParameters, ZeroAdam and fastadam.torch take
+    NumPy scalars as the numbers they hold, and save, copy and pickle them."""
+    values = dict(lr=np.float32(0.01), eps=np.float64(1e-6), weight_decay=np.int64(0),
+                  betas=(np.float32(0.8), np.float64(0.9)))
+    plain = {k: (tuple(float(x) for x in v) if k == "betas" else float(v)) for k, v in values.items()}
+
+    def run(group_values, path):
+        opt = fastadam.Adam([np.ones(10, np.float32)])
+        opt.step(grads(1))
+        sd = opt.state_dict()
+        sd["param_groups"][0].update(group_values)
+        opt.load_state_dict(sd)
+        opt.add_param_group(dict(params=[np.ones(5, np.float32)], **group_values))
+        opt.step(grads(1) + [np.ones(5, np.float32)])
+        opt.save(path)
+        opt.load(path)
+        twin = pickle.loads(pickle.dumps(copy.deepcopy(opt)))
+        twin.step(grads(1) + [np.ones(5, np.float32)])
+        return [p for g in twin.param_groups for p in g["params"]]
+
+    for a, b in zip(run(values, tmp_path / "a.npz"), run(plain, tmp_path / "b.npz")):
+        np.testing.assert_array_equal(a, b)
+    shapes = {"w": (np.int64(3), np.int64(4)), "b": np.int64(4)}
+    flat = fastadam.FlatParameters(shapes, dtype=np.float32, align=np.int64(64))
+    same = fastadam.FlatParameters({"w": (3, 4), "b": 4}, dtype=np.float32, align=64)
+    assert flat.data.shape == same.data.shape
+
+
 def special_paths(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "directory").mkdir()
