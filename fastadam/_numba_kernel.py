@@ -2,7 +2,11 @@
 
 The same per-element operations, in the same order and rounding, as the
 compiled kernel (src/adam_kernel.hpp) and the NumPy reference, so all three
-agree bitwise.  Each variant (weight-decay mode, AMSGrad, maximize) is its own
+agree bitwise.  The flush-to-zero rule is the hardware's on x86-64, as in the
+compiled kernel: each thread sets the FTZ and DAZ bits of its MXCSR around its
+loop and restores them after (``_enter_ftz``, LLVM's stmxcsr/ldmxcsr
+intrinsics).  Elsewhere, or with FASTADAM_NUMBA_FTZ=software, every operation
+is followed by the rule in software (``_ftz``), at several times the cost.  Each variant (weight-decay mode, AMSGrad, maximize) is its own
 function: the flags are closure constants, frozen at compile time, so the
 loop has no branch on them.  A variant is compiled for float32 and float64 the
 first time it is used, with ``cache=True`` (Numba keys its cache on the
@@ -13,10 +17,15 @@ Only imported when the backend is used: ``import fastadam`` does not import numb
 """
 import math
 import os
+import platform
 import threading
 
 import numba
-from numba import njit, prange
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _threads
 from ._formats import FlushToZero
@@ -33,15 +42,76 @@ ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line
 
 N_RULE_CONSTANTS = 4  # (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T
 
+HARDWARE_FTZ = (platform.machine().lower() in ("x86_64", "amd64")
+                and os.environ.get("FASTADAM_NUMBA_FTZ", "hardware") != "software")
+MXCSR_FTZ_DAZ = 0x8040  # bits 15 and 6, as src/fa_partition.hpp sets them
+
 _compiled = {}
 _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
 
 
-# The flush-to-zero rule of fastadam/_formats.py, one operation at a time: a
-# result below the smallest normal (after rounding with an unbounded exponent:
-# `scaled` is the same operation with its operands scaled by 2**SCALE_EXP) is a
-# zero of its sign; r * 0 is that zero (r is finite there).
+def _mxcsr_call(builder, name, slot):
+    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [builder.bitcast(slot, ir.IntType(8).as_pointer())])
+
+
+@intrinsic
+def _read_mxcsr(typingctx):
+    """This thread's MXCSR (x86-64)."""
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once(builder, ir.IntType(32))
+        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
+        return builder.load(slot)
+    return types.uint32(), codegen
+
+
+@intrinsic
+def _write_mxcsr(typingctx, value):
+    """Set this thread's MXCSR (x86-64)."""
+    def codegen(context, builder, signature, args):
+        slot = cgutils.alloca_once_value(builder, args[0])
+        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+    return types.void(types.uint32), codegen
+
+
+# A subnormal read with no arithmetic (AMSGrad's old max) is flushed by a compare and
+# select, as the compiled kernel flushes it; under DAZ the compare sees it as zero.
+@njit(inline="always", error_model="numpy")
+def _flush(x, c):
+    return x * c[3] if abs(x) < c[0] else x
+
+
+if platform.machine().lower() in ("x86_64", "amd64"):
+    @njit(inline="always", error_model="numpy")
+    def _enter_ftz(hw):
+        """Set FTZ and DAZ on this thread (with ``hw``); returns what to restore."""
+        saved = _read_mxcsr()
+        if hw:
+            _write_mxcsr(saved | numba.uint32(MXCSR_FTZ_DAZ))
+        return saved
+
+    @njit(inline="always", error_model="numpy")
+    def _leave_ftz(saved, hw):
+        if hw:
+            _write_mxcsr(saved)
+else:
+    @njit(inline="always", error_model="numpy")
+    def _enter_ftz(hw):
+        return numba.uint32(0)
+
+    @njit(inline="always", error_model="numpy")
+    def _leave_ftz(saved, hw):
+        pass
+
+
+# The flush-to-zero rule of fastadam/_formats.py.  With ``hw`` (a compile-time
+# constant) the hardware applies it to every operation; without, each operation is
+# followed by it in software: a result below the smallest normal (after rounding with
+# an unbounded exponent: `scaled` is the same operation with its operands scaled by
+# 2**SCALE_EXP) is a zero of its sign; r * 0 is that zero (r is finite there).
 @njit(inline="always", error_model="numpy")
 def _ftz(r, scaled, c):
     a = abs(r)
@@ -51,75 +121,78 @@ def _ftz(r, scaled, c):
 
 
 @njit(inline="always", error_model="numpy")
-def _daz(x, c):
-    return x * c[3] if abs(x) < c[0] else x
+def _daz(x, c, hw):
+    return x if hw else _flush(x, c)
 
 
 @njit(inline="always", error_model="numpy")
-def _mul(a, b, c):
-    return _ftz(a * b, (a * c[2]) * b, c)
+def _mul(a, b, c, hw):
+    return a * b if hw else _ftz(a * b, (a * c[2]) * b, c)
 
 
 @njit(inline="always", error_model="numpy")
-def _add(a, b, c):
-    return _ftz(a + b, a * c[2] + b * c[2], c)
+def _add(a, b, c, hw):
+    return a + b if hw else _ftz(a + b, a * c[2] + b * c[2], c)
 
 
 @njit(inline="always", error_model="numpy")
-def _sub(a, b, c):
-    return _ftz(a - b, a * c[2] - b * c[2], c)
+def _sub(a, b, c, hw):
+    return a - b if hw else _ftz(a - b, a * c[2] - b * c[2], c)
 
 
 @njit(inline="always", error_model="numpy")
-def _div(a, b, c):
-    return _ftz(a / b, (a * c[2]) / b, c)
+def _div(a, b, c, hw):
+    return a / b if hw else _ftz(a / b, (a * c[2]) / b, c)
 
 
 @njit(inline="always", error_model="numpy")
-def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c):
+def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw):
     """One element; ``s`` the step's scalars in T (a StepScalars), ``c`` the rule's
-    constants (N_RULE_CONSTANTS)."""
-    gi = _mul(_daz(g[i], c), s.grad_scale, c)
+    constants (N_RULE_CONSTANTS); ``hw``: the hardware's flush-to-zero is on."""
+    gi = _mul(_daz(g[i], c, hw), s.grad_scale, c, hw)
     gi = -gi if maximize else gi
-    pi = _daz(p[i], c)
+    pi = _daz(p[i], c, hw)
     if wd_mode == WD_L2:
-        gi = _add(gi, _mul(s.weight_decay, pi, c), c)
+        gi = _add(gi, _mul(s.weight_decay, pi, c, hw), c, hw)
     elif wd_mode == WD_DECOUPLED:
-        pi = _mul(pi, s.decay, c)
-    mi = _add(_mul(s.beta1, _daz(m[i], c), c), _mul(s.one_minus_beta1, gi, c), c)
-    square = _mul(gi, gi, c)
+        pi = _mul(pi, s.decay, c, hw)
+    mi = _add(_mul(s.beta1, _daz(m[i], c, hw), c, hw), _mul(s.one_minus_beta1, gi, c, hw), c, hw)
+    square = _mul(gi, gi, c, hw)
     if maximize and square != square:
         # A NaN's sign: the reference's (-g) * (-g) is -g's NaN; LLVM folds the two
         # negations away and gives g's.
         square = gi
-    vi = _add(_mul(s.beta2, _daz(v[i], c), c), _mul(s.one_minus_beta2, square, c), c)
+    vi = _add(_mul(s.beta2, _daz(v[i], c, hw), c, hw), _mul(s.one_minus_beta2, square, c, hw), c, hw)
     m[i] = mi
     v[i] = vi
     vd = vi
     if amsgrad:
-        old = _daz(vmax[i], c)
+        old = _flush(vmax[i], c)
         if old > vi or old != old:  # np.maximum: NaN on either side wins, a tie takes v
             vd = old
         vmax[i] = vd
     # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which
     # vectorises (np.sqrt becomes a call to libm sqrtf, which may set errno).
     # The sqrt of a normal or zero v is never tiny.
-    denom = _add(_mul(math.sqrt(vd), s.inv_sqrt_bc2, c), s.eps, c)
-    p[i] = _sub(pi, _mul(s.step_size, _div(mi, denom, c), c), c)
+    denom = _add(_mul(math.sqrt(vd), s.inv_sqrt_bc2, c, hw), s.eps, c, hw)
+    p[i] = _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw)
 
 
-def _make_variant(wd_mode, amsgrad, maximize):
-    """The serial and the parallel kernel of one variant.  The flags are closure
-    constants (inlined into _update_element, so its branches fold away); the
-    closures hold nothing else, so Numba's cache key is the same in every process."""
+def _make_variant(wd_mode, amsgrad, maximize, hw):
+    """The serial and the parallel kernel of one variant.  The flags, and whether the
+    hardware flushes (``hw``), are closure constants (inlined into _update_element,
+    so its branches fold away); the closures hold nothing else, so Numba's cache key
+    is the same in every process that makes the same variant."""
 
     def update_range(p, g, m, v, vmax, start, stop, s, c):
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
+        saved = _enter_ftz(hw)
         for i in range(p.shape[0]):
-            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c)
+            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw)
+        _leave_ftz(saved, hw)
 
     def update_parallel(p, g, m, v, vmax, n_threads, s, c):
         n = p.shape[0]
@@ -128,8 +201,10 @@ def _make_variant(wd_mode, amsgrad, maximize):
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
             ps, gs, ms, vs = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
             vmaxs = vmax[start:stop] if amsgrad else vmax
+            saved = _enter_ftz(hw)  # on the thread that runs this chunk
             for i in range(ps.shape[0]):
-                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, s, c)
+                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, s, c, hw)
+            _leave_ftz(saved, hw)
 
     serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
 
@@ -144,9 +219,9 @@ def _signatures(n_ints):
     scalars (the StepScalars record itself) and the flush-to-zero rule's constants."""
     sigs = []
     for t in (numba.float32, numba.float64):
-        array = t[::1]
+        array, read_only = t[::1], types.Array(t, 1, "C", readonly=True)  # g is only read
         ints = (numba.int64,) * (2 if n_ints == 7 else 1)
-        sigs.append(numba.void(array, array, array, array, array, *ints,
+        sigs.append(numba.void(array, read_only, array, array, array, *ints,
                                numba.types.NamedUniTuple(t, len(StepScalars._fields), StepScalars),
                                numba.types.UniTuple(t, N_RULE_CONSTANTS)))
     return sigs
@@ -154,7 +229,7 @@ def _signatures(n_ints):
 
 def _kernel(wd_mode, amsgrad, maximize, parallel):
     """The serial or parallel kernel of a variant, made on first use (thread-safe)."""
-    key = (wd_mode, bool(amsgrad), bool(maximize))
+    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ)
     with _compile_lock:
         kernels = _compiled.get(key)
         if kernels is None:
@@ -188,16 +263,31 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_RULES = {}  # dtype -> (FlushToZero, its constants)
+
+
+def _step_scalars(s, dtype):
+    """The step's scalars rounded to the dtype once, under the flush-to-zero rule, and
+    the rule's constants: the kernels' last two arguments."""
+    rule = _RULES.get(dtype)
+    if rule is None:
+        f = FlushToZero(dtype)
+        rule = _RULES[dtype] = (f, (f.tiny, f.scaled_tiny, f.scale, f.zero))
+    f, constants = rule
+    values = np.array(s, dtype)  # rounded to nearest, as the compiled kernel converts
+    magnitude = np.abs(values)
+    if ((magnitude <= f.tiny) & (magnitude != 0)).any():  # at the edge of the rule: rare
+        return StepScalars(*(f.scalar(x) for x in s)), constants
+    return StepScalars(*values), constants
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                 amsgrad, maximize, num_threads=1):
     """One in-place step of one tensor; the signature of _reference.adam_update.
     ``num_threads``: as resolved by the thread policy (fastadam/_threads.py)."""
     flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
-    if not flat[1].flags.writeable:  # the signatures take writeable arrays; g is only read
-        flat[1] = flat[1].copy()
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
-    f = FlushToZero(param.dtype)
-    scalars = (StepScalars(*(f.scalar(x) for x in s)), (f.tiny, f.scaled_tiny, f.scale, f.zero))
+    scalars = _step_scalars(s, param.dtype)
     n = param.size
     threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     if threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child:

@@ -283,3 +283,27 @@ def test_thread_planner_results_are_the_reference_bits(rng):
         opt.step([g])
         ref.step([g])
     np.testing.assert_array_equal(p, q)
+
+
+def test_numba_software_flush_to_zero_is_the_reference():
+    """FASTADAM_NUMBA_FTZ=software (what non-x86 machines run): the same bits as the
+    reference on subnormal inputs, as the hardware path gives."""
+    pytest.importorskip("numba")
+    out = run_python("""
+import numpy as np, fastadam
+from fastadam import _numba_kernel
+assert not _numba_kernel.HARDWARE_FTZ
+tiny = np.finfo(np.float32).smallest_normal
+p = np.array([tiny / 3, -tiny / 5, 1.0, 3e-39, 0.5] * 40, np.float32)
+g = np.array([tiny / 7, 2e-39, -1e-20, 1.0, tiny] * 40, np.float32)
+results = []
+for backend in ("numba", "numpy"):
+    q = p.copy()
+    opt = fastadam.Adam([q], lr=1e-3, eps=0.0, amsgrad=True, backend=backend)
+    for _ in range(3):
+        opt.step([g])
+    results.append(q.view(np.uint32).copy())
+print(bool(np.array_equal(*results)))
+""", FASTADAM_NUMBA_FTZ="software")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
