@@ -13,6 +13,11 @@ import contextlib
 import signal
 import threading
 
+try:  # signal's own functions, without the enum conversions of signal.py (a few us a step)
+    import _signal as _raw
+except ImportError:  # not CPython
+    _raw = signal
+
 
 @contextlib.contextmanager
 def deferred():
@@ -22,14 +27,14 @@ def deferred():
         yield
         return
     received = []
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _raw.getsignal(signal.SIGINT)
     if previous is None:  # a handler Python did not install: it could not be restored
         yield
         return
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    _raw.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _raw.signal(signal.SIGINT, previous)
         if received:
             signal.raise_signal(signal.SIGINT)

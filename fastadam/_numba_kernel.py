@@ -274,11 +274,10 @@ def _step_scalars(s, dtype):
         f = FlushToZero(dtype)
         rule = _RULES[dtype] = (f, (f.tiny, f.scaled_tiny, f.scale, f.zero))
     f, constants = rule
-    values = np.array(s, dtype)  # rounded to nearest, as the compiled kernel converts
-    magnitude = np.abs(values)
-    if ((magnitude <= f.tiny) & (magnitude != 0)).any():  # at the edge of the rule: rare
+    edge = 2.0 * float(f.tiny)  # a double this small may round to T's edge of the rule
+    if any(0.0 < abs(x) < edge for x in s):  # rare: the rule's own rounding
         return StepScalars(*(f.scalar(x) for x in s)), constants
-    return StepScalars(*values), constants
+    return StepScalars(*np.array(s, dtype)), constants  # rounded to nearest, as the kernel does
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
