@@ -1,6 +1,12 @@
 """Builds the compiled kernel, fastadam._kernel, and fastadam.torch's compiled
 planned path, fastadam._torch_plan, from src/.
 
+Both are optional: where no C++ compiler works, the install goes on without them
+(setuptools says so in a warning) and fastadam runs on the Numba backend if numba
+is installed, else on the NumPy reference (``python -m fastadam --info`` says
+which, and why).  FASTADAM_REQUIRE_EXTENSIONS=1 makes a failed build an error
+(the wheel's CI build sets it).
+
 Build-time switches (environment variables):
   FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially)
   FASTADAM_CYTHON_DEBUG=1 bounds checks on, -O0 -g: for debugging and sanitizers
@@ -20,6 +26,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 openmp = os.environ.get("FASTADAM_OPENMP", "1") != "0"
+optional = os.environ.get("FASTADAM_REQUIRE_EXTENSIONS", "0") != "1"
 debug = os.environ.get("FASTADAM_CYTHON_DEBUG", "0") == "1"
 
 compile_args = ["-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
@@ -49,16 +56,18 @@ torch_plan = Extension(
     extra_compile_args=["-O2"],
 )
 
-setup(
-    ext_modules=cythonize(
-        [kernel, torch_plan],
-        compiler_directives={
-            "language_level": 3,
-            "boundscheck": debug,
-            "wraparound": debug,
-            "initializedcheck": debug,
-            "cdivision": not debug,
-        },
-        compile_time_env={},
-    ),
+extensions = cythonize(
+    [kernel, torch_plan],
+    compiler_directives={
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": debug,
+        "initializedcheck": debug,
+        "cdivision": not debug,
+    },
+    compile_time_env={},
 )
+for extension in extensions:  # after cythonize, which makes new Extension objects
+    extension.optional = optional
+
+setup(ext_modules=extensions)

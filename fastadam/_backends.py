@@ -242,8 +242,13 @@ class ReferenceBackend:
 
 @functools.cache
 def _load_cython():
-    with _threads.kernel_openmp_environment():
-        from . import _kernel
+    try:
+        with _threads.kernel_openmp_environment():
+            from . import _kernel
+    except ImportError as e:
+        raise ImportError(f"the compiled extension fastadam._kernel cannot be imported ({e}); "
+                          "it is not built where fastadam was installed without a working C++ "
+                          "compiler") from e
     _check_built_with(_kernel)
     return _kernel
 
@@ -323,7 +328,10 @@ def load(name):
                 continue
             if candidate != _PREFERENCE[0]:
                 warnings.warn(f"fastadam: the compiled kernel is not available ({'; '.join(reasons)});"
-                              f" using backend={candidate!r}", RuntimeWarning, stacklevel=4)
+                              f" using backend={candidate!r}, which is slower.  To build the kernel,"
+                              " install a C++ compiler (g++) and reinstall fastadam from source, or"
+                              " install a fastadam wheel",
+                              RuntimeWarning, stacklevel=4)
             return backend
         raise ImportError("no fastadam backend is available")  # numpy always is
     if not isinstance(name, str) or name not in _MAKERS:

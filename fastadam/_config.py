@@ -48,6 +48,9 @@ def show_config(file=None):
     print(f"fastadam {info['version']} (Python {info['python']})", file=file)
     for name, status in info["backends"].items():
         print(f"  backend {name:7s} {status}", file=file)
+    auto = next((n for n in _backends.BACKENDS if info["backends"][n] == "available"), None)
+    print(f"  backend='auto' uses {auto}" + ("" if auto == _backends.BACKENDS[0] else
+          " (the compiled kernel is not available: see its line above)"), file=file)
     if "kernel_variant_in_use" in info:
         print(f"  kernel variants: compiled {', '.join(info['kernel_variants_compiled'])}; "
               f"supported here {', '.join(info['kernel_variants_supported'])}; "
