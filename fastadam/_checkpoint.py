@@ -185,7 +185,8 @@ def file_meta(opt, snapshot):
 def _plain(value):
     """A NumPy scalar (a hyperparameter may be one) as the Python number it holds."""
     if isinstance(value, np.generic):
-        return value.item()
+        plain = value.item()  # np.longdouble's item() is itself: its nearest float then
+        return float(plain) if isinstance(plain, np.generic) else plain
     raise TypeError(f"{_rules.describe(value)} cannot be written to a checkpoint")
 
 

@@ -19,7 +19,8 @@ import fastadam
 from fastadam.mnist import main
 
 SCALARS = {
-    "float32": np.float32, "float64": np.float64, "int64": np.int64,
+    "float16": np.float16, "float32": np.float32, "float64": np.float64,
+    "longdouble": np.longdouble, "int64": np.int64, "uint64": np.uint64, "uint8": np.uint8,
     "bool_": np.bool_, "0-d array": np.array,
 }
 # Each argument, a value for it, and how to build the optimizer from it.
