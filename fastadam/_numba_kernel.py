@@ -5,8 +5,11 @@ compiled kernel (src/adam_kernel.hpp) and the NumPy reference, so all three
 agree bitwise.  The flush-to-zero rule is the hardware's on x86-64, as in the
 compiled kernel: each thread sets the FTZ and DAZ bits of its MXCSR around its
 loop and restores them after (``_enter_ftz``, LLVM's stmxcsr/ldmxcsr
-intrinsics).  Elsewhere, or with FASTADAM_NUMBA_FTZ=software, every operation
-is followed by the rule in software (``_ftz``), at several times the cost.  Each variant (weight-decay mode, AMSGrad, maximize) is its own
+intrinsics).  Elsewhere, or with FASTADAM_NUMBA_FTZ=software, and for
+``maximize`` (see ``_kernel``), every operation is followed by the rule in
+software (``_ftz``), at several times the cost.
+
+Each variant (weight-decay mode, AMSGrad, maximize) is its own
 function: the flags are closure constants, frozen at compile time, so the
 loop has no branch on them.  A variant is compiled for float32 and float64 the
 first time it is used, with ``cache=True`` (Numba keys its cache on the
@@ -229,7 +232,10 @@ def _signatures(n_ints):
 
 def _kernel(wd_mode, amsgrad, maximize, parallel):
     """The serial or parallel kernel of a variant, made on first use (thread-safe)."""
-    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ)
+    # maximize keeps the software rule: under the hardware's, LLVM folds -(g * c) and
+    # m + (1 - b1) * -g into forms that keep a NaN gradient's sign where the reference
+    # flips it, and a fence against that costs the loop its vectorisation (10x slower).
+    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ and not maximize)
     with _compile_lock:
         kernels = _compiled.get(key)
         if kernels is None:

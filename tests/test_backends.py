@@ -307,3 +307,43 @@ print(bool(np.array_equal(*results)))
 """, FASTADAM_NUMBA_FTZ="software")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def _drive(plan, steps, seconds):
+    """``steps`` steps of the planner, each taking ``seconds[threads]``: the counts chosen."""
+    chosen = []
+    for _ in range(steps):
+        t = plan.threads_for_step(0)
+        chosen.append(t)
+        plan.record_step(t, seconds[t])
+    return chosen
+
+
+def test_thread_planner_recovers_from_a_noisy_start():
+    """The noisy start (issue: busy processes during the first steps, then quiet): with
+    injected durations, the planner returns to the faster count within a bounded number
+    of steps and stays there."""
+    kernel, plan = _planner_plan()
+    most = kernel.default_num_threads()
+    loaded = {1: 1.0e-3, most: 2.0e-3}  # under load, one thread measured faster
+    quiet = {1: 0.60e-3, most: 0.31e-3}  # alone, the parallel step is 1.9x faster
+    assert _drive(plan, 30, loaded)[-1] == 1
+    _drive(plan, 100 + 2 * (kernel.TRIAL_SAMPLES + 1), quiet)  # back within about 100 steps
+    assert plan.chosen_threads == most
+    after = _drive(plan, 300, quiet)  # one thread again only in the trials that confirm it
+    assert plan.chosen_threads == most and after.count(1) <= 2 * (kernel.TRIAL_SAMPLES + 1)
+    later = _drive(plan, 5000, quiet)  # trials go on, ever rarer
+    wasted = sum(quiet[1] - quiet[most] for t in later if t == 1)
+    assert wasted < 0.02 * sum(quiet[t] for t in later)
+
+
+def test_thread_planner_leaves_a_choice_that_became_slower():
+    """A load that comes and stays (say BLAS threads spinning beside every step): the
+    chosen count's steps become slower than the other count measured, and the planner
+    re-times them before its interval is over."""
+    kernel, plan = _planner_plan()
+    most = kernel.default_num_threads()
+    assert _drive(plan, 40, {1: 0.6e-3, most: 0.31e-3})[-1] == most
+    busy = {1: 0.65e-3, most: 1.4e-3}
+    after = _drive(plan, kernel.REPLAN_EVERY, busy)
+    assert after[-1] == 1 and after.index(1) < kernel.REPLAN_EVERY // 2, after
