@@ -75,6 +75,9 @@ class Buffers(NamedTuple):
     state_dtype: str = "float32"  # how m and v are stored (fastadam._rules.STATE_DTYPES)
     seed: int = 0           # the stochastic rounding's seed (compressed state)
     absmaxes: list = None   # per tensor: None, or its 8-bit state's (m, v, v^ or None) absmax
+    param_rounding: str = "nearest"  # low-precision parameters updated in place
+    master_weights: str = None       # None, "split" or "float32" (fastadam._rules.MASTER_KEYS)
+    masters: list = None    # per tensor: None, or its master weights' array
 
 
 class _CheckedOnlyPlan:
@@ -126,18 +129,31 @@ class _CheckedOnlyPlan:
         threads = num_threads or self._default_threads()
         steps = self._work[2]
         for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
+            p, m, v, vmax = L.params[k], L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k]
+            master = L.masters[k] if L.masters is not None else None
+            if _formats.is_low_precision(p.dtype) and master is None:  # torch's semantics
+                key = (rounding_key(L.seed, k, steps[k], 3) if L.param_rounding == "stochastic"
+                       else None)
+                kernel.adam_update_torch_order(p, grad, m, v, vmax, scalars, wd_mode, amsgrad,
+                                               maximize, key)
+                continue
+            # A float32 update: of p, or of its float32 master.
             if L.absmaxes is not None and L.absmaxes[k] is not None:
-                kernel.adam_update_int8(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
-                                 L.max_exp_avg_sqs[k], L.absmaxes[k], scalars, wd_mode, amsgrad,
-                                 maximize, lr)
+                update = functools.partial(kernel.adam_update_int8, exp_avg=m, exp_avg_sq=v,
+                                           max_exp_avg_sq=vmax, absmaxes=L.absmaxes[k], lr=lr)
             elif L.state_dtype == "bfloat16":
                 keys = [rounding_key(L.seed, k, steps[k], moment) for moment in range(3)]
-                kernel.adam_update_bf16(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
-                                 L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize, keys)
+                update = functools.partial(kernel.adam_update_bf16, exp_avg=m, exp_avg_sq=v,
+                                           max_exp_avg_sq=vmax, keys=keys)
             else:
-                kernel.adam_update(L.params[k], grad, L.exp_avgs[k], L.exp_avg_sqs[k],
-                                   L.max_exp_avg_sqs[k], scalars, wd_mode, amsgrad, maximize,
-                                   num_threads=threads)
+                update = functools.partial(kernel.adam_update, exp_avg=m, exp_avg_sq=v,
+                                           max_exp_avg_sq=vmax, num_threads=threads)
+            options = dict(grad=grad if grad.dtype in (np.float32, np.float64) else _formats.to_float32(grad),
+                           s=scalars, weight_decay_mode=wd_mode, amsgrad=amsgrad, maximize=maximize)
+            if master is None:
+                update(p, **options)
+            else:
+                kernel.adam_update_mastered(update, p, master, L.master_weights == "split", **options)
 
     def commit_steps(self):
         _, entries, new_steps = self._work
@@ -202,6 +218,7 @@ class _NumbaPlan:
 class CompiledBackend:
     name = "cython"
     state_dtypes = ("float32", "bfloat16", "int8")
+    low_precision = True  # bfloat16 and float16 parameters and gradients
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -215,6 +232,7 @@ class NumbaBackend:
 
     name = "numba"
     state_dtypes = ("float32",)
+    low_precision = False
 
     def __init__(self, module, compiled):
         self.module = module
@@ -232,6 +250,7 @@ class NumbaBackend:
 class ReferenceBackend:
     name = "numpy"
     state_dtypes = ("float32", "bfloat16", "int8")
+    low_precision = True
 
     def __init__(self, module):
         self.module = module

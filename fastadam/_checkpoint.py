@@ -96,16 +96,50 @@ def check_state_dict(opt, sd, source="state_dict"):
                                   live=False)
         p = params[index]
         converted = {key: value for key, value in entry.items()
-                     if key not in _rules.STATE_BUFFERS and key not in _rules.ABSMAX_KEYS.values()}
+                     if key not in _rules.STATE_BUFFERS and key not in _rules.ABSMAX_KEYS.values()
+                     and key not in _rules.MASTER_KEYS.values()}
+        master = _rules.master_key(p, opt.master_weights)
         for key in _rules.STATE_BUFFERS:
             if key in entry:
-                converted.update(_convert_state(entry, key, p, where, opt.state_dtype))
+                converted.update(_convert_state(entry, key, p, where, opt.state_dtype, master))
+        if master:
+            converted.update(_convert_master(entry, p, where, master))
         converted["step"] = step
         new_state[int(index)] = converted
     return new_groups, new_state
 
 
-def _convert_state(entry, key, p, where, kind):
+def _convert_master(entry, p, where, target):
+    """A state entry's master weights as parameter p keeps them (``target``, its
+    master key): copied; a float32 master from split halves (p and the trailing
+    bits); split trailing bits from a float32 master where p is its top half (0
+    elsewhere: the master starts from p there).  {} where the entry has none (the
+    next step makes the master from p)."""
+    split, whole = _rules.MASTER_KEYS["split"], _rules.MASTER_KEYS["float32"]
+    found = {}
+    for key, dtype in ((split, np.uint16), (whole, np.float32)):
+        a = entry.get(key)
+        if a is None:
+            continue
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != p.shape:
+            raise TypeError(f"{where}[{key!r}] must be a {np.dtype(dtype)} array of the "
+                            f"parameter's shape {p.shape}")
+        found[key] = a
+    if not found:
+        return {}
+    out = _flat.state_zeros(p.shape, np.uint16 if target == split else np.float32, target,
+                            p.ctypes.data)
+    if target in found:
+        out[...] = found[target]
+    elif target == whole:
+        out[...] = _formats.split_master(p, found[split])
+    else:
+        high, low = _formats.split_halves(found[whole])
+        out[...] = np.where(high == p.view(np.uint16), low, np.uint16(0))
+    return {target: out}
+
+
+def _convert_state(entry, key, p, where, kind, master=None):
     """State buffer ``key`` of ``entry`` (and its absmax, for 8-bit state) as new
     C-contiguous arrays in the storage parameter p's state has under state_dtype
     ``kind``: {key: array} or {key: codes, absmax key: absmax}.  Storage kinds
@@ -117,9 +151,10 @@ def _convert_state(entry, key, p, where, kind):
     a, name = entry[key], f"{where}[{key!r}]"
     absmax_key = _rules.ABSMAX_KEYS[key]
     target_kind = _rules.tensor_state(p, kind)
-    target = _rules.state_storage(p.dtype, target_kind)
+    target = _rules.state_storage(p.dtype, target_kind, master)
     if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
         a = a.view(np.uint16)
+    compute = np.float32 if target != np.float64 else np.float64  # what values decode to
     if absmax_key in entry:  # 8-bit codes
         if a.dtype != np.uint8:
             raise TypeError(f"{name}: dtype {a.dtype}; 8-bit state (with {absmax_key!r}) is uint8 codes")
@@ -134,14 +169,14 @@ def _convert_state(entry, key, p, where, kind):
         raise ValueError(f"{where} has no {absmax_key!r}: 8-bit codes need their absmax")
     elif a.dtype == target:
         values = a
-    elif a.dtype == np.uint16 and p.dtype == np.float32:
+    elif a.dtype == np.uint16 and compute == np.float32:
         values = _formats.bf16_decode(a).reshape(a.shape)
-    elif a.dtype == p.dtype:
-        values = a
+    elif a.dtype in (np.float16, np.float32) and compute == np.float32:
+        values = a.astype(np.float32)
     else:
         raise TypeError(f"{name}: dtype {a.dtype} does not match the state's dtype {target} and "
-                        "does not convert to it (float32, bfloat16 and 8-bit state convert "
-                        "into each other)")
+                        "does not convert to it (float32, bfloat16, float16 and 8-bit state "
+                        "convert into each other)")
     if target_kind == "int8":
         if absmax_key not in entry:
             codes, absmax = _formats.int8_encode(values, signed=key == "exp_avg")
@@ -150,6 +185,8 @@ def _convert_state(entry, key, p, where, kind):
         return {key: out, absmax_key: np.array(absmax, np.float32, order="C", copy=True)}
     if target_kind == "bfloat16" and values.dtype != np.uint16:
         values = _formats.bf16_round_nearest(values).reshape(a.shape)
+    elif _formats.is_low_precision(target) and values.dtype != target:
+        values = _formats.round_nearest(values, target).reshape(a.shape)
     out = _flat.state_zeros(a.shape, target, key, p.ctypes.data)
     out[...] = values
     return {key: out}
@@ -192,9 +229,10 @@ def _plain(value):
 
 def write(path, snapshot, meta):
     """Write ``snapshot`` to ``path`` as .npz: a temporary file, fsync, rename."""
-    arrays = {f"state/{index}/{key}": entry[key]
+    # ml_dtypes.bfloat16 is written as its bits (uint16), which .npy can describe.
+    arrays = {f"state/{index}/{key}": _formats.npy_storable(entry[key])
               for index, entry in snapshot["state"].items()
-              for key in _rules.STATE_BUFFERS + tuple(_rules.ABSMAX_KEYS.values()) if key in entry}
+              for key in _STATE_MEMBERS if key in entry}
     arrays["meta"] = np.array(json.dumps(meta, default=_plain))
     path = os.fspath(path)
     _paths.check_replaceable(path)
@@ -220,6 +258,10 @@ def write(path, snapshot, meta):
             os.close(dir_fd)
     except OSError:
         pass
+
+
+_STATE_MEMBERS = (_rules.STATE_BUFFERS + tuple(_rules.ABSMAX_KEYS.values())
+                  + tuple(_rules.MASTER_KEYS.values()))
 
 
 class _Corrupt(Exception):
@@ -317,16 +359,22 @@ def _read_checked(zf, path, opt):
         entry = {"step": step}
         for buffer in _rules.STATE_BUFFERS:
             info = members.pop(f"state/{index}/{buffer}.npy", None)
-            if info is not None:  # float32, bfloat16 or 8-bit state (converted by load_state_dict)
+            if info is not None:  # any state storage (converted by load_state_dict)
                 entry[buffer] = _read_member(
                     zf, info, lambda dt: dt == p.dtype or (
-                        p.dtype == np.float32 and dt in (np.uint16, np.uint8)),
-                    lambda shape: shape == p.shape, p.nbytes)
+                        p.dtype != np.float64 and dt in (np.uint16, np.uint8, np.float16, np.float32)),
+                    lambda shape: shape == p.shape, max(4, p.itemsize) * p.size)
             info = members.pop(f"state/{index}/{_rules.ABSMAX_KEYS[buffer]}.npy", None)
             if info is not None:
                 blocks = _formats.int8_blocks(p.size)
                 entry[_rules.ABSMAX_KEYS[buffer]] = _read_member(
                     zf, info, lambda dt: dt == np.float32, lambda shape: shape == (blocks,), 4 * blocks)
+        for key, dtype in ((_rules.MASTER_KEYS["split"], np.uint16),
+                           (_rules.MASTER_KEYS["float32"], np.float32)):
+            info = members.pop(f"state/{index}/{key}.npy", None)
+            if info is not None:
+                entry[key] = _read_member(zf, info, lambda dt, dtype=dtype: dt == dtype,
+                                          lambda shape: shape == p.shape, max(4, p.itemsize) * p.size)
         state[index] = entry
     if members:
         raise ValueError(f"{path}: holds members this optimizer does not read: "

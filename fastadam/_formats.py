@@ -27,7 +27,96 @@ with the flush, and recomputes a result IEEE rounds to exactly the smallest
 normal with its operands scaled by a power of two (exact) to see where the
 unbounded rounding lands.
 """
+import functools
+
 import numpy as np
+
+# -- parameter formats -------------------------------------------------------------
+#
+# Parameters are float32, float64, float16 (IEEE binary16) or bfloat16
+# (ml_dtypes.bfloat16 in NumPy: the upper half of a float32).  A low-precision
+# parameter is updated in float32 in one of three modes (``master_weights``):
+#
+#   None (torch's semantics): the state (m, v, v^) is kept in the parameter's
+#     dtype; each step reads p, g and the state, computes in float32 in the order
+#     of torch's fused CPU kernel (fa_rule.hpp, _reference.adam_update_torch_order)
+#     and rounds p and the state to nearest even.  With param_rounding=
+#     "stochastic" (bfloat16) the new p is rounded stochastically instead: 16
+#     random bits of stream 3 (rounding_key(seed, tensor, step, 3), the low half)
+#     are added below the kept bits, as the bfloat16 state's rounding does.
+#   "split" (bfloat16): the state keeps the trailing 16 bits of a float32 master
+#     (MASTER_KEYS["split"], uint16); the parameter is its top 16 bits.  A step
+#     rebuilds the master, updates it exactly as a float32 parameter, and writes
+#     both halves back: the master is bit for bit a float32 run's parameter.
+#   "float32": the state keeps the whole float32 master; a step updates it as a
+#     float32 parameter and writes p from it, rounded to nearest even.
+#
+# Gradients are the parameter's dtype, or float32 for a low-precision parameter
+# updated in place (None above), or bfloat16 for a float32 parameter; each is
+# converted to the compute dtype exactly as it is read.
+
+
+@functools.cache
+def _ml_dtypes_bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def bfloat16(import_it=True):
+    """ml_dtypes' bfloat16 NumPy dtype, or None without ml_dtypes
+    (``import_it=False``: None unless ml_dtypes is imported already)."""
+    import sys
+    if not import_it and "ml_dtypes" not in sys.modules:
+        return None
+    return _ml_dtypes_bfloat16()
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is ml_dtypes.bfloat16 (without importing ml_dtypes)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype == bfloat16()
+
+
+def is_low_precision(dtype):
+    """float16 or bfloat16."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
+def round_nearest(x, dtype):
+    """float32 values rounded to nearest even into low-precision ``dtype`` (a new array)."""
+    if dtype == np.float16:
+        with np.errstate(over="ignore"):
+            return np.asarray(x, np.float32).astype(np.float16)
+    return bf16_round_nearest(x).view(dtype)
+
+
+def to_float32(a):
+    """An array of any parameter format as float32 (exactly: a new array for
+    16-bit formats, ``a`` itself for float32)."""
+    if is_bfloat16(a.dtype):
+        return bf16_decode(a.view(np.uint16))
+    return a.astype(np.float32) if a.dtype != np.float32 else a
+
+
+def npy_storable(a):
+    """``a``, or its bits where .npy cannot describe its dtype (bfloat16: uint16)."""
+    return a.view(np.uint16) if isinstance(a, np.ndarray) and is_bfloat16(a.dtype) else a
+
+
+def split_master(high, low):
+    """The float32 master of split master weights: bfloat16 ``high`` (the
+    parameter), uint16 ``low`` (its trailing bits)."""
+    bits = (high.view(np.uint16).astype(np.uint32) << np.uint32(16)) | low.astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def split_halves(master):
+    """(top 16 bits, trailing 16 bits) of a float32 master, as uint16 arrays."""
+    bits = np.ascontiguousarray(master, np.float32).view(np.uint32)
+    return (bits >> np.uint32(16)).astype(np.uint16), (bits & np.uint32(0xFFFF)).astype(np.uint16)
+
 
 # -- bfloat16 optimizer state (state_dtype="bfloat16") ----------------------------
 #
@@ -296,3 +385,31 @@ class FlushToZero:
 
     def div(self, a, b):
         return self._result(a / b, lambda e: (self._at(a, e) * self.scale) / self._at(b, e))
+
+    def fma(self, a, b, c):
+        """a * b + c rounded once (float32 only: torch's lerp, fa_rule.hpp)."""
+        if self.t is not np.float32:
+            raise TypeError("FlushToZero.fma is float32's")
+        scale = np.float64(self.scale)
+        return self._result(_fma32(a, b, c),
+                            lambda e: _fma32(self._at(a, e), self._at(b, e) * scale,
+                                             self._at(c, e) * scale))
+
+
+def _fma32(a, b, c):
+    """float32 fma(a, b, c), correctly rounded: a * b is exact in float64 (for
+    float32 operands, or FlushToZero's operands scaled by a power of two); the sum
+    is rounded to odd in float64 (nearest, then the odd neighbour where inexact),
+    which rounds correctly to float32 (53 >= 2 * 24 + 2 bits)."""
+    a, b, c = (np.asarray(x, np.float64) for x in (a, b, c))
+    product = a * b
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = product + c
+        back = s - product
+        err = (product - (s - back)) + (c - back)  # s + err == product + c exactly (TwoSum)
+        bits = s.view(np.uint64) if s.ndim else np.array(s).view(np.uint64)
+        inexact = (err != 0) & np.isfinite(err) & np.isfinite(s)
+        even = (bits & np.uint64(1)) == 0
+        toward = np.where(err > 0, np.inf, -np.inf)
+        s = np.where(inexact & even, np.nextafter(s, toward), s)
+        return s.astype(np.float32)

@@ -64,18 +64,36 @@ class Adam:
             step's traffic in it.
         seed: the stochastic rounding's seed: with the same seed, a run is
             reproduced bit for bit, for any thread count.
+        param_rounding: how bfloat16 parameters updated in place are rounded:
+            ``"nearest"`` (even; torch's semantics) or ``"stochastic"`` (unbiased,
+            from the seed's stream, so that updates below half a bfloat16 step
+            still move the weights on average).
+        master_weights: for bfloat16 and float16 parameters: None (the state is
+            kept in the parameter's dtype, as torch does), ``"split"`` (bfloat16:
+            the state keeps the trailing 16 bits of a float32 master whose top
+            half is the parameter, 2 bytes a parameter) or ``"float32"`` (a float32
+            master in the state).  With a master, the step updates it exactly as a
+            float32 parameter, and the state may be compressed (``state_dtype``).
+
+    Parameters are float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``,
+    ``pip install "fastadam[bf16]"``); gradients are the parameter's dtype, or
+    float32 for low-precision parameters without master weights, or bfloat16 for
+    float32 parameters.  Low-precision arithmetic is float32 (docs/low-precision.md).
     """
 
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
-                 skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0):
+                 skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0,
+                 param_rounding="nearest", master_weights=None):
         self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              amsgrad=amsgrad, maximize=maximize)
         _rules.hyperparameters(self.defaults)
         self.state_dtype = _rules.state_dtype(state_dtype)
         self.seed = _rules.seed(seed)
+        self.param_rounding = _rules.param_rounding(param_rounding)
+        self.master_weights = _rules.master_weights(master_weights)
         self._lock = _backends.new_lock()
         _fork.register(self)
         self.num_threads = num_threads
@@ -210,7 +228,7 @@ class Adam:
             for j, p in enumerate(params):
                 name = f"param_groups[{len(self.param_groups)}]['params'][{j}]"
                 _rules.parameter(p, name)
-                _rules.parameter_for_state(p, name, self.state_dtype)
+                self._parameter_for_options(p, name)
             if any(p is q for p in params for q in existing) or len({id(p) for p in params}) != len(params):
                 raise ValueError("some parameters appear in more than one parameter group")
             _rules.no_overlap((f"params[{k}]", p) for k, p in enumerate(existing + params))
@@ -251,7 +269,8 @@ class Adam:
         grads = tuple(grads)  # held: another thread may change the caller's list
         hypers, remembered, steps, written = [], [], [], []
         entries, new_state = [], {}
-        buffers = _backends.Buffers([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [])
+        buffers = _backends.Buffers([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [],
+                                    self.param_rounding, self.master_weights, [])
         zeros = self._new_state_buffers
         k = 0
         for i, group in enumerate(self.param_groups):
@@ -263,17 +282,25 @@ class Adam:
             amsgrad = hyper[5]
             for p in group["params"]:
                 _rules.parameter(p, f"params[{k}]")
-                _rules.parameter_for_state(p, f"params[{k}]", self.state_dtype)
-                _rules.gradient(grads[k], p, k)
+                self._parameter_for_options(p, f"params[{k}]")
+                master = _rules.master_key(p, self.master_weights)
+                _rules.gradient(grads[k], p, k, master)
+                self._backend_takes(grads[k].dtype, f"grads[{k}]")
                 entry = self.state.get(k)
                 if entry is None:
                     entry = new_state[k] = dict(step=0, **zeros(p, "exp_avg"),
                                                 **zeros(p, "exp_avg_sq"))
+                    if master:
+                        entry.update(zeros(p, master))
                     step = 0
                 else:
+                    if master and master not in entry:
+                        # master weights switched on after a step (or loaded state without
+                        # them): the master starts as the parameter
+                        entry = new_state[k] = dict(entry, **zeros(p, master))
                     step = _rules.state_entry(entry, p, f"state[{k}]",
                                               amsgrad=amsgrad and "max_exp_avg_sq" in entry,
-                                              kind=self.state_dtype)
+                                              kind=self.state_dtype, master=master)
                     if step >= _rules.MAX_STEP:
                         raise ValueError(f"state[{k}]['step'] is {step}: no further step can be "
                                          "counted exactly (the limit is 2**53 - 1)")
@@ -284,6 +311,9 @@ class Adam:
                 buffers.exp_avgs.append(entry["exp_avg"])
                 buffers.exp_avg_sqs.append(entry["exp_avg_sq"])
                 buffers.max_exp_avg_sqs.append(entry["max_exp_avg_sq"] if amsgrad else None)
+                buffers.masters.append(entry[master] if master else None)
+                if master:
+                    written.append((f"state[{k}][{master!r}]", entry[master]))
                 written += [(f"params[{k}]", p), (f"state[{k}]['exp_avg']", entry["exp_avg"]),
                             (f"state[{k}]['exp_avg_sq']", entry["exp_avg_sq"])]
                 if amsgrad:
@@ -316,12 +346,29 @@ class Adam:
         finally:
             plan.release()
 
+    def _parameter_for_options(self, p, name):
+        _rules.parameter_for_options(p, name, self.state_dtype, self.param_rounding,
+                                     self.master_weights)
+        self._backend_takes(p.dtype, name)
+
+    def _backend_takes(self, dtype, name):
+        if dtype not in _rules.FLOAT_DTYPES and not self._backend.low_precision:
+            raise TypeError(f"{name}: backend {self.backend!r} updates float32 and float64 "
+                            f"arrays, not {dtype}; use backend='cython' (or 'numpy')")
+
     def _new_state_buffers(self, p, key):
         """{key: zeros} for parameter p's state buffer ``key``, with its absmax for
         8-bit state (zero bits are zero in every storage), placed beside p as
-        _flat.state_zeros places state."""
+        _flat.state_zeros places state; a master key's buffer starts as the
+        parameter (its float32 value, or zero trailing bits)."""
+        if key == _rules.MASTER_KEYS["float32"]:
+            master = _flat.state_zeros(p.shape, np.float32, key, p.ctypes.data)
+            master[...] = _formats.to_float32(p)
+            return {key: master}
+        if key == _rules.MASTER_KEYS["split"]:
+            return {key: _flat.state_zeros(p.shape, np.uint16, key, p.ctypes.data)}
         kind = _rules.tensor_state(p, self.state_dtype)
-        dtype = _rules.state_storage(p.dtype, kind)
+        dtype = _rules.state_storage(p.dtype, kind, _rules.master_key(p, self.master_weights))
         buffers = {key: _flat.state_zeros(p.shape, dtype, key, p.ctypes.data)}
         if kind == "int8":
             buffers[_rules.ABSMAX_KEYS[key]] = np.zeros(_formats.int8_blocks(p.size), np.float32)
@@ -336,7 +383,8 @@ class Adam:
         with self._lock:
             return sum(value.nbytes for entry in self.state.values() for key, value in entry.items()
                        if isinstance(value, np.ndarray) and (
-                           key in _rules.STATE_BUFFERS or key in _rules.ABSMAX_KEYS.values()))
+                           key in _rules.STATE_BUFFERS or key in _rules.ABSMAX_KEYS.values()
+                           or key in _rules.MASTER_KEYS.values()))
 
     def state_dict(self):
         """torch's structure: ``{"state": {index: {...}}, "param_groups": [...]}``.

@@ -41,7 +41,8 @@ from ._formats import (  # noqa: F401  (re-exported: the oracle's whole vocabula
     INT8_SIGNED_EXPONENT_OFFSET, INT8_UNSIGNED_EXPONENT_OFFSET, SCALE_EXP, SIGNED_MAP,
     SIGNED_MAGNITUDES, SIGNED_TOP_CODE, UNSIGNED_MAP, UNSIGNED_TOP_CODE, FlushToZero,
     bf16_decode, bf16_round_nearest, bf16_round_stochastic, int8_blocks, int8_decode,
-    int8_encode, int8_nearest_codes, mix32, rounding_bits, rounding_key)
+    int8_encode, int8_nearest_codes, mix32, round_nearest, rounding_bits, rounding_key,
+    split_halves, split_master, to_float32)
 from ._step import (  # noqa: F401
     NORM_BLOCK, NORM_LANES, WD_DECOUPLED, WD_L2, WD_NONE, StepScalars, clip_coefficient,
     grad_norm, step_scalars)
@@ -80,6 +81,69 @@ def adam_update_int8(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, absmaxes,
                                           (max_exp_avg_sq, absmaxes[2], vmax, False)):
         if values is not None:
             codes[...], absmax[...] = int8_encode(values, signed)
+
+
+def adam_update_torch_order(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s,
+                            weight_decay_mode, amsgrad, maximize, param_key=None):
+    """One in-place step of a bfloat16 or float16 parameter with torch's semantics:
+    the state in the parameter's dtype, the math in float32 in the order of
+    torch's fused CPU kernel, each result rounded to nearest even; with
+    ``param_key`` (bfloat16) p is rounded stochastically with the low half of that
+    stream's bits.  Per element, under the flush-to-zero rule::
+
+        g  <- c * g;  g <- -g (maximize);  g <- g + wd * p (L2);  p <- p * (1 - lr*wd) (AdamW)
+        m  <- fma(1 - beta1, g - m, m)          if 1 - beta1 < 1/2
+              fma((1 - beta1) - 1, g - m, g)    otherwise (torch's lerp)
+        v  <- v * beta2 + ((1 - beta2) * g) * g
+        v^ <- max(v^, v)                        (AMSGrad)
+        p  <- p - ((lr / bc1) * m) / (sqrt(v) / sqrt(bc2) + eps)
+    """
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        dtype = param.dtype
+        f = FlushToZero(np.dtype(np.float32))
+        s = StepScalars(*(f.scalar(x) for x in s))
+        g = f.mul(f.operand(to_float32(grad)), s.grad_scale)
+        if maximize:
+            g = -g
+        p = f.operand(to_float32(param))
+        if weight_decay_mode == WD_L2:
+            g = f.add(g, f.mul(s.weight_decay, p))
+        elif weight_decay_mode == WD_DECOUPLED:
+            p = f.mul(p, s.decay)
+        m0 = f.operand(to_float32(exp_avg))
+        small = s.one_minus_beta1 < np.float32(0.5)
+        coefficient = s.one_minus_beta1 if small else f.sub(s.one_minus_beta1, np.float32(1))
+        m = f.fma(coefficient, f.sub(g, m0), m0 if small else g)
+        v = f.add(f.mul(f.operand(to_float32(exp_avg_sq)), s.beta2),
+                  f.mul(f.mul(s.one_minus_beta2, g), g))
+        exp_avg[...] = round_nearest(m, dtype)
+        exp_avg_sq[...] = round_nearest(v, dtype)
+        if amsgrad:
+            v = np.maximum(f.operand(to_float32(max_exp_avg_sq)), v)
+            max_exp_avg_sq[...] = round_nearest(v, dtype)
+        denom = f.add(f.div(np.sqrt(v), s.sqrt_bc2), s.eps)
+        p = f.sub(p, f.div(f.mul(s.step_size, m), denom))
+        if param_key is None:
+            param[...] = round_nearest(p, dtype)
+        else:
+            random16 = rounding_bits(param_key, p.size) & np.uint32(0xFFFF)
+            param[...] = bf16_round_stochastic(p, random16).view(dtype).reshape(param.shape)
+
+
+def adam_update_mastered(update, param, master, split, *args, **kwargs):
+    """One in-place step of a low-precision parameter with master weights: the
+    float32 master (``master`` itself, or with ``split`` rebuilt from bfloat16
+    ``param`` and its trailing bits ``master``) is updated by ``update`` (one of the
+    float32 updates here, called with ``*args, **kwargs``) exactly as a float32
+    parameter would be, then written back: both halves, or p rounded to nearest."""
+    weights = split_master(param, master) if split else master
+    update(weights, *args, **kwargs)
+    if split:
+        high, low = split_halves(weights)
+        param.view(np.uint16)[...] = high
+        master[...] = low
+    else:
+        param[...] = round_nearest(weights, param.dtype)
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,

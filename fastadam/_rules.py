@@ -16,14 +16,21 @@ import numbers
 import numpy as np
 
 from ._formats import (INT8_BLOCK, INT8_MIN_NUMEL, SIGNED_TOP_CODE, UNSIGNED_TOP_CODE,
-                         int8_blocks)
+                       int8_blocks, is_bfloat16, is_low_precision)
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# master_weights: how a low-precision parameter's float32 master is kept, and its
+# state key: "split", the trailing 16 bits of each float32 master (uint16; the
+# bfloat16 parameter is its top half), or "float32", the whole master.
+MASTER_WEIGHTS = ("split", "float32")
+MASTER_KEYS = {"split": "master_low", "float32": "master"}
+PARAM_ROUNDINGS = ("nearest", "stochastic")
 # An 8-bit state buffer's per-block absmax (float32, one per INT8_BLOCK elements).
 ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax",
                "max_exp_avg_sq": "max_exp_avg_sq_absmax"}
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # and the low-precision ones
+PARAM_DTYPE_NAMES = "float32, float64, float16 or bfloat16 (ml_dtypes)"
 
 # A step count must stay exactly representable in the double that computes
 # beta ** step: 2**53 steps is ~285 years at one step a microsecond.
@@ -143,10 +150,32 @@ def tensor_state(p, kind):
     return "float32" if kind == "int8" and p.size < INT8_MIN_NUMEL else kind
 
 
-def state_storage(param_dtype, kind):
+def state_storage(param_dtype, kind, master=None):
     """The dtype a state buffer of a parameter of ``param_dtype`` has with state ``kind``
-    (a tensor's: see tensor_state)."""
-    return STATE_STORAGE.get(kind, param_dtype)
+    (a tensor's: see tensor_state): its own dtype, or float32 where ``master`` (the
+    parameter's master key, master_key) says the state updates a float32 master."""
+    return STATE_STORAGE.get(kind, np.dtype(np.float32) if master else param_dtype)
+
+
+def param_rounding(value):
+    """The ``param_rounding`` argument: how a low-precision parameter updated in place
+    is rounded."""
+    if not isinstance(value, str) or value not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be 'nearest' or 'stochastic', got {value!r}")
+    return value
+
+
+def master_weights(value):
+    """The ``master_weights`` argument: None, "split" or "float32"."""
+    if value is not None and (not isinstance(value, str) or value not in MASTER_WEIGHTS):
+        raise ValueError(f"master_weights must be None, 'split' or 'float32', got {value!r}")
+    return value
+
+
+def master_key(p, master_weights):
+    """The state key of parameter p's master weights, or None (not low precision, or
+    no master weights)."""
+    return MASTER_KEYS[master_weights] if master_weights and is_low_precision(p.dtype) else None
 
 
 def int8_codes(a, where, signed):
@@ -182,10 +211,30 @@ def absmax_array(a, where, numel, live):
                              "(the state is corrupt)")
 
 
-def parameter_for_state(p, name, kind):
-    """Compressed state is for float32 parameters."""
-    if kind != "float32" and p.dtype != np.float32:
-        raise TypeError(f"{name}: state_dtype={kind!r} needs float32 parameters, got {p.dtype}")
+def parameter_for_options(p, name, kind, rounding="nearest", master=None):
+    """What the options need of parameter p: compressed state compresses float32 state
+    (float32 parameters, or low-precision ones with master weights; 8-bit state,
+    float32 parameters only); stochastic rounding and split master weights are for
+    bfloat16 parameters.  The options of low-precision parameters do not apply to
+    float32 and float64 ones."""
+    low = is_low_precision(p.dtype)
+    if low and master == "split" and not is_bfloat16(p.dtype):
+        raise TypeError(f"{name}: master_weights='split' keeps the trailing half of a float32 "
+                        f"master, for bfloat16 parameters; {p.dtype} parameters can use "
+                        "master_weights='float32'")
+    if low and master is None and rounding == "stochastic" and not is_bfloat16(p.dtype):
+        raise TypeError(f"{name}: param_rounding='stochastic' is for bfloat16 parameters; "
+                        f"{p.dtype} parameters can use master_weights='float32'")
+    if low and master is not None and rounding == "stochastic":
+        raise ValueError(f"{name}: param_rounding='stochastic' rounds a parameter updated in "
+                         f"place; with master_weights={master!r} the master keeps the precision "
+                         "(use one or the other)")
+    if kind == "int8" and p.dtype != np.float32:
+        raise TypeError(f"{name}: state_dtype='int8' needs float32 parameters, got {p.dtype}")
+    if kind != "float32" and p.dtype != np.float32 and not (low and master):
+        raise TypeError(f"{name}: state_dtype={kind!r} needs float32 parameters"
+                        + (" or master weights (master_weights='split' or 'float32')" if low else "")
+                        + f", got {p.dtype}")
 
 
 def step_count(value, where):
@@ -204,8 +253,8 @@ def parameter(p, name):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(p)} "
                         "(parameters are updated in place, so they cannot be converted)")
     not_masked(p, name)
-    if p.dtype not in FLOAT_DTYPES or not p.dtype.isnative:
-        raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32 or float64)")
+    if not (p.dtype in FLOAT_DTYPES or is_low_precision(p.dtype)) or not p.dtype.isnative:
+        raise TypeError(f"{name}: dtype {p.dtype} is not supported ({PARAM_DTYPE_NAMES})")
     if not p.flags.c_contiguous:
         raise ValueError(f"{name} is not C-contiguous; an in-place update needs a contiguous "
                          "array (np.ascontiguousarray would update a copy)")
@@ -232,20 +281,28 @@ def gradient_list(grads, n_params):
                          f"{n_params} parameters (one gradient per parameter)")
 
 
-def gradient(g, p, k):
-    """``grads[k]`` against ``params[k]``: read only, so read-only arrays are fine."""
+def gradient(g, p, k, master=None):
+    """``grads[k]`` against ``params[k]``: read only, so read-only arrays are fine.  Its
+    dtype is the parameter's, or float32 for a low-precision parameter updated in
+    place (no ``master``), or bfloat16 for a float32 parameter."""
     if not isinstance(g, np.ndarray):
         raise TypeError(f"grads[{k}]: expected a numpy.ndarray, got {describe(g)}")
     not_masked(g, f"grads[{k}]")
-    if g.dtype != p.dtype or not g.dtype.isnative:
-        raise TypeError(f"grads[{k}]: dtype {g.dtype} does not match params[{k}] dtype {p.dtype}")
+    fits = g.dtype == p.dtype or (
+        g.dtype == np.float32 and is_low_precision(p.dtype) and not master) or (
+        p.dtype == np.float32 and is_bfloat16(g.dtype))
+    if not fits or not g.dtype.isnative:
+        also = (" (or float32)" if is_low_precision(p.dtype) and not master
+                else " (or bfloat16)" if p.dtype == np.float32 else "")
+        raise TypeError(f"grads[{k}]: dtype {g.dtype} does not match params[{k}] dtype "
+                        f"{p.dtype}{also}")
     if g.shape != p.shape:
         raise ValueError(f"grads[{k}]: shape {g.shape} does not match params[{k}] shape {p.shape}")
     if not g.flags.c_contiguous or not g.flags.aligned:
         raise ValueError(f"grads[{k}] is not C-contiguous and aligned")
 
 
-def state_entry(entry, param, where, amsgrad, live=True, kind="float32"):
+def state_entry(entry, param, where, amsgrad, live=True, kind="float32", master=None):
     """One parameter's state against the parameter; returns its step count.
 
     ``kind``: the optimizer's state_dtype, which fixes the buffers' dtype
@@ -258,7 +315,15 @@ def state_entry(entry, param, where, amsgrad, live=True, kind="float32"):
         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
     step = step_count(entry.get("step"), where)
     kind = tensor_state(param, kind)
-    expected = state_storage(param.dtype, kind)
+    expected = state_storage(param.dtype, kind, master)
+    if live and master:  # a loaded master is converted by the checkpoint code
+        a = entry.get(master)
+        dtype = np.dtype(np.uint16 if master == MASTER_KEYS["split"] else np.float32)
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != param.shape:
+            raise ValueError(f"{where}[{master!r}] must be a {dtype} array of the parameter's "
+                             f"shape {param.shape}")
+        if not (a.flags.c_contiguous and a.flags.aligned and a.flags.writeable):
+            raise ValueError(f"{where}[{master!r}] must be a writeable, C-contiguous array")
     for key in STATE_BUFFERS[:3 if amsgrad else 2]:
         if key not in entry:
             raise ValueError(f"{where} has no {key!r}")

@@ -47,6 +47,7 @@ class StepScalars(NamedTuple):
     decay: float         # 1 - lr * weight_decay (AdamW)
     step_size: float     # lr / (1 - beta1^step)
     inv_sqrt_bc2: float  # 1 / sqrt(1 - beta2^step)
+    sqrt_bc2: float      # sqrt(1 - beta2^step) (torch's order, low-precision parameters)
     grad_scale: float = 1.0  # gradient clipping's coefficient (clip_coefficient)
 
 
@@ -57,6 +58,7 @@ def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
     return StepScalars(
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
         1.0 - lr * weight_decay, lr / bias_correction1, 1.0 / math.sqrt(bias_correction2),
+        math.sqrt(bias_correction2),
     )
 
 

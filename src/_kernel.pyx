@@ -38,14 +38,18 @@ cdef extern from "adam_kernel.hpp" nogil:
         void *max_exp_avg_sq
         int64_t numel
         int dtype
+        int grad_dtype
+        int param_mode
+        void *master
         int variant
         double grad_scale
         int state
-        uint32_t keys[3]
+        uint32_t keys[4]
         float *absmax[3]
         double max_update
     enum:
-        FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64
+        FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64, FA_BFLOAT16, FA_FLOAT16
+        FA_PARAM_NEAREST, FA_PARAM_STOCHASTIC, FA_PARAM_SPLIT, FA_PARAM_MASTER
         FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_STEP_SCALARS
         FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
@@ -234,12 +238,42 @@ def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, 
                 fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, t, nt)
 
 
+# ml_dtypes.bfloat16's NumPy type number (a user type: known once ml_dtypes is
+# imported, which a bfloat16 array implies; -1 until then).
+cdef int _bfloat16_typenum = -1
+
+
+cdef void note_bfloat16() except *:
+    global _bfloat16_typenum
+    if _bfloat16_typenum < 0:
+        dtype = _formats.bfloat16(import_it=False)
+        if dtype is not None:
+            _bfloat16_typenum = dtype.num
+
+
 cdef inline int dtype_code(int typenum) noexcept:
+    """The kernel's element dtype (enum fa_dtype) of a NumPy type number, or -1."""
     if typenum == cnp.NPY_FLOAT32:
         return FA_FLOAT32
     if typenum == cnp.NPY_FLOAT64:
         return FA_FLOAT64
+    if typenum == cnp.NPY_FLOAT16:
+        return FA_FLOAT16
+    if typenum == _bfloat16_typenum and typenum >= 0:
+        return FA_BFLOAT16
     return -1
+
+
+# How a parameter of each dtype code is updated under the optimizer's options
+# (enum fa_param_mode), and the state's master key (fastadam._rules.MASTER_KEYS).
+cdef int param_mode(int code, str param_rounding, object master_weights) noexcept:
+    if code != FA_BFLOAT16 and code != FA_FLOAT16:
+        return FA_PARAM_NEAREST
+    if master_weights == "split":
+        return FA_PARAM_SPLIT
+    if master_weights == "float32":
+        return FA_PARAM_MASTER
+    return FA_PARAM_STOCHASTIC if param_rounding == "stochastic" else FA_PARAM_NEAREST
 
 
 cdef int compare_int64(const void *a, const void *b) noexcept nogil:
@@ -272,7 +306,7 @@ MAX_STEP = _max_step
 
 # fastadam._rules' names: an 8-bit state entry's absmax arrays, in moment order,
 # and the state dtypes.
-from fastadam import _rules
+from fastadam import _formats, _rules
 ABSMAX_KEYS = tuple(_rules.ABSMAX_KEYS[key] for key in _rules.STATE_BUFFERS)
 cdef tuple _STATE_DTYPES = _rules.STATE_DTYPES
 
@@ -323,6 +357,7 @@ cdef class Lock:
 
 include "_planner.pxi"
 include "_checks.pxi"
+include "_buffers.pxi"
 include "_plan.pxi"
 
 

@@ -1,7 +1,7 @@
 # The compiled plan (included by _kernel.pyx): an optimizer's validated buffers
 # and the operations of a step.
 
-cdef class Plan:
+cdef class Plan(PlanBuffers):
     """An optimizer's validated buffers in its tensor order, and the operations of a step.
 
     Built by the checked path (fastadam/_optimizer.py) from buffers it has
@@ -26,193 +26,6 @@ cdef class Plan:
       ``inspect_gradients``, ``scale_gradients_by``, ``run``, ``commit_steps``,
           ``release``, ``scalars``: the parts of a step (``_backends.take_step``).
     """
-    cdef fa_item *items
-    cdef int64_t *offsets
-    cdef int64_t *written      # sorted pairs (start, end) of the memory the kernel writes
-    cdef Py_ssize_t n_written
-    cdef Py_ssize_t n, n_groups
-    cdef int *typenums         # per tensor: the parameter's dtype
-    cdef int *state_typenums   # per tensor: the state's dtype (the parameter's, or uint16 for bfloat16)
-    cdef int state_kind        # enum fa_state
-    cdef uint64_t seed
-    cdef int *ndims            # per tensor
-    cdef Py_ssize_t *dims_at   # per tensor: where its shape starts in dims
-    cdef cnp.npy_intp *dims
-    cdef Py_ssize_t *group_sizes
-    cdef double *remembered_values  # N_SLOTS per group
-    cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, remembered
-    cdef list absmaxes         # per tensor: None, or (m's, v's, v^'s or None) for 8-bit state
-    cdef int wd_mode_if_nonzero
-    # Held from verify/load until release: the gradients (another thread cannot free
-    # memory the kernel reads), the state entries a commit sets, and the new counts.
-    cdef tuple held_grads
-    cdef list held_entries, new_steps
-    cdef double *partial       # one double per pre-pass block
-    cdef ThreadPlanner planner  # the thread count of steps with num_threads None
-    cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
-
-    def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
-                  list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0,
-                  list absmaxes=None):
-        cdef Py_ssize_t k, j, n_dims = 0
-        cdef cnp.ndarray buf, p
-        self.n = len(params)
-        self.n_groups = len(group_sizes)
-        if not (len(exp_avgs) == len(exp_avg_sqs) == len(max_exp_avg_sqs) == self.n):
-            raise ValueError("Plan: one state entry per parameter is needed")
-        if sum(group_sizes) != self.n:
-            raise ValueError("Plan: group_sizes must add up to the number of parameters")
-        for k in range(self.n):
-            n_dims += (<cnp.ndarray?>params[k]).ndim
-        self.params, self.exp_avgs, self.exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
-        self.max_exp_avg_sqs = list(max_exp_avg_sqs)
-        self.remembered = [_NOTHING] * (N_SLOTS * self.n_groups)
-        self.held_entries = [None] * self.n
-        self.new_steps = [None] * self.n
-        self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
-        if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"Plan: state_dtype {state_dtype!r}")
-        self.absmaxes = list(absmaxes) if absmaxes is not None else [None] * self.n
-        if len(self.absmaxes) != self.n or (state_dtype != "int8" and any(
-                a is not None for a in self.absmaxes)):
-            raise ValueError("Plan: absmaxes must hold one entry per parameter (None but for int8)")
-        self.state_kind = FA_STATE_BF16 if state_dtype == "bfloat16" else FA_STATE_NATIVE
-        self.seed = seed
-        self.items = <fa_item *>zeroed(max(self.n, 1), sizeof(fa_item))
-        self.offsets = <int64_t *>zeroed(self.n + 1, sizeof(int64_t))
-        self.written = <int64_t *>zeroed(max(14 * self.n, 2), sizeof(int64_t))
-        self.typenums = <int *>zeroed(max(self.n, 1), sizeof(int))
-        self.state_typenums = <int *>zeroed(max(self.n, 1), sizeof(int))
-        self.ndims = <int *>zeroed(max(self.n, 1), sizeof(int))
-        self.dims_at = <Py_ssize_t *>zeroed(max(self.n, 1), sizeof(Py_ssize_t))
-        self.dims = <cnp.npy_intp *>zeroed(max(n_dims, 1), sizeof(cnp.npy_intp))
-        self.group_sizes = <Py_ssize_t *>zeroed(max(self.n_groups, 1), sizeof(Py_ssize_t))
-        self.remembered_values = <double *>zeroed(max(N_SLOTS * self.n_groups, 1), sizeof(double))
-        self.last_grad_norm = None
-        self.planner = ThreadPlanner()
-        for j in range(self.n_groups):
-            self.group_sizes[j] = group_sizes[j]
-        n_dims = 0
-        self.n_written = 0
-        for k in range(self.n):
-            p = <cnp.ndarray>self.params[k]
-            self.typenums[k] = cnp.PyArray_TYPE(p)
-            self.ndims[k] = cnp.PyArray_NDIM(p)
-            self.dims_at[k] = n_dims
-            for j in range(self.ndims[k]):
-                self.dims[n_dims] = cnp.PyArray_DIM(p, j)
-                n_dims += 1
-            if dtype_code(self.typenums[k]) < 0:
-                raise ValueError("Plan: parameters must be float32 or float64")
-            if self.state_kind == FA_STATE_BF16 and self.typenums[k] != cnp.NPY_FLOAT32:
-                raise ValueError("Plan: bfloat16 state needs float32 parameters")
-            self.items[k].state = (FA_STATE_INT8 if self.absmaxes[k] is not None
-                                   else self.state_kind)
-            if self.items[k].state == FA_STATE_INT8 and self.typenums[k] != cnp.NPY_FLOAT32:
-                raise ValueError("Plan: 8-bit state needs float32 parameters")
-            self.state_typenums[k] = (cnp.NPY_UINT16 if self.items[k].state == FA_STATE_BF16
-                                      else cnp.NPY_UINT8 if self.items[k].state == FA_STATE_INT8
-                                      else self.typenums[k])
-            buffers = (p, self.exp_avgs[k], self.exp_avg_sqs[k], self.max_exp_avg_sqs[k])
-            for j, obj in enumerate(buffers):
-                if obj is None and j == 3:
-                    continue
-                buf = <cnp.ndarray?>obj
-                if not self.same_memory(buf, cnp.PyArray_DATA(buf), k,
-                                        self.typenums[k] if j == 0 else self.state_typenums[k]):
-                    raise ValueError("Plan: state buffers must be writeable, C-contiguous, "
-                                     "and match their parameter's dtype and shape")
-                self.add_written(buf)
-            if self.absmaxes[k] is not None:
-                for j in range(3):
-                    obj = self.absmaxes[k][j]
-                    if obj is None and j == 2 and self.max_exp_avg_sqs[k] is None:
-                        continue
-                    buf = <cnp.ndarray?>obj
-                    if not is_absmax_of(buf, cnp.PyArray_DATA(buf), cnp.PyArray_SIZE(p)):
-                        raise ValueError("Plan: absmax buffers must be writeable, C-contiguous "
-                                         "float32 arrays of one value per block")
-                    self.items[k].absmax[j] = <float *>cnp.PyArray_DATA(buf)
-                    self.add_written(buf)
-            self.items[k].param = cnp.PyArray_DATA(p)
-            self.items[k].numel = cnp.PyArray_SIZE(p)
-            self.items[k].dtype = dtype_code(self.typenums[k])
-            self.items[k].exp_avg = cnp.PyArray_DATA(<cnp.ndarray>self.exp_avgs[k])
-            self.items[k].exp_avg_sq = cnp.PyArray_DATA(<cnp.ndarray>self.exp_avg_sqs[k])
-            self.items[k].max_exp_avg_sq = (
-                NULL if self.max_exp_avg_sqs[k] is None
-                else cnp.PyArray_DATA(<cnp.ndarray>self.max_exp_avg_sqs[k]))
-            self.offsets[k + 1] = self.offsets[k] + self.items[k].numel
-        self.partial = <double *>zeroed(max(fa_prepass_blocks(self.offsets, self.n), 1), sizeof(double))
-        qsort(self.written, self.n_written, 2 * sizeof(int64_t), compare_int64)
-        for j in range(1, self.n_written):
-            if self.written[2 * j] < self.written[2 * j - 1]:
-                raise ValueError("Plan: buffers overlap")
-
-    def __dealloc__(self):
-        free(self.items)
-        free(self.offsets)
-        free(self.written)
-        free(self.typenums)
-        free(self.state_typenums)
-        free(self.ndims)
-        free(self.dims_at)
-        free(self.dims)
-        free(self.group_sizes)
-        free(self.remembered_values)
-        free(self.partial)
-
-    cdef void add_written(self, cnp.ndarray buf) noexcept:
-        if cnp.PyArray_NBYTES(buf) > 0:
-            self.written[2 * self.n_written] = <int64_t><intptr_t>cnp.PyArray_DATA(buf)
-            self.written[2 * self.n_written + 1] = (
-                self.written[2 * self.n_written] + cnp.PyArray_NBYTES(buf))
-            self.n_written += 1
-
-    # -- what verify compares ------------------------------------------------
-
-    cdef inline bint same_shape(self, cnp.ndarray a, Py_ssize_t k) noexcept:
-        cdef int d
-        cdef cnp.npy_intp *dims = &self.dims[self.dims_at[k]]
-        if cnp.PyArray_NDIM(a) != self.ndims[k]:
-            return False
-        for d in range(self.ndims[k]):
-            if cnp.PyArray_DIM(a, d) != dims[d]:
-                return False
-        return True
-
-    cdef inline bint same_memory(self, cnp.ndarray a, void *data, Py_ssize_t k,
-                                 int typenum) noexcept:
-        """Whether the planned array ``a`` is still the memory the kernel was given:
-        the same data pointer, C-contiguous, aligned and writeable, dtype
-        ``typenum`` in native byte order, and tensor k's shape."""
-        return (cnp.PyArray_DATA(a) == data and cnp.PyArray_ISCARRAY(a)
-                and cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISNOTSWAPPED(a)
-                and self.same_shape(a, k))
-
-    cdef bint absmax_unchanged(self, dict st, Py_ssize_t k, bint amsgrad) noexcept:
-        """Whether state entry ``st`` holds tensor k's planned absmax arrays, unchanged."""
-        cdef tuple planned = <tuple>self.absmaxes[k]
-        cdef int j
-        for j, key in enumerate(ABSMAX_KEYS):
-            if j == 2 and not amsgrad:
-                break
-            if PyDict_GetItem(st, key) != <PyObject *>planned[j]:
-                return False
-            if not is_absmax_of(<cnp.ndarray>planned[j], self.items[k].absmax[j],
-                                           self.items[k].numel):
-                return False
-        return True
-
-    cdef inline bint fits_as_gradient(self, object obj, Py_ssize_t k) noexcept:
-        cdef cnp.ndarray g
-        if not is_unmasked_array(obj):
-            return False
-        g = <cnp.ndarray>obj
-        return (cnp.PyArray_ISCARRAY_RO(g) and cnp.PyArray_TYPE(g) == self.typenums[k]
-                and cnp.PyArray_ISNOTSWAPPED(g) and self.same_shape(g, k)
-                and not meets_spans(g, self.written, self.n_written))
-
     cdef inline bint read_real(self, PyObject *ptr, Py_ssize_t slot, double *out) noexcept:
         """A hyperparameter read exactly: a float or an int object, or the very
         object the checked path validated last (a NumPy scalar, immutable)."""
@@ -236,6 +49,8 @@ cdef class Plan:
             it.keys[0] = rounding_key(self.seed, k, step, 0)
             it.keys[1] = rounding_key(self.seed, k, step, 1)
             it.keys[2] = rounding_key(self.seed, k, step, 2)
+        if it.param_mode == FA_PARAM_STOCHASTIC:
+            it.keys[3] = rounding_key(self.seed, k, step, 3)
 
     def threads_for_step(self, int requested):
         """The thread count for the next step (``requested`` > 0 is taken as it is)."""
@@ -255,7 +70,7 @@ cdef class Plan:
     cdef bint verify_c(self, object groups, object grads, object state) except -1:
         cdef Py_ssize_t gi, j, k, n_in_group, slot
         cdef double lr, beta1, beta2, eps, weight_decay
-        cdef int variant, st_type
+        cdef int variant, st_type, grad_code
         cdef bint amsgrad, maximize
         cdef long long step
         cdef PyObject *ptr
@@ -356,10 +171,17 @@ cdef class Plan:
                     return False
                 if it.state == FA_STATE_INT8 and not self.absmax_unchanged(st, k, amsgrad):
                     return False
+                if it.master != NULL and not (
+                        PyDict_GetItem(st, self.master_key) == <PyObject *>self.masters[k]
+                        and self.same_memory(<cnp.ndarray>self.masters[k], it.master, k,
+                                             cnp.PyArray_TYPE(<cnp.ndarray>self.masters[k]))):
+                    return False
                 gobj = <object>PyTuple_GET_ITEM(held, k)
-                if not self.fits_as_gradient(gobj, k):
+                grad_code = self.gradient_code(gobj, k)
+                if grad_code < 0:
                     return False
                 it.grad = cnp.PyArray_DATA(<cnp.ndarray>gobj)
+                it.grad_dtype = grad_code
                 self.set_scalars(k, lr, beta1, beta2, eps, weight_decay, variant, step)
                 entries[k] = st
                 new_steps[k] = step
@@ -438,9 +260,10 @@ cdef class Plan:
                                  bool(amsgrad), bool(maximize))
             for j in range(self.group_sizes[gi]):
                 g = <cnp.ndarray?>held[k]
-                if cnp.PyArray_NBYTES(g) != cnp.PyArray_NBYTES(<cnp.ndarray>self.params[k]):
+                if self.gradient_code(g, k) < 0:
                     raise ValueError("Plan.load: a gradient does not fit its parameter")
                 self.items[k].grad = cnp.PyArray_DATA(g)
+                self.items[k].grad_dtype = dtype_code(cnp.PyArray_TYPE(g))
                 self.set_scalars(k, lr, beta1, beta2, eps, weight_decay, variant, steps[k] + 1)
                 k += 1
         self.held_grads = held

@@ -67,6 +67,8 @@ enum fa_isa { FA_ISA_BASELINE = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 };
 
 static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __builtin_sqrtf(x); }
 static inline __attribute__((always_inline)) double fa_sqrt(double x) { return __builtin_sqrt(x); }
+static inline __attribute__((always_inline)) float fa_fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+static inline __attribute__((always_inline)) double fa_fma(double a, double b, double c) { return __builtin_fma(a, b, c); }
 static inline __attribute__((always_inline)) float fa_abs(float x) { return __builtin_fabsf(x); }
 static inline __attribute__((always_inline)) double fa_abs(double x) { return __builtin_fabs(x); }
 static inline __attribute__((always_inline)) float fa_signed_zero(float x) { return __builtin_copysignf(0.0f, x); }
@@ -80,6 +82,16 @@ static inline __attribute__((always_inline)) T fa_flip_sign(T x) {
     Bits bits;
     memcpy(&bits, &x, sizeof bits);
     bits ^= (Bits)1 << (8 * sizeof(Bits) - 1);
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+// x with the bits of `mask` flipped (maximize's sign at run time).
+template <typename T, typename B>
+static inline __attribute__((always_inline)) T fa_xor_bits(T x, B mask) {
+    static_assert(sizeof(T) == sizeof(B), "a mask of the value's size");
+    B bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits ^= mask;
     memcpy(&x, &bits, sizeof x);
     return x;
 }
@@ -97,19 +109,27 @@ namespace fa_rule {
 }  // namespace fa_rule
 
 #include "fa_formats.hpp"
+#include "fa_params.hpp"
+
+// Whether a row is plain float32 parameters and gradients: what the AVX-512
+// paths of compressed state (fa_avx512.hpp) are written for.
+template <typename P, typename G>
+struct fa_plain_float32 {
+    static constexpr bool value = std::is_same<P, fa_param_plain<fa_f32>>::value && std::is_same<G, fa_f32>::value;
+};
 
 // One block of n elements of a tensor with 8-bit state, starting at element
 // b0: decoded, updated and requantized while its m and v wait in L1-resident
 // buffers, so memory is read and written once.
-template <int WD, bool AMSGRAD, bool MAXIMIZE>
+template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE>
 static inline __attribute__((always_inline)) void
 fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t n) {
+    P p(it);
+    const typename G::held *__restrict__ g = (const typename G::held *)it.grad;
     const float max_update = (float)it.max_update;
     const int64_t block = b0 / FA_INT8_BLOCK;
     const float scale_m = it.absmax[0][block], scale_v = it.absmax[1][block];
     const float scale_vmax = AMSGRAD ? it.absmax[2][block] : 0.0f;
-    float *__restrict__ pb = (float *)it.param + b0;
-    const float *__restrict__ gb = (const float *)it.grad + b0;
     uint8_t *__restrict__ mb = (uint8_t *)it.exp_avg + b0;
     uint8_t *__restrict__ vb = (uint8_t *)it.exp_avg_sq + b0;
     uint8_t *__restrict__ vmaxb = AMSGRAD ? (uint8_t *)it.max_exp_avg_sq + b0 : nullptr;
@@ -117,7 +137,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
     uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
     for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
         float gi, pi, mi, vi, update;
-        fa_rule::gradient<WD, MAXIMIZE>(s, gb[j], pb[j], gi, pi);
+        fa_rule::gradient<WD, MAXIMIZE>(s, (float)G::load(g, b0 + j), p.load(b0 + j), gi, pi);
         fa_rule::moments(s, fa_int8_decode<true>(mb[j]) * scale_m, fa_int8_decode<false>(vb[j]) * scale_v, gi,
                          mi, vi);
         float vd = vi;
@@ -130,7 +150,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
         fa_rule::adam_term(s, mi, vd, update);
         update = update > max_update ? max_update : update;
         update = update < -max_update ? -max_update : update;
-        pb[j] = pi - update;
+        p.store(b0 + j, pi - update, 0u);
         bm[j] = mi;
         bv[j] = vi;
         const uint32_t bits_m = fa_magnitude_bits(mi), bits_v = fa_magnitude_bits(vi);
@@ -148,33 +168,38 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
 
 // [start, stop) of one tensor with 8-bit state: start is a multiple of
 // FA_INT8_BLOCK (fa_boundary aligns shares to it), stop a multiple or the end.
-template <int WD, bool AMSGRAD, bool MAXIMIZE, int ISA>
+template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
     const fa_scalars<float> s(it);
     const int64_t whole_stop = start + (stop - start) / FA_INT8_BLOCK * FA_INT8_BLOCK;
     int64_t b0 = start;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA == FA_ISA_AVX512) {
+    if constexpr (ISA == FA_ISA_AVX512 && fa_plain_float32<P, G>::value) {
         fa_int8_blocks_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, start, whole_stop);
         b0 = whole_stop;
     }
 #endif
     for (; b0 < stop; b0 += FA_INT8_BLOCK)
-        fa_int8_block<WD, AMSGRAD, MAXIMIZE>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
+        fa_int8_block<P, G, WD, AMSGRAD, MAXIMIZE>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
 }
 
-// The loop over [start, stop) of one tensor, for one variant.
-template <typename T, int WD, bool AMSGRAD, bool MAXIMIZE, int STATE, int ISA>
+// The loop over [start, stop) of one tensor, for one variant: parameter policy
+// P, gradient format G, state storage STATE.
+template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int STATE, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     if constexpr (STATE == FA_STATE_INT8) {
-        fa_adam_int8_loop<WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
+        fa_adam_int8_loop<P, G, WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
     } else {
-    typedef fa_storage<T, STATE> S;
+    typedef typename P::value T;
+    // Low-precision parameters updated in place keep the state in their own
+    // format, rounded to nearest (torch's semantics).
+    typedef typename std::conditional<P::torch_order, fa_storage_in<typename P::format>,
+                                      fa_storage<T, STATE>>::type S;
     const fa_scalars<T> s(it);
-    T *__restrict__ p = (T *)it.param;
-    const T *__restrict__ g = (const T *)it.grad;
+    P p(it);
+    const typename G::held *__restrict__ g = (const typename G::held *)it.grad;
     typename S::stored *__restrict__ m = (typename S::stored *)it.exp_avg;
     typename S::stored *__restrict__ v = (typename S::stored *)it.exp_avg_sq;
     typename S::stored *__restrict__ vmax = (typename S::stored *)it.max_exp_avg_sq;
@@ -183,20 +208,23 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     for (int64_t chunk = start; chunk < stop;) {
     const int64_t chunk_stop = ((chunk >> 32) + 1) << 32 < stop ? ((chunk >> 32) + 1) << 32 : stop;
     const uint32_t hi = (uint32_t)((uint64_t)chunk >> 32) * FA_INDEX_HI_MULTIPLIER;
-    const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi;
+    const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi, key_p = it.keys[3] ^ hi;
     int64_t i = chunk;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA == FA_ISA_AVX512 && STATE == FA_STATE_BF16) {
+    if constexpr (ISA == FA_ISA_AVX512 && STATE == FA_STATE_BF16 && fa_plain_float32<P, G>::value) {
         const int64_t whole = chunk + (chunk_stop - chunk) / 32 * 32;
         fa_bf16_range_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, chunk, whole, key_mv, key_vmax);
         i = whole;
     }
 #endif
     for (; i < chunk_stop; ++i) {
-        const uint32_t r = STATE == FA_STATE_BF16 ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
+        const uint32_t r = STATE == FA_STATE_BF16 && !P::torch_order
+                               ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
+        const uint32_t rp = P::stochastic ? (((uint32_t)i ^ key_p) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u;
         T gi, pi, mi, vi, term;
-        fa_rule::gradient<WD, MAXIMIZE>(s, g[i], p[i], gi, pi);
-        fa_rule::moments(s, S::load(m, i), S::load(v, i), gi, mi, vi);
+        fa_rule::gradient<WD, MAXIMIZE>(s, (T)G::load(g, i), p.load(i), gi, pi);
+        if constexpr (P::torch_order) fa_rule::moments_lerp(s, S::load(m, i), S::load(v, i), gi, mi, vi);
+        else fa_rule::moments(s, S::load(m, i), S::load(v, i), gi, mi, vi);
         S::store(m, i, mi, r & 0xffffu);
         S::store(v, i, vi, r >> 16);
         T vd = vi;
@@ -208,10 +236,12 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
             const T old = fa_abs(stored) < fa_min_normal<T>::value ? fa_signed_zero(stored) : stored;
             vd = fa_amsgrad_max(old, vi);
             S::store(vmax, i, vd,
-                     STATE == FA_STATE_BF16 ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
+                     STATE == FA_STATE_BF16 && !P::torch_order
+                         ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }
-        fa_rule::adam_term(s, mi, vd, term);
-        p[i] = pi - term;
+        if constexpr (P::torch_order) fa_rule::adam_term_div(s, mi, vd, term);
+        else fa_rule::adam_term(s, mi, vd, term);
+        p.store(i, pi - term, rp);
     }
     chunk = chunk_stop;
     }

@@ -2,45 +2,80 @@
 // choice of instruction set at import.
 #pragma once
 
-// The kernel's table: one row per (parameter dtype, state storage) it is built
-// for, X(DTYPE, T, STATE): the parameter, its gradient and native state are of
-// type T.  A new parameter dtype is a row here, a storage policy in
-// fa_formats.hpp where it needs one, and its code in fa_step.hpp's enum.
-#define FA_KERNELS(X)                     \
-    X(FA_FLOAT32, float, FA_STATE_NATIVE) \
-    X(FA_FLOAT32, float, FA_STATE_BF16)   \
-    X(FA_FLOAT32, float, FA_STATE_INT8)   \
-    X(FA_FLOAT64, double, FA_STATE_NATIVE)
+// The kernel's table: one row per (parameter policy, gradient format, state
+// storage) it is built for, X(P, G, STATE) (fa_params.hpp, fa_formats.hpp).  A
+// new parameter dtype is a format and, if it needs one, a policy in
+// fa_params.hpp, its code in fa_step.hpp's enum, and its rows here.
+typedef fa_param_plain<fa_f32> fa_p_f32;
+typedef fa_param_plain<fa_f64> fa_p_f64;
+typedef fa_param_plain<fa_bf16> fa_p_bf16;
+typedef fa_param_plain<fa_bf16, true> fa_p_bf16_stochastic;
+typedef fa_param_plain<fa_f16> fa_p_f16;
+typedef fa_param_master<fa_bf16> fa_p_bf16_master;
+typedef fa_param_master<fa_f16> fa_p_f16_master;
+#define FA_EVERY_STATE(X, P, G) X(P, G, FA_STATE_NATIVE) X(P, G, FA_STATE_BF16) X(P, G, FA_STATE_INT8)
+#define FA_KERNELS(X)                                                            \
+    FA_EVERY_STATE(X, fa_p_f32, fa_f32)                                          \
+    X(fa_p_f64, fa_f64, FA_STATE_NATIVE)                                         \
+    FA_EVERY_STATE(X, fa_p_f32, fa_bf16)                                         \
+    X(fa_p_bf16, fa_bf16, FA_STATE_NATIVE) X(fa_p_bf16, fa_f32, FA_STATE_NATIVE) \
+    X(fa_p_bf16_stochastic, fa_bf16, FA_STATE_NATIVE)                            \
+    X(fa_p_bf16_stochastic, fa_f32, FA_STATE_NATIVE)                             \
+    X(fa_p_f16, fa_f16, FA_STATE_NATIVE) X(fa_p_f16, fa_f32, FA_STATE_NATIVE)    \
+    X(fa_param_split, fa_bf16, FA_STATE_NATIVE) X(fa_param_split, fa_bf16, FA_STATE_BF16) \
+    X(fa_p_bf16_master, fa_bf16, FA_STATE_NATIVE) X(fa_p_bf16_master, fa_bf16, FA_STATE_BF16) \
+    X(fa_p_f16_master, fa_f16, FA_STATE_NATIVE) X(fa_p_f16_master, fa_f16, FA_STATE_BF16)
 
-// The gradients' element types, for the read-only passes: X(DTYPE, T).
-#define FA_GRADIENT_TYPES(X) X(FA_FLOAT32, float) X(FA_FLOAT64, double)
+// The gradients' formats, for the read-only passes.
+#define FA_GRADIENT_FORMATS(X) X(fa_f32) X(fa_f64) X(fa_bf16) X(fa_f16)
 
 // Every variant of one table row: a switch outside the loop, so that each
 // variant is its own loop with no branch inside.  Inlined into each ISA's
 // function below, so every loop is compiled for that ISA.
-template <typename T, int STATE, int ISA>
+// The float32 and float64 rows compile each maximize flag into its own loop;
+// the others read it at run time (half the loops: the build's time grows with
+// their number).
+template <typename P, typename G, int STATE, int ISA>
 static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b) {
-    switch (it.variant) {
+    constexpr bool every_flag = fa_plain_float32<P, G>::value || std::is_same<P, fa_p_f64>::value;
+    if constexpr (every_flag) {
+        switch (it.variant) {
 #define FA_CASE(WD, AMSGRAD, MAXIMIZE)                                              \
     case FA_VARIANT(WD, AMSGRAD, MAXIMIZE):                                         \
-        fa_adam_loop<T, WD, AMSGRAD, MAXIMIZE, STATE, ISA>(it, a, b);               \
+        fa_adam_loop<P, G, WD, AMSGRAD, MAXIMIZE, STATE, ISA>(it, a, b);            \
         break;
 #define FA_CASES(WD) FA_CASE(WD, false, false) FA_CASE(WD, false, true) FA_CASE(WD, true, false) FA_CASE(WD, true, true)
-    FA_CASES(FA_WD_NONE)
-    FA_CASES(FA_WD_L2)
-    FA_CASES(FA_WD_DECOUPLED)
+        FA_CASES(FA_WD_NONE)
+        FA_CASES(FA_WD_L2)
+        FA_CASES(FA_WD_DECOUPLED)
 #undef FA_CASES
 #undef FA_CASE
-    default: break;
+        default: break;
+        }
+    } else {
+        switch (it.variant & ~FA_MAXIMIZE) {
+#define FA_CASE(WD, AMSGRAD)                                                         \
+    case FA_VARIANT(WD, AMSGRAD, false):                                             \
+        fa_adam_loop<P, G, WD, AMSGRAD, FA_MAXIMIZE_AT_RUN_TIME, STATE, ISA>(it, a, b); \
+        break;
+#define FA_CASES(WD) FA_CASE(WD, false) FA_CASE(WD, true)
+        FA_CASES(FA_WD_NONE)
+        FA_CASES(FA_WD_L2)
+        FA_CASES(FA_WD_DECOUPLED)
+#undef FA_CASES
+#undef FA_CASE
+        default: break;
+        }
     }
 }
 
-#define FA_ADAM_ROW(DTYPE, T, STATE) \
-    if (it.dtype == DTYPE && it.state == STATE) return fa_adam_variants<T, STATE, ISA>(it, a, b);
-#define FA_FINITE_ROW(DTYPE, T) \
-    if (it.dtype == DTYPE) return fa_all_finite_loop<T>((const T *)it.grad, a, b);
-#define FA_SUMSQ_ROW(DTYPE, T) \
-    if (it.dtype == DTYPE) return fa_sumsq_loop<T>((const T *)it.grad, lane0, a, b, acc);
+#define FA_ADAM_ROW(P, G, STATE)                                                              \
+    if (it.dtype == P::dtype && it.param_mode == P::mode && it.grad_dtype == G::code && it.state == STATE) \
+        return fa_adam_variants<P, G, STATE, ISA>(it, a, b);
+#define FA_FINITE_ROW(G) \
+    if (it.grad_dtype == G::code) return fa_all_finite_loop<G>((const typename G::held *)it.grad, a, b);
+#define FA_SUMSQ_ROW(G) \
+    if (it.grad_dtype == G::code) return fa_sumsq_loop<G>((const typename G::held *)it.grad, lane0, a, b, acc);
 
 // One function per ISA for each pass: the table's rows, compiled for it.
 #define FA_DEFINE_ISA(NAME, TARGET, ISA_CODE)                                          \
@@ -49,18 +84,18 @@ static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item
         FA_KERNELS(FA_ADAM_ROW)                                                        \
     }                                                                                  \
     TARGET static int fa_finite_range_##NAME(const fa_item &it, int64_t a, int64_t b) { \
-        FA_GRADIENT_TYPES(FA_FINITE_ROW)                                               \
+        FA_GRADIENT_FORMATS(FA_FINITE_ROW)                                               \
         return 0;                                                                      \
     }                                                                                  \
     TARGET static void fa_sumsq_range_##NAME(const fa_item &it, int64_t lane0, int64_t a, \
                                              int64_t b, double *acc) {                 \
-        FA_GRADIENT_TYPES(FA_SUMSQ_ROW)                                                \
+        FA_GRADIENT_FORMATS(FA_SUMSQ_ROW)                                                \
     }
 
 FA_DEFINE_ISA(baseline, , FA_ISA_BASELINE)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FA_HAVE_X86_VARIANTS 1
-FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), FA_ISA_AVX2)
+FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,f16c"))), FA_ISA_AVX2)
 FA_DEFINE_ISA(avx512, FA_AVX512_TARGET, FA_ISA_AVX512)
 #else
 #define FA_HAVE_X86_VARIANTS 0
@@ -81,9 +116,9 @@ static inline int fa_isa_supported(int isa) {
 #if FA_HAVE_X86_VARIANTS
     __builtin_cpu_init();  // libgcc checks CPUID and that the OS saves the registers (XGETBV)
     if (isa == FA_ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (isa == FA_ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #endif
     return 0;

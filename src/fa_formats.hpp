@@ -51,6 +51,14 @@ template <> struct fa_storage<float, FA_STATE_BF16> {
     }
 };
 
+// State kept in a low-precision parameter's own format F (fa_params.hpp),
+// rounded to nearest: torch's semantics for bfloat16 and float16 parameters.
+template <typename F> struct fa_storage_in {
+    typedef typename F::held stored;
+    static inline __attribute__((always_inline)) float load(const stored *a, int64_t i) { return F::load(a, i); }
+    static inline __attribute__((always_inline)) void store(stored *a, int64_t i, float x, uint32_t) { a[i] = F::nearest(x); }
+};
+
 // Blockwise 8-bit state: the codes are small floating-point formats of
 // value / absmax, stated in fastadam/_reference.py (the constants are checked
 // against it at import, by _kernel.INT8_FORMAT).

@@ -3,32 +3,26 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <type_traits>
 
-// A floating-point type's bits: the integer of its size, its magnitude mask, +inf's bits.
-template <typename T> struct fa_float_bits;
-template <> struct fa_float_bits<float> {
-    typedef uint32_t bits;
-    static constexpr bits magnitude = 0x7fffffffu, inf = 0x7f800000u;
-};
-template <> struct fa_float_bits<double> {
-    typedef uint64_t bits;
-    static constexpr bits magnitude = 0x7fffffffffffffffull, inf = 0x7ff0000000000000ull;
-};
+#include "fa_params.hpp"
 
 // Whether every value in g[a, b) is finite.  NaN and +-Inf are the values whose
 // magnitude bits are at least those of +Inf, so an integer max over the
 // magnitude bits decides it: a reduction that vectorises without -ffast-math.
-template <typename T>
-static inline __attribute__((always_inline)) int fa_all_finite_loop(const T *__restrict__ g, int64_t a, int64_t b) {
-    typedef typename fa_float_bits<T>::bits Bits;
+// G is the gradient's format (fa_params.hpp).
+template <typename G>
+static inline __attribute__((always_inline)) int fa_all_finite_loop(const typename G::held *__restrict__ g,
+                                                                    int64_t a, int64_t b) {
+    typedef typename G::bits Bits;
     Bits largest = 0;
     for (int64_t i = a; i < b; ++i) {
         Bits bits;
         memcpy(&bits, &g[i], sizeof bits);
-        bits &= fa_float_bits<T>::magnitude;
+        bits &= G::magnitude;
         largest = bits > largest ? bits : largest;
     }
-    return largest < fa_float_bits<T>::inf;
+    return largest < G::inf;
 }
 
 // The gradients' sum of squares, for global-norm clipping: in double, in an
@@ -48,23 +42,27 @@ typedef double fa_lanes8 __attribute__((vector_size(64)));
 typedef float fa_floats8 __attribute__((vector_size(32)));
 
 // (By reference: a returned 64-byte vector is an ABI change GCC warns of where AVX-512 is off.)
-template <typename T>
-static inline __attribute__((always_inline)) void fa_load_lanes8(const T *g, fa_lanes8 &x) {
-    if constexpr (sizeof(T) == sizeof(float)) {
+template <typename G>
+static inline __attribute__((always_inline)) void fa_load_lanes8(const typename G::held *g, fa_lanes8 &x) {
+    if constexpr (std::is_same<G, fa_f64>::value) {
+        memcpy(&x, g, sizeof x);
+    } else if constexpr (std::is_same<G, fa_f32>::value) {
         fa_floats8 f;
         memcpy(&f, g, sizeof f);
         x = __builtin_convertvector(f, fa_lanes8);
     } else {
-        memcpy(&x, g, sizeof x);
+        fa_floats8 f;
+        for (int j = 0; j < 8; ++j) f[j] = G::load(g, j);
+        x = __builtin_convertvector(f, fa_lanes8);
     }
 }
 
-template <typename T>
+template <typename G>
 static inline __attribute__((always_inline)) void
-fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, double *__restrict__ acc) {
+fa_sumsq_loop(const typename G::held *__restrict__ g, int64_t lane0, int64_t a, int64_t b, double *__restrict__ acc) {
     int64_t i = a;
     for (; i < b && ((lane0 + i - a) % FA_NORM_LANES) != 0; ++i) {
-        const double x = (double)g[i];
+        const double x = (double)G::load(g, i);
         acc[(lane0 + i - a) % FA_NORM_LANES] += x * x;
     }
     if (i + FA_NORM_LANES <= b) {  // now i's lane is 0
@@ -73,8 +71,8 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
         memcpy(&high, acc + 8, sizeof high);
         for (; i + FA_NORM_LANES <= b; i += FA_NORM_LANES) {
             fa_lanes8 x, y;
-            fa_load_lanes8(g + i, x);
-            fa_load_lanes8(g + i + 8, y);
+            fa_load_lanes8<G>(g + i, x);
+            fa_load_lanes8<G>(g + i + 8, y);
             low += x * x;
             high += y * y;
         }
@@ -82,7 +80,7 @@ fa_sumsq_loop(const T *__restrict__ g, int64_t lane0, int64_t a, int64_t b, doub
         memcpy(acc + 8, &high, sizeof high);
     }
     for (; i < b; ++i) {
-        const double x = (double)g[i];
+        const double x = (double)G::load(g, i);
         acc[(lane0 + i - a) % FA_NORM_LANES] += x * x;
     }
 }

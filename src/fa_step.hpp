@@ -6,9 +6,15 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <type_traits>
 
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
-enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1 };
+// Element dtypes of parameters and gradients (fa_params.hpp's formats).
+enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1, FA_BFLOAT16 = 2, FA_FLOAT16 = 3 };
+// How a parameter is updated (fa_params.hpp's policies): in place, rounded to
+// nearest (float32 and float64 need no rounding) or stochastically (bfloat16);
+// as split bfloat16 master weights; or from a float32 master in the state.
+enum fa_param_mode { FA_PARAM_NEAREST = 0, FA_PARAM_STOCHASTIC = 1, FA_PARAM_SPLIT = 2, FA_PARAM_MASTER = 3 };
 // How m, v (and v^) are stored: in the parameter's dtype, as bfloat16 bits, or
 // as 8-bit codes with a float32 absmax per block.
 enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
@@ -17,6 +23,8 @@ enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
 // the weight-decay mode, then one bit per flag.  The state storage (enum
 // fa_state) is a separate field of the item.
 enum fa_option_bits { FA_WD_MASK = 3, FA_AMSGRAD = 4, FA_MAXIMIZE = 8 };
+// A loop's MAXIMIZE template argument that reads the flag from the scalars instead.
+enum { FA_MAXIMIZE_AT_RUN_TIME = 2 };
 #define FA_VARIANT(wd, amsgrad, maximize) ((wd) | ((amsgrad) ? FA_AMSGRAD : 0) | ((maximize) ? FA_MAXIMIZE : 0))
 
 static inline int fa_variant(int wd, int amsgrad, int maximize) { return FA_VARIANT(wd, amsgrad, maximize); }
@@ -25,7 +33,7 @@ static inline int fa_variant(int wd, int amsgrad, int maximize) { return FA_VARI
 // rounded once to the loop's type (fa_scalars).
 #define FA_STEP_SCALARS(X) \
     X(beta1) X(one_minus_beta1) X(beta2) X(one_minus_beta2) X(eps) X(weight_decay) \
-    X(decay) X(step_size) X(inv_sqrt_bc2) X(grad_scale)
+    X(decay) X(step_size) X(inv_sqrt_bc2) X(sqrt_bc2) X(grad_scale)
 #define FA_NAME_STRING(name) #name " "
 static const char FA_STEP_SCALAR_NAMES[] = FA_STEP_SCALARS(FA_NAME_STRING);
 #define FA_COUNT_ONE(name) +1
@@ -39,13 +47,16 @@ typedef struct {
     void *exp_avg_sq;
     void *max_exp_avg_sq;  // NULL unless amsgrad
     int64_t numel;
-    int dtype;             // enum fa_dtype
+    int dtype;             // enum fa_dtype: the parameter's
+    int grad_dtype;        // enum fa_dtype: the gradient's
+    int param_mode;        // enum fa_param_mode
+    void *master;          // the state's master weights (float32, or split's low halves); NULL if none
     int variant;           // FA_VARIANT(...)
 #define FA_DOUBLE_FIELD(name) double name;
     FA_STEP_SCALARS(FA_DOUBLE_FIELD)
 #undef FA_DOUBLE_FIELD
     int state;             // enum fa_state
-    uint32_t keys[3];      // bfloat16 state: the rounding key of m, v, v^ (fastadam._formats)
+    uint32_t keys[4];      // stochastic rounding: the keys of m, v, v^ (bfloat16 state) and p (fastadam._formats)
     float *absmax[3];      // 8-bit state: the per-block absmax of m, v, v^ (NULL if unused)
     double max_update;     // 8-bit state: the clamp on the update's Adam term (10 lr)
 } fa_item;
@@ -65,6 +76,7 @@ static inline void fa_set_step(fa_item *it, double lr, double beta1, double beta
     it->decay = 1.0 - lr * weight_decay;
     it->step_size = lr / bc1;
     it->inv_sqrt_bc2 = 1.0 / sqrt(bc2);
+    it->sqrt_bc2 = sqrt(bc2);
     it->grad_scale = 1.0;
     it->max_update = max_update_in_lr * lr;
 }
@@ -84,7 +96,12 @@ struct fa_scalars {
     FA_STEP_SCALARS(FA_T_FIELD)
 #undef FA_T_FIELD
     fa_scalars() = default;
+    // maximize's sign bit, or zero: for loops that take it at run time (fa_rule.hpp).
+    typename std::conditional<sizeof(T) == 8, uint64_t, uint32_t>::type maximize;
 #define FA_ROUND(name) name = (T)it.name;
-    explicit fa_scalars(const fa_item &it) { FA_STEP_SCALARS(FA_ROUND) }
+    explicit fa_scalars(const fa_item &it) {
+        FA_STEP_SCALARS(FA_ROUND)
+        maximize = (it.variant & FA_MAXIMIZE) ? (decltype(maximize))1 << (8 * sizeof(maximize) - 1) : 0;
+    }
 #undef FA_ROUND
 };

@@ -50,7 +50,8 @@ def test_the_oracle_defines_no_format_of_its_own():
     """What code and oracle share is defined in _formats/_step; the oracle only re-exports it."""
     defined = {node.name for node in ast.parse(pathlib.Path(_reference.__file__).read_text()).body
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    assert defined == {"adam_update", "adam_update_bf16", "adam_update_int8", "_update"}
+    assert defined == {"adam_update", "adam_update_bf16", "adam_update_int8", "_update",
+                       "adam_update_torch_order", "adam_update_mastered"}
     for name in ("bf16_round_nearest", "int8_encode", "FlushToZero", "rounding_key"):
         assert getattr(_reference, name) is getattr(_formats, name)
     for name in ("StepScalars", "step_scalars", "grad_norm", "clip_coefficient"):

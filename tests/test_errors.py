@@ -103,7 +103,7 @@ def test_invalid_hyperparameter_set_between_steps(backend, key, value, message, 
 # -- parameters ---------------------------------------------------------------
 
 @pytest.mark.parametrize("params, exc, match", [
-    ([np.zeros(3, np.float16)], TypeError, r"param_groups\[0\]\['params'\]\[0\]: dtype float16 is not supported"),
+    ([np.zeros(3, np.complex64)], TypeError, r"param_groups\[0\]\['params'\]\[0\]: dtype complex64 is not supported"),
     ([np.zeros(3, np.int64)], TypeError, "dtype int64 is not supported"),
     ([np.zeros(3, ">f4")], TypeError, "is not supported"),
     ([np.zeros((4, 4))[:, 1]], ValueError, r"\['params'\]\[0\] is not C-contiguous"),
