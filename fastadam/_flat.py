@@ -68,7 +68,8 @@ def _aligned_zeros(n, dtype, align):
 # read at half the stride of p and g, so their addresses also drift through
 # p's and g's.  Measured on AMD EPYC (Zen 4): see docs/speed.md, "Where the
 # state is placed".
-STATE_PAGE_OFFSETS = {"exp_avg": 17 * 64, "exp_avg_sq": 41 * 64, "max_exp_avg_sq": 59 * 64}
+STATE_PAGE_OFFSETS = {"exp_avg": 17 * 64, "exp_avg_sq": 41 * 64, "max_exp_avg_sq": 59 * 64,
+                      "master": 29 * 64, "master_low": 29 * 64}  # a parameter has one of the two
 # Smaller buffers are plain zeros: the placement costs up to 4 KiB of padding each.
 STATE_PLACEMENT_MIN_BYTES = 1 << 16
 
