@@ -13,19 +13,30 @@ memory, all tensors in one call of fastadam's kernel (the update rule is
 ``state_dtype="bfloat16"`` keeps m and v as bfloat16 state tensors (fastadam's
 stochastic rounding, see docs/compressed-state.md); their checkpoints load into
 ``torch.optim.Adam`` as float32 state, and float32 checkpoints load into it
-rounded to nearest.  Only what the kernel can update in place is accepted: CPU,
-dense, contiguous float32 or float64 parameters and gradients.  Anything else is refused with an
-error that names the parameter and says what to do.  This module is the only
-one that imports torch.
+rounded to nearest.
+
+bfloat16 and float16 parameters are updated as ``torch.optim.Adam(fused=True)``
+updates them (state in the parameter's dtype, float32 math, rounded to nearest;
+docs/low-precision.md), or with ``param_rounding="stochastic"`` or
+``master_weights="split"``/``"float32"`` as :class:`fastadam.Adam` has them.  Only
+what the kernel can update in place is accepted: CPU, dense, contiguous
+parameters and gradients of those dtypes.  Anything else is refused with an error
+that names the parameter and says what to do.  This module and its helper
+``_torch_tensors`` are the only ones that import torch.
 """
-import collections
+import itertools
 import threading
 
 import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _flat, _fork, _formats, _optimizer, _rules
+from . import _fork, _formats, _optimizer, _rules
+from ._torch_tensors import TrackedState as _TrackedState
+from ._torch_tensors import numpy_dtype as _numpy_dtype
+from ._torch_tensors import refuse_unfit as _refuse_unfit
+from ._torch_tensors import view as _view
+from ._torch_tensors import zeros_like as _zeros_like
 from ._variants import with_defaults
 
 try:
@@ -37,89 +48,8 @@ except ImportError as e:  # a source tree whose extensions are not built
 __all__ = ["Adam", "AdamW"]
 
 _BUFFERS = _rules.STATE_BUFFERS
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _refuse_unfit(t, what):
-    """Refuse a tensor the kernel cannot update (or read) in place, saying what to do."""
-    if t.is_sparse or t.layout != torch.strided:
-        raise RuntimeError(f"{what} is sparse ({t.layout}); fastadam.torch supports dense "
-                           "tensors only (use torch.optim.SparseAdam for sparse gradients)")
-    if t.device.type != "cpu":
-        raise RuntimeError(f"{what} is on {t.device}; fastadam.torch runs on the CPU "
-                           "(move the model with .cpu(), or use torch.optim.Adam on the device)")
-    if t.is_complex():
-        raise RuntimeError(f"{what} is complex ({t.dtype}); fastadam.torch supports float32 and "
-                           "float64 (view it as real with torch.view_as_real, or use torch.optim.Adam)")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{what} has dtype {t.dtype}; fastadam.torch supports float32 and "
-                           "float64 (keep float32 master weights, or use torch.optim.Adam)")
-    if t.is_neg():
-        raise RuntimeError(f"{what} is a lazily negated view (its negative bit is set); "
-                           "fastadam.torch reads memory as it is (pass it through .resolve_neg())")
-    if not t.is_contiguous():
-        raise RuntimeError(f"{what} is not contiguous; the update is in place (make the "
-                           "parameter contiguous once, before creating the optimizer)")
-
-
-class _TrackedState(collections.defaultdict):
-    """torch's optimizer state (a ``defaultdict(dict)`` keyed by parameter) that counts
-    the changes of which dict a parameter has, so that a step need not look each up."""
-
-    changes = 0
-
-    def _changed(self):
-        self.changes += 1
-
-    def __setitem__(self, key, value):
-        self._changed()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self._changed()
-        super().__delitem__(key)
-
-    def __ior__(self, other):
-        self._changed()
-        return super().__ior__(other)
-
-    def _counted(name):
-        method = getattr(collections.defaultdict, name)
-
-        def counted(self, *args, **kwargs):
-            self._changed()
-            return method(self, *args, **kwargs)
-        counted.__name__ = name
-        return counted
-
-    clear, pop, popitem, setdefault, update = map(
-        _counted, ("clear", "pop", "popitem", "setdefault", "update"))
-    del _counted
-
-
-def _zeros_like(p, key, state_dtype):
-    """State tensor ``key`` for ``p`` (contiguous, as the kernel needs; bfloat16 state
-    as its bits in uint16, which torch reads as bfloat16): zeros in NumPy's memory,
-    which asks the kernel for huge pages on large buffers (torch's allocator does not),
-    making the step up to 1.2x faster where TLB misses count (1M parameters), placed
-    beside p as fastadam places state (_flat.state_zeros)."""
-    dtype = _rules.state_storage(_NUMPY_DTYPES[p.dtype], state_dtype)
-    a = _flat.state_zeros(tuple(p.shape), dtype, key, p.data_ptr())
-    if a.dtype == np.uint16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
 # The dtype torch.optim.Adam gives its step tensors (float64 under a float64 default dtype).
 _scalar_dtype = getattr(_torch_optimizer, "_get_scalar_dtype", lambda: torch.float32)
-
-
-def _view(t):
-    """A NumPy array sharing ``t``'s memory (a bfloat16 tensor's: its bits, as uint16)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
 
 
 # torch's registries of global step hooks (module-level dicts that registration fills);
@@ -137,9 +67,10 @@ class Adam(torch.optim.Optimizer):
 
     Arguments as ``torch.optim.Adam`` (``foreach``, ``capturable``, ``differentiable``
     and ``fused`` are accepted for compatibility and must keep their defaults),
-    plus ``num_threads``, and ``state_dtype`` (``"float32"``: the parameters' dtype,
-    as torch; or ``"bfloat16"``, for float32 parameters) with its rounding ``seed``,
-    as :class:`fastadam.Adam` has them.  8-bit state is fastadam.Adam's only: its
+    plus ``num_threads``, ``state_dtype`` (``"float32"``: the parameters' dtype,
+    as torch; or ``"bfloat16"``, for float32 parameters or master weights) with its
+    rounding ``seed``, ``param_rounding`` and ``master_weights``, as
+    :class:`fastadam.Adam` has them.  8-bit state is fastadam.Adam's only: its
     codes are not moments, and torch.optim.Adam would load them as if they were.
     """
 
@@ -148,13 +79,15 @@ class Adam(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=None, num_threads=None,
-                 state_dtype="float32", seed=0):
+                 state_dtype="float32", seed=0, param_rounding="nearest", master_weights=None):
         self._state_dtype = _rules.state_dtype(state_dtype)
         if self._state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype={state_dtype!r}: fastadam.torch keeps 'float32' or "
                              "'bfloat16' state (8-bit codes are not moments, and torch.optim.Adam "
                              "would load them as if they were; use fastadam.Adam over NumPy views)")
         self._seed = _rules.seed(seed)
+        self._param_rounding = _rules.param_rounding(param_rounding)
+        self._master_weights = _rules.master_weights(master_weights)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled
         if decoupled_weight_decay is not self._decoupled:
@@ -176,7 +109,7 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # What torch's Optimizer pickles (defaults, state, param_groups), and this one's own.
-    _OWN = ("_state_dtype", "_seed", "_num_threads")
+    _OWN = ("_state_dtype", "_seed", "_num_threads", "_param_rounding", "_master_weights")
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -228,12 +161,47 @@ class Adam(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """As torch's; torch casts the loaded state tensors to their parameters' dtype,
-        and with bfloat16 state they are then rounded to nearest into bfloat16."""
+        and with bfloat16 state they are then rounded to nearest into bfloat16.  Where
+        this optimizer keeps master weights, the state is float32 (and the trailing
+        bits int16): those tensors are taken from ``state_dict`` before torch's cast."""
         with self._lock:
+            kept = self._master_state(state_dict)
             super().load_state_dict(state_dict)  # through __setstate__, as torch.optim.Adam's
             self._plan = None
+            for p, values in kept:
+                self.state[p].update(values)
             if self._state_dtype == "bfloat16":
                 self._state_to_bfloat16()
+
+    def _master_state(self, state_dict):
+        """[(p, {key: tensor})]: the state tensors of ``state_dict`` that a parameter with
+        master weights keeps in float32 (moments and master) or int16 (split's
+        trailing bits), as new tensors of that dtype; a saved entry's other keys are
+        torch's to load."""
+        if self._master_weights is None or not isinstance(state_dict, dict):
+            return []
+        try:
+            saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+            mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            pairs = list(zip(saved, mine))
+            state = state_dict["state"]
+        except (KeyError, TypeError):
+            return []  # torch's load names what is wrong
+        kept = []
+        for saved_id, p in pairs:
+            entry = state.get(saved_id) if isinstance(state, dict) else None
+            if not isinstance(entry, dict) or not _rules.master_key(np.empty(0, _numpy_dtype(p.dtype)),
+                                                                   self._master_weights):
+                continue
+            values = {}
+            for key, dtype in ([(k, torch.float32) for k in _BUFFERS]
+                               + [(_rules.MASTER_KEYS["float32"], torch.float32),
+                                  (_rules.MASTER_KEYS["split"], torch.int16)]):
+                t = entry.get(key)
+                if isinstance(t, torch.Tensor) and (t.is_floating_point() or dtype == torch.int16):
+                    values[key] = t.detach().to(dtype=dtype, device="cpu", copy=True).contiguous()
+            kept.append((p, values))
+        return kept
 
     def _state_to_bfloat16(self):
         """Round float32 state tensors of p's shape to bfloat16, as fastadam.Adam's
@@ -243,26 +211,32 @@ class Adam(torch.optim.Optimizer):
         for p, st in self.state.items():
             for key in _BUFFERS:
                 t = st.get(key)
-                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                if (isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16)
                         and t.device.type == "cpu" and t.layout == torch.strided
                         and t.shape == p.shape):
-                    values = t.detach().resolve_neg().contiguous().numpy()
+                    values = t.detach().resolve_neg().contiguous().float().numpy()
                     bf16 = _zeros_like(p, key, "bfloat16")
-                    _view(bf16)[...] = _formats.bf16_round_nearest(values).reshape(values.shape)
+                    _view(bf16, bits=True)[...] = _formats.bf16_round_nearest(values).reshape(values.shape)
                     converted.append((st, key, bf16))
         for st, key, t in converted:
             st[key] = t
 
+    def _master_key(self, p):
+        return _rules.master_key(np.empty(0, _numpy_dtype(p.dtype)), self._master_weights)
+
     def _state_torch_dtype(self, p):
-        """The dtype of p's state tensors."""
-        return torch.bfloat16 if self._state_dtype == "bfloat16" else p.dtype
+        """The dtype of p's state tensors (m, v, v^)."""
+        if self._state_dtype == "bfloat16":
+            return torch.bfloat16
+        return torch.float32 if self._master_key(p) else p.dtype
 
     def _refuse_for_state(self, p, what):
-        """Compressed state is for float32 parameters."""
-        if self._state_dtype != "float32" and p.dtype != torch.float32:
-            raise RuntimeError(f"{what} has dtype {p.dtype}; state_dtype={self._state_dtype!r} needs "
-                               "float32 parameters (keep float32 master weights, or use "
-                               "state_dtype='float32')")
+        """What the options need of p (fastadam's rules, with torch's names)."""
+        try:
+            _rules.parameter_for_options(np.empty(0, _numpy_dtype(p.dtype)), what, self._state_dtype,
+                                         self._param_rounding, self._master_weights)
+        except (TypeError, ValueError) as e:
+            raise RuntimeError(str(e)) from None
 
     # -- the step -------------------------------------------------------------
     #
@@ -298,20 +272,24 @@ class Adam(torch.optim.Optimizer):
                 for key in _BUFFERS:
                     if key in self.state.get(p, {}):
                         self._refuse_unfit_state(self.state[p][key], p, f"state[p][{key!r}] of {where}")
+                master = self._master_key(p)
+                if master and master in self.state.get(p, {}):
+                    self._refuse_unfit_state(self.state[p][master], p, f"state[p][{master!r}] of {where}",
+                                             torch.int16 if master == "master_low" else torch.float32)
                 _view(g)  # raises for what NumPy cannot view (a gradient may require grad)
                 params.append(p)
         return params
 
-    def _refuse_unfit_state(self, t, p, what):
+    def _refuse_unfit_state(self, t, p, what, dtype=None):
         """A state tensor the kernel cannot update in place, or not of the dtype and
         shape this optimizer keeps for p."""
         if not isinstance(t, torch.Tensor):
             raise RuntimeError(f"{what} is a {type(t).__name__}, not a tensor")
-        dtype = self._state_torch_dtype(p)
+        dtype = dtype or self._state_torch_dtype(p)
         if t.dtype != dtype:
             raise RuntimeError(f"{what} has dtype {t.dtype}; with state_dtype={self._state_dtype!r} "
                                f"it must be {dtype} (load state with load_state_dict, which converts)")
-        if dtype != torch.bfloat16:
+        if dtype not in (torch.bfloat16, torch.int16):
             _refuse_unfit(t, what)
         elif (t.is_sparse or t.layout != torch.strided or t.device.type != "cpu"
               or not t.is_contiguous() or t.is_neg()):
@@ -331,18 +309,25 @@ class Adam(torch.optim.Optimizer):
         groups = [dict(params=[_view(p) for p in params if index[id(p)] == i],
                        **_hyperparameters(self.param_groups[i])) for i in group_of]
         inner = (_optimizer.AdamW if self._decoupled else _optimizer.Adam)(
-            groups, num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed)
+            groups, num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed,
+            param_rounding=self._param_rounding, master_weights=self._master_weights)
         for k, p in enumerate(params):
             st = self.state[p]
             if "step" in st and not torch.is_tensor(st["step"]):  # set by hand: torch's form
                 st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+            master = self._master_key(p)
             if "step" not in st:
                 st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())  # torch's scalar step
-                st["exp_avg"] = _zeros_like(p, "exp_avg", self._state_dtype)
-                st["exp_avg_sq"] = _zeros_like(p, "exp_avg_sq", self._state_dtype)
+                st["exp_avg"] = _zeros_like(p, "exp_avg", self._state_dtype, master)
+                st["exp_avg_sq"] = _zeros_like(p, "exp_avg_sq", self._state_dtype, master)
             if self.param_groups[index[id(p)]]["amsgrad"] and "max_exp_avg_sq" not in st:
-                st["max_exp_avg_sq"] = _zeros_like(p, "max_exp_avg_sq", self._state_dtype)
-            entry = {key: _view(st[key]) for key in _BUFFERS if key in st}
+                st["max_exp_avg_sq"] = _zeros_like(p, "max_exp_avg_sq", self._state_dtype, master)
+            if master and master not in st:  # the master starts as the parameter
+                st[master] = _zeros_like(p, master, self._state_dtype, master)
+            bits = self._state_dtype == "bfloat16"
+            entry = {key: _view(st[key], bits) for key in _BUFFERS if key in st}
+            if master:
+                entry[master] = _view(st[master])
             entry["step"] = int(st["step"].item())
             inner.state[k] = entry
         self._plan = _torch_plan.TorchPlan(
@@ -352,7 +337,8 @@ class Adam(torch.optim.Optimizer):
             [(entry, self.state[p]["step"].detach().view(1).numpy())
              for entry, p in zip(inner.state.values(), params)],
             _hyperparameters, torch.Tensor, torch.strided,
-            {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num})
+            {p.dtype: _numpy_dtype(p.dtype).num for p in params}, _view,
+            [self._master_key(p) for p in params])
 
     def step(self, *args, **kwargs):
         """``step(closure=None)``: one step over every parameter with a gradient;

@@ -25,7 +25,8 @@ cdef class _Planned:
     """One parameter of the plan, in group order."""
     cdef object param, st                      # the parameter; its state dict (None: no gradient)
     cdef object step, exp_avg, exp_avg_sq, max_exp_avg_sq  # its state tensors (the last may be None)
-    cdef intptr_t param_at, exp_avg_at, exp_avg_sq_at, max_exp_avg_sq_at  # their memory
+    cdef object master_key, master             # its master weights' key and tensor (or None)
+    cdef intptr_t param_at, exp_avg_at, exp_avg_sq_at, max_exp_avg_sq_at, master_at  # their memory
     cdef object dtype, shape                   # the parameter's torch dtype and shape
     cdef int typenum, ndim
     cdef cnp.npy_intp *dims
@@ -47,20 +48,25 @@ cdef class TorchPlan:
     cdef list entries           # _Planned per parameter, in group order
     cdef list step_views        # (inner state entry, float32 NumPy view of the step tensor)
     cdef object tensor_type, strided
+    cdef object fallback_view   # fastadam.torch's view of a tensor the plan does not view itself
     cdef readonly object inner  # the inner fastadam optimizer, over views of the same memory
 
     def __init__(self, object inner, list groups, object state, set stepped, list hyper_pairs,
                  list step_views, object hyperparameters, object tensor_type, object strided,
-                 dict typenums):
+                 dict typenums, object fallback_view, list master_keys):
         """``stepped``: the ids of the parameters with a gradient; ``typenums``:
-        NumPy's type number for each torch dtype a parameter may have."""
+        NumPy's type number for each torch dtype a parameter has; ``fallback_view``
+        makes the NumPy view of a gradient ``view`` does not make itself;
+        ``master_keys``: per stepped parameter, its master weights' key or None."""
         cdef _Planned e
         cdef int j
         self.inner = inner
         self.groups, self.state, self.changes = list(groups), state, state.changes
         self.hyper_pairs, self.step_views = list(hyper_pairs), list(step_views)
         self.hyperparameters, self.tensor_type, self.strided = hyperparameters, tensor_type, strided
+        self.fallback_view = fallback_view
         self.entries = []
+        masters = iter(master_keys)
         for group in self.groups:
             for p in group["params"]:
                 e = _Planned()
@@ -75,6 +81,10 @@ cdef class TorchPlan:
                 e.max_exp_avg_sq = e.st.get("max_exp_avg_sq")
                 if e.max_exp_avg_sq is not None:
                     e.max_exp_avg_sq_at = address(e.max_exp_avg_sq)
+                e.master_key = next(masters)
+                if e.master_key is not None:
+                    e.master = e.st[e.master_key]
+                    e.master_at = address(e.master)
                 e.dtype, e.shape = p.dtype, tuple(p.shape)
                 e.typenum, e.ndim = typenums[p.dtype], len(e.shape)
                 e.dims = <cnp.npy_intp *>malloc(max(e.ndim, 1) * sizeof(cnp.npy_intp))
@@ -169,7 +179,9 @@ cdef class TorchPlan:
                         or address(e.exp_avg_sq) != e.exp_avg_sq_at
                         or st.get("max_exp_avg_sq") is not e.max_exp_avg_sq
                         or (e.max_exp_avg_sq is not None
-                            and address(e.max_exp_avg_sq) != e.max_exp_avg_sq_at)):
+                            and address(e.max_exp_avg_sq) != e.max_exp_avg_sq_at)
+                        or (e.master_key is not None and (st.get(e.master_key) is not e.master
+                                                          or address(e.master) != e.master_at))):
                     return None
                 grads.append(self.view(g, e))
         return grads if k == n else None
@@ -177,7 +189,7 @@ cdef class TorchPlan:
     cdef object view(self, object g, _Planned e):
         """A NumPy array of gradient ``g``'s memory: made here for a plain dense CPU tensor
         of the parameter's dtype and shape (what ``g.numpy()`` would return, without its
-        cost), else ``g.detach().numpy()``, which raises for what NumPy cannot view."""
+        cost), else fastadam.torch's view, which raises for what NumPy cannot view."""
         cdef cnp.ndarray a
         cdef intptr_t at
         if (type(g) is self.tensor_type and g.layout is self.strided and g.is_cpu
@@ -188,7 +200,7 @@ cdef class TorchPlan:
                 Py_INCREF(g)  # the view holds the tensor, as g.numpy()'s does
                 cnp.PyArray_SetBaseObject(a, g)
                 return a
-        return g.detach().numpy()
+        return self.fallback_view(g)
 
     def commit_steps(self):
         """Set the torch step tensors to the inner optimizer's step counts, through

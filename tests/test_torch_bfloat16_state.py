@@ -154,8 +154,8 @@ def test_other_state_dtypes_are_refused_saying_why(state_dtype, match):
 
 def test_float64_parameters_are_refused_with_bfloat16_state():
     p = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"params'\]\[0\] has dtype torch.float64; "
-                                           r"state_dtype='bfloat16' needs float32 parameters"):
+    with pytest.raises(RuntimeError, match=r"params'\]\[0\]: state_dtype='bfloat16' needs float32 "
+                                           r"parameters, got float64"):
         ft.Adam([p], state_dtype="bfloat16")
 
 
