@@ -63,16 +63,39 @@ struct fa_bf16 {
         return (uint16_t)(nan ? ((b >> 16) | 0x0040u) : ((b + random16) >> 16));
     }
 };
-// IEEE binary16, converted by the hardware where the ISA has F16C (AVX2, AVX-512)
-// and by libgcc's exact routines on the baseline; both round to nearest even.
+// IEEE binary16, converted with integer operations (and one exact float
+// operation each way for subnormals), which GCC vectorizes on every ISA: its
+// _Float16 conversions it does not (F. Giesen's method).  Rounding is to
+// nearest even; a NaN stays a NaN of its sign (quiet, payload dropped).
 struct fa_f16 {
-    typedef _Float16 held;
+    typedef uint16_t held;
     typedef float value;
     static constexpr int code = FA_FLOAT16;
     typedef uint16_t bits;
     static constexpr bits magnitude = 0x7fffu, inf = 0x7c00u;
-    static inline __attribute__((always_inline)) float load(const held *a, int64_t i) { return (float)a[i]; }
-    static inline __attribute__((always_inline)) held nearest(float x) { return (_Float16)x; }
+    static inline __attribute__((always_inline)) float load(const held *a, int64_t i) {
+        const uint32_t h = a[i];
+        const uint32_t shifted = (h & 0x7fffu) << 13;      // exponent and fraction in float32's place
+        const uint32_t exponent = shifted & (0x7c00u << 13);
+        uint32_t b = shifted + ((127u - 15u) << 23);        // rebias
+        b += exponent == (0x7c00u << 13) ? (128u - 16u) << 23 : 0u;  // inf, NaN: float32's top exponent
+        // subnormal (or zero): 2^-14 * (1 + f) less 2^-14, exact
+        const float sub = fa_float_of(b + (1u << 23)) - fa_float_of(113u << 23);
+        b = exponent == 0 ? fa_bits_of(sub) : b;
+        return fa_float_of(b | ((h & 0x8000u) << 16));
+    }
+    static inline __attribute__((always_inline)) held nearest(float x) {
+        uint32_t f = fa_bits_of(x);
+        const uint32_t sign = f & 0x80000000u;
+        f ^= sign;
+        // |x| >= 2^16: inf (or NaN); below 2^-14: a subnormal result, rounded by one
+        // float add (x + 0.5 keeps x's bits from 2^-24 up); else round the fraction.
+        const uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+        const uint32_t small = fa_bits_of(fa_float_of(f) + 0.5f) - 0x3f000000u;
+        const uint32_t normal = (f + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+        const uint32_t h = f >= 0x47800000u ? big : f < (113u << 23) ? small : normal;
+        return (uint16_t)(h | (sign >> 16));
+    }
 };
 
 // Parameter policies.  Each reads element i as `value` and stores the updated
