@@ -184,6 +184,88 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
         fa_int8_block<P, G, WD, AMSGRAD, MAXIMIZE>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
 }
 
+// float16 <-> float32 in blocks, with F16C (every AVX2 CPU has it): GCC does not
+// vectorize the element-wise conversions of fa_f16, which cost more than the
+// step's arithmetic.  The hardware's conversions are exact one way and round to
+// nearest even the other, as fa_f16's (denormals included; FTZ and DAZ do not
+// apply to them); only a NaN's payload may differ.
+#if defined(__x86_64__) && defined(__GNUC__)
+// (Called, not inlined: GCC inlines only into callers of the same target, and the
+// block loop is compiled for each ISA; one call per block of 512 elements.)
+#define FA_F16C_INLINE static __attribute__((noinline, target("avx2,f16c")))
+FA_F16C_INLINE void fa_f16_decode(const uint16_t *__restrict__ a, float *__restrict__ out, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_store_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + j))));
+    for (; j < n; ++j) out[j] = fa_f16::load(a, j);
+}
+FA_F16C_INLINE void fa_f16_encode(const float *__restrict__ x, uint16_t *__restrict__ out, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j), _mm256_cvtps_ph(_mm256_load_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; ++j) out[j] = fa_f16::nearest(x[j]);
+}
+// The same, 16 at a time (half the conversions, which are slow on some CPUs).
+#define FA_F16_512_INLINE static __attribute__((noinline, target("avx512f,avx2,f16c")))
+FA_F16_512_INLINE void fa_f16_decode_512(const uint16_t *__restrict__ a, float *__restrict__ out, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm512_store_ps(out + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a + j))));
+    for (; j < n; ++j) out[j] = fa_f16::load(a, j);
+}
+FA_F16_512_INLINE void fa_f16_encode_512(const float *__restrict__ x, uint16_t *__restrict__ out, int64_t n) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256((__m256i *)(out + j), _mm512_cvtps_ph(_mm512_load_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; ++j) out[j] = fa_f16::nearest(x[j]);
+}
+template <int ISA>
+static inline __attribute__((always_inline)) void fa_f16_to_f32(const uint16_t *a, float *out, int64_t n) {
+    if constexpr (ISA == FA_ISA_AVX512) fa_f16_decode_512(a, out, n);
+    else fa_f16_decode(a, out, n);
+}
+template <int ISA>
+static inline __attribute__((always_inline)) void fa_f32_to_f16(const float *x, uint16_t *out, int64_t n) {
+    if constexpr (ISA == FA_ISA_AVX512) fa_f16_encode_512(x, out, n);
+    else fa_f16_encode(x, out, n);
+}
+
+template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int STATE, int ISA>
+static inline __attribute__((always_inline)) void fa_adam_loop(const fa_item &it, int64_t start, int64_t stop);
+
+// A float16 tensor in torch's semantics, block by block: p, m, v (v^) and a float16
+// gradient decoded into L1-resident float32 buffers, updated there by the float32
+// loop in torch's order, and encoded back, rounded to nearest: the same bits as
+// the element-wise loop, which rounds once per value too.
+template <typename G, int WD, bool AMSGRAD, int MAXIMIZE, int ISA>
+static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_item &it, int64_t start, int64_t stop) {
+    constexpr int64_t B = 512;
+    alignas(64) float bp[B], bg[B], bm[B], bv[B], bvmax[B];
+    const uint16_t *p = (const uint16_t *)it.param, *m = (const uint16_t *)it.exp_avg;
+    const uint16_t *v = (const uint16_t *)it.exp_avg_sq, *vmax = (const uint16_t *)it.max_exp_avg_sq;
+    fa_item block = it;
+    block.param = bp, block.exp_avg = bm, block.exp_avg_sq = bv, block.max_exp_avg_sq = bvmax;
+    for (int64_t b0 = start; b0 < stop; b0 += B) {
+        const int64_t n = stop - b0 < B ? stop - b0 : B;
+        fa_f16_to_f32<ISA>(p + b0, bp, n);
+        fa_f16_to_f32<ISA>(m + b0, bm, n);
+        fa_f16_to_f32<ISA>(v + b0, bv, n);
+        if (AMSGRAD) fa_f16_to_f32<ISA>(vmax + b0, bvmax, n);
+        if constexpr (std::is_same<G, fa_f16>::value) {
+            fa_f16_to_f32<ISA>((const uint16_t *)it.grad + b0, bg, n);
+            block.grad = bg;
+        } else {
+            block.grad = (const float *)it.grad + b0;
+        }
+        fa_adam_loop<fa_param_torch_f32, fa_f32, WD, AMSGRAD, MAXIMIZE, FA_STATE_NATIVE, ISA>(block, 0, n);
+        fa_f32_to_f16<ISA>(bp, (uint16_t *)it.param + b0, n);
+        fa_f32_to_f16<ISA>(bm, (uint16_t *)it.exp_avg + b0, n);
+        fa_f32_to_f16<ISA>(bv, (uint16_t *)it.exp_avg_sq + b0, n);
+        if (AMSGRAD) fa_f32_to_f16<ISA>(bvmax, (uint16_t *)it.max_exp_avg_sq + b0, n);
+    }
+}
+#endif
+
 // The loop over [start, stop) of one tensor, for one variant: parameter policy
 // P, gradient format G, state storage STATE.
 template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int STATE, int ISA>
@@ -191,6 +273,10 @@ static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     if constexpr (STATE == FA_STATE_INT8) {
         fa_adam_int8_loop<P, G, WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
+#if defined(__x86_64__) && defined(__GNUC__)
+    } else if constexpr (ISA != FA_ISA_BASELINE && std::is_same<P, fa_param_plain<fa_f16>>::value) {
+        fa_adam_f16_staged<G, WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
+#endif
     } else {
     typedef typename P::value T;
     // Low-precision parameters updated in place keep the state in their own

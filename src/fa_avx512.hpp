@@ -7,7 +7,7 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FA_AVX512_TARGET \
-    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 #define FA_AVX512_INLINE FA_AVX512_TARGET static inline __attribute__((always_inline))
 
 // 16 floats: __m512 without its may_alias attribute, which a template argument drops.

@@ -95,7 +95,7 @@ static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item
 FA_DEFINE_ISA(baseline, , FA_ISA_BASELINE)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FA_HAVE_X86_VARIANTS 1
-FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), FA_ISA_AVX2)
+FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,f16c"))), FA_ISA_AVX2)
 FA_DEFINE_ISA(avx512, FA_AVX512_TARGET, FA_ISA_AVX512)
 #else
 #define FA_HAVE_X86_VARIANTS 0
@@ -116,9 +116,9 @@ static inline int fa_isa_supported(int isa) {
 #if FA_HAVE_X86_VARIANTS
     __builtin_cpu_init();  // libgcc checks CPUID and that the OS saves the registers (XGETBV)
     if (isa == FA_ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (isa == FA_ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 #endif
     return 0;

@@ -170,3 +170,10 @@ struct fa_param_master {
         p[i] = F::nearest(x);
     }
 };
+
+// float32 parameters updated in torch's order with float32 state: the loop a
+// float16 block runs on once staged into float32 (fa_adam_f16_staged).
+struct fa_param_torch_f32 : fa_param_plain<fa_f32> {
+    static constexpr bool torch_order = true;
+    explicit fa_param_torch_f32(const fa_item &it) : fa_param_plain<fa_f32>(it) {}
+};
