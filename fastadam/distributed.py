@@ -128,6 +128,9 @@ class ZeroAdam:
         if len(dtypes) > 1:
             raise TypeError(f"ZeroAdam needs one dtype for all parameters, got {sorted(map(str, dtypes))}")
         self.dtype = dtypes.pop()
+        if self.dtype not in _rules.FLOAT_DTYPES:
+            raise TypeError(f"ZeroAdam shards float32 or float64 parameters, got {self.dtype} "
+                            "(its collectives have no low-precision MPI datatype; use fastadam.Adam)")
         self._shards = _Shards([p.size for p in self._params], self.world_size, self.dtype.itemsize)
         mine = (tuple(p.shape for p in self._params), str(self.dtype), self._hyper_signature())
         everyone = self.comm.allgather(mine)

@@ -51,9 +51,8 @@ FA_RULE_INLINE void adam_term(const S &s, const V &mi, const V &vd, V &term) {
 
 // torch's order of operations, for low-precision parameters (the state in the
 // parameter's dtype, math in float32: torch.optim.Adam(fused=True) on the CPU),
-// where rounding every step to 8 or 11 bits makes the order visible: the same
-// values differ from fastadam's order in 0.2% (bfloat16) or 3% (float16) of
-// elements after 100 steps, and not at all in torch's (docs/low-precision.md).
+// where rounding every step to 8 or 11 bits makes the order visible
+// (docs/low-precision.md measures it against torch).
 //
 //   m  = fma(c, g - m, m)  if c < 1/2, else  fma(c - 1, g - m, g)   (c = 1 - beta1; torch's lerp)
 //   v  = v * beta2 + (1 - beta2) * g * g
