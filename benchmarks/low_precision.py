@@ -1,7 +1,7 @@
 """bfloat16 and float16 parameters: fastadam's step in each mode against torch's fused
 CPU step on the same dtype, in one interleaved run (fastadam.bench.measure).
 
-    python benchmarks/low_precision.py [--sizes 64K,1M,16M,64M] [--threads all] [--rounds 15]
+    python benchmarks/low_precision.py [--sizes 4K,64K,1M,16M,64M] [--threads 1,all] [--rounds 15]
 
 Per size: ns per parameter, GB/s from the bytes each mode moves, and the time of
 torch fused (bfloat16 or float16 parameters) over each row's.  The float32 rows
@@ -16,10 +16,10 @@ import numpy as np
 from fastadam import bench
 
 # Bytes a step moves per parameter: read p, g, m, v and write p, m, v, plus the master.
-BYTES = {"fastadam-f32": 28, "torch-fused-f32": 28,
-         "fastadam-bf16": 14, "fastadam-bf16-stochastic": 14, "torch-fused-bf16": 14,
-         "fastadam-bf16-split": 26, "fastadam-bf16-master": 28, "fastadam-bf16-split-bf16state": 18,
-         "fastadam-f16": 14, "torch-fused-f16": 14}
+BYTES = {"f32-fastadam": 28, "f32-torch-fused": 28,
+         "bf16-fastadam": 14, "bf16-fastadam-stochastic": 14, "bf16-torch-fused": 14,
+         "bf16-fastadam-split": 26, "bf16-fastadam-split-bf16state": 18, "bf16-fastadam-master": 28,
+         "f16-fastadam": 14, "f16-fastadam-master": 28, "f16-torch-fused": 14}
 
 
 def _arrays(n, dtype):
@@ -63,16 +63,17 @@ def _torch_fused(dtype_name):
 
 
 MAKERS = {
-    "fastadam-f32": _fastadam("f32"),
-    "torch-fused-f32": _torch_fused("f32"),
-    "fastadam-bf16": _fastadam("bf16"),
-    "fastadam-bf16-stochastic": _fastadam("bf16", param_rounding="stochastic"),
-    "fastadam-bf16-split": _fastadam("bf16", master_weights="split"),
-    "fastadam-bf16-split-bf16state": _fastadam("bf16", master_weights="split", state_dtype="bfloat16"),
-    "fastadam-bf16-master": _fastadam("bf16", master_weights="float32"),
-    "torch-fused-bf16": _torch_fused("bf16"),
-    "fastadam-f16": _fastadam("f16"),
-    "torch-fused-f16": _torch_fused("f16"),
+    "f32-fastadam": _fastadam("f32"),
+    "f32-torch-fused": _torch_fused("f32"),
+    "bf16-fastadam": _fastadam("bf16"),
+    "bf16-fastadam-stochastic": _fastadam("bf16", param_rounding="stochastic"),
+    "bf16-fastadam-split": _fastadam("bf16", master_weights="split"),
+    "bf16-fastadam-split-bf16state": _fastadam("bf16", master_weights="split", state_dtype="bfloat16"),
+    "bf16-fastadam-master": _fastadam("bf16", master_weights="float32"),
+    "bf16-torch-fused": _torch_fused("bf16"),
+    "f16-fastadam": _fastadam("f16"),
+    "f16-fastadam-master": _fastadam("f16", master_weights="float32"),
+    "f16-torch-fused": _torch_fused("f16"),
 }
 
 
@@ -88,7 +89,7 @@ def report(results, log=print):
                 log(f"  {name:30s} skipped: {r['skipped'][:80]}")
                 continue
             t = r["median_s"]
-            peer = "torch-fused-" + ("bf16" if "bf16" in name else "f16" if "f16" in name else "f32")
+            peer = name.split("-")[0] + "-torch-fused"
             ratio = rows.get(peer, {}).get("median_s")
             log(f"  {name:30s} {t * 1e6:10.2f} {t / n * 1e9:9.3f} {BYTES[name] * n / t / 1e9:7.1f} "
                 + (f"{ratio / t:32.2f}" if ratio else ""))
@@ -96,8 +97,8 @@ def report(results, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="64K,1M,16M,64M")
-    p.add_argument("--threads", default="all")
+    p.add_argument("--sizes", default="4K,64K,1M,16M,64M")
+    p.add_argument("--threads", default="all", help="comma-separated thread counts ('all': every usable CPU)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--impls", default=",".join(MAKERS))
     p.add_argument("--json", default=None)

@@ -19,6 +19,8 @@ from fastadam import bench
 from fastadam.bench import TextbookAdam
 from fastadam.mnist.model import MLP
 
+import low_precision  # benchmarks/low_precision.py
+
 SIZES = [4096, 65536, 1 << 20, 1 << 24, 1 << 26]
 
 
@@ -38,6 +40,20 @@ def test_step(benchmark, impl, n, threads):
     iterations = max(1, 65536 // n * 4)
     benchmark.pedantic(step, rounds=rounds_for(n), iterations=iterations, warmup_rounds=1)
     benchmark.extra_info["gb_per_s"] = bench.BYTES_PER_PARAM * n / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("impl", list(low_precision.MAKERS))
+@pytest.mark.parametrize("n", SIZES[:4], ids=[bench.LABELS[s] for s in SIZES[:4]])
+def test_low_precision_step(benchmark, impl, n, threads):
+    """bfloat16 and float16 parameters in each mode, and torch fused on the same dtype
+    (benchmarks/low_precision.py)."""
+    try:
+        step = low_precision.MAKERS[impl](n, threads)
+    except bench.Unavailable as e:
+        pytest.skip(f"{impl}: {e}")
+    benchmark.group = f"low-precision parameters {bench.LABELS[n]}, {threads} thread(s)"
+    benchmark.extra_info.update(params=n, bytes_per_step=low_precision.BYTES[impl] * n)
+    benchmark.pedantic(step, rounds=rounds_for(n), iterations=max(1, 65536 // n * 4), warmup_rounds=1)
 
 
 @pytest.mark.parametrize("kind", list(bench.MODEL_SHAPED))

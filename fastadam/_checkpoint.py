@@ -212,7 +212,8 @@ def file_meta(opt, snapshot):
     """The ``meta`` member of a file holding ``snapshot`` (a state_dict of ``opt``)."""
     return {
         "format": FORMAT, "version": VERSION, "optimizer": optimizer_kind(opt),
-        "state_dtype": opt.state_dtype, "model": _model_signature(opt),
+        "state_dtype": opt.state_dtype, "master_weights": opt.master_weights,
+        "model": _model_signature(opt),
         "steps": {str(index): entry["step"] for index, entry in snapshot["state"].items()},
         "param_groups": [{k: v for k, v in g.items() if k != "decoupled_weight_decay"}
                          for g in snapshot["param_groups"]],
@@ -375,6 +376,11 @@ def _read_checked(zf, path, opt):
             if info is not None:
                 entry[key] = _read_member(zf, info, lambda dt, dtype=dtype: dt == dtype,
                                           lambda shape: shape == p.shape, max(4, p.itemsize) * p.size)
+        saved_master = _rules.master_key(p, meta.get("master_weights"))
+        if saved_master and saved_master not in entry and len(entry) > 1:
+            raise ValueError(f"{path}: state/{index} has no {saved_master!r}: the optimizer that "
+                             f"wrote it kept master weights ({meta['master_weights']!r}), so the "
+                             "file is incomplete")
         state[index] = entry
     if members:
         raise ValueError(f"{path}: holds members this optimizer does not read: "

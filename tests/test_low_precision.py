@@ -266,3 +266,35 @@ def test_numba_refuses_low_precision_clearly():
     opt = fastadam.Adam([np.zeros(3, np.float32)], backend="numba")
     with pytest.raises(TypeError, match=r"grads\[0\]: backend 'numba' updates float32"):
         opt.step([np.zeros(3, BF16)])
+
+
+def test_a_file_that_lacks_its_master_weights_is_refused_and_nothing_changes(tmp_path):
+    import zipfile
+    params, opt = run("auto", BF16, master_weights="split")
+    opt.save(tmp_path / "opt.npz")
+    with zipfile.ZipFile(tmp_path / "opt.npz") as src, \
+            zipfile.ZipFile(tmp_path / "cut.npz", "w") as dst:
+        for info in src.infolist():
+            if info.filename != "state/0/master_low.npy":
+                dst.writestr(info, src.read(info))
+    before = {k: {key: value.copy() for key, value in entry.items() if isinstance(value, np.ndarray)}
+              for k, entry in opt.state.items()}
+    with pytest.raises(ValueError, match=r"cut.npz: state/0 has no 'master_low'.*incomplete"):
+        opt.load(tmp_path / "cut.npz")
+    for k, entry in before.items():
+        for key, value in entry.items():
+            np.testing.assert_array_equal(bits(opt.state[k][key]), bits(value))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("master_low", np.zeros(3000, np.float32), r"\['master_low'\] must be a uint16 array"),
+    ("master", np.zeros(10, np.float32), r"\['master'\] must be a float32 array of the parameter's shape"),
+])
+def test_a_state_dict_with_a_malformed_master_is_refused(key, value, match):
+    params, opt = run("auto", BF16, master_weights="split")
+    sd = opt.state_dict()
+    sd["state"][0][key] = value
+    before = opt.state[0]["master_low"].copy()
+    with pytest.raises(TypeError, match=match):
+        opt.load_state_dict(sd)
+    np.testing.assert_array_equal(opt.state[0]["master_low"], before)

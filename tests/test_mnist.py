@@ -263,3 +263,24 @@ def test_cli_state_dtype_bfloat16_trains_and_is_recorded(tmp_path):
     result = json.loads(json_path.read_text())
     assert result["config"]["state_dtype"] == "bfloat16"
     assert result["epochs"][0]["test_acc"] > 0.88  # softmax regression after one epoch
+
+
+@pytest.mark.parametrize("flags", [["--param-dtype", "bfloat16"],
+                                   ["--param-dtype", "bfloat16", "--param-rounding", "stochastic"],
+                                   ["--param-dtype", "bfloat16", "--master-weights", "split"],
+                                   ["--param-dtype", "float16", "--master-weights", "float32"]])
+def test_cli_low_precision_parameters_train_and_are_recorded(tmp_path, flags):
+    pytest.importorskip("ml_dtypes")
+    json_path = tmp_path / "low.json"
+    assert main(["--epochs", "1", *flags, "--json", str(json_path), "--no-progress"]) == 0
+    config = json.loads(json_path.read_text())["config"]
+    assert config["param_dtype"] == flags[1]
+    assert config["param_rounding"] == (flags[3] if "--param-rounding" in flags else "nearest")
+    assert json.loads(json_path.read_text())["epochs"][0]["test_acc"] > 0.88
+
+
+def test_cli_refuses_low_precision_options_that_do_not_fit(capsys):
+    pytest.importorskip("ml_dtypes")
+    assert main(["--epochs", "1", "--param-dtype", "float16", "--master-weights", "split",
+                 "--no-progress"]) == 2
+    assert "master_weights='split'" in capsys.readouterr().err

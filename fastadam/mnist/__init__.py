@@ -62,6 +62,13 @@ def build_parser():
     p.add_argument("--state-dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="how the optimizer stores m and v (bfloat16: half the memory; "
                         "int8: blockwise 8-bit, about a quarter)")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the parameters' dtype as the optimizer updates them (forward and backward "
+                        "in float32 on their values; gradients rounded to it)")
+    p.add_argument("--param-rounding", choices=("nearest", "stochastic"), default="nearest",
+                   help="how bfloat16 parameters are rounded (without --master-weights)")
+    p.add_argument("--master-weights", choices=("none", "split", "float32"), default="none",
+                   help="keep a float32 master of low-precision parameters in the state")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks (launch with mpiexec -n N): each global "
                         "batch is split across the ranks and the gradients averaged by "
@@ -173,17 +180,23 @@ def _make_optimizer(kind, model, args, comm=None):
         from ..distributed import ZeroAdam
         return ZeroAdam([model.flat.data], lr=args.lr, backend=backend, comm=comm,
                         max_grad_norm=args.max_grad_norm, state_dtype=args.state_dtype)
-    return fastadam.Adam([model.flat.data], lr=args.lr, backend=backend,
-                         max_grad_norm=args.max_grad_norm, state_dtype=args.state_dtype)
+    options = dict(lr=args.lr, backend=backend, max_grad_norm=args.max_grad_norm,
+                   state_dtype=args.state_dtype)
+    if args.param_dtype != "float32":
+        from .low_precision import LowPrecisionParameters, dtype
+        return LowPrecisionParameters(
+            model, dtype(args.param_dtype), param_rounding=args.param_rounding, seed=args.seed,
+            master_weights=None if args.master_weights == "none" else args.master_weights, **options)
+    return fastadam.Adam([model.flat.data], **options)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.distributed:
         return _main(args, None)
-    if args.compare or args.optimizer != "fastadam":
-        print("fastadam-mnist: --distributed trains with fastadam only (no --compare, "
-              "--optimizer numpy)", file=sys.stderr)
+    if args.compare or args.optimizer != "fastadam" or args.param_dtype != "float32":
+        print("fastadam-mnist: --distributed trains with fastadam only, on float32 parameters "
+              "(no --compare, --optimizer numpy, --param-dtype)", file=sys.stderr)
         return 2
     from .. import _threads
     from ..distributed import _mpi
@@ -237,7 +250,11 @@ def _main(args, comm):
     for kind in kinds:
         model = MLP(sizes, np.random.default_rng(args.seed),
                     numel_multiple=1 if comm is None else shard_multiple(comm))
-        optimizer = _make_optimizer(kind, model, args, comm)
+        try:
+            optimizer = _make_optimizer(kind, model, args, comm)
+        except (TypeError, ValueError) as e:  # options that do not fit the parameters
+            print(f"fastadam-mnist: {e}", file=sys.stderr)
+            return 2
         label = f"{kind} ({optimizer.backend}) " if len(kinds) > 1 else ""
         backends[kind] = optimizer.backend
         runs[kind] = train(model, optimizer, x_train, y_train, x_test, y_test, args.epochs,
@@ -253,6 +270,8 @@ def _main(args, comm):
     config = {"model": model_name, "sizes": sizes, "hidden": args.hidden, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "lr_decay": args.lr_decay,
               "max_grad_norm": args.max_grad_norm, "state_dtype": args.state_dtype,
+              "param_dtype": args.param_dtype, "param_rounding": args.param_rounding,
+              "master_weights": args.master_weights,
               "optimizer": args.optimizer,
               "backend": backends.get("fastadam", backends.get(args.optimizer)), "seed": args.seed,
               "mpi_ranks": 1 if comm is None else comm.Get_size(),
