@@ -239,7 +239,7 @@ static inline __attribute__((always_inline)) void fa_adam_loop(const fa_item &it
 // the element-wise loop, which rounds once per value too.
 template <typename G, int WD, bool AMSGRAD, int MAXIMIZE, int ISA>
 static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_item &it, int64_t start, int64_t stop) {
-    constexpr int64_t B = 512;
+    constexpr int64_t B = 256;
     alignas(64) float bp[B], bg[B], bm[B], bv[B], bvmax[B];
     const uint16_t *p = (const uint16_t *)it.param, *m = (const uint16_t *)it.exp_avg;
     const uint16_t *v = (const uint16_t *)it.exp_avg_sq, *vmax = (const uint16_t *)it.max_exp_avg_sq;
