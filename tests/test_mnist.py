@@ -284,3 +284,15 @@ def test_cli_refuses_low_precision_options_that_do_not_fit(capsys):
     assert main(["--epochs", "1", "--param-dtype", "float16", "--master-weights", "split",
                  "--no-progress"]) == 2
     assert "master_weights='split'" in capsys.readouterr().err
+
+
+def test_the_trainers_float16_rounding_is_numpys():
+    from fastadam.mnist.low_precision import to_float16
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10 ** 5) * 10.0 ** rng.uniform(-12, 6, 10 ** 5),
+                        [65504, 65519.99, 65520, 2.0 ** -25, 2.0 ** -24 * 1.5, -0.0, np.inf, -np.inf]]
+                       ).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16)
+    np.testing.assert_array_equal(to_float16(x).view(np.uint16), expected.view(np.uint16))
+    assert np.isnan(to_float16(np.array([np.nan], np.float32)))[0]
