@@ -9,7 +9,16 @@ which, and why).  FASTADAM_REQUIRE_EXTENSIONS=1 makes a failed build an error
 
 Build-time switches (environment variables):
   FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially)
+  FASTADAM_OPENMP_RUNTIME=/path/libgomp.so.1
+                          link that OpenMP runtime (libgomp's ABI) instead of the
+                          compiler's own: the wheels link Debian 11's libgomp,
+                          which needs only glibc 2.17 (docs/building.md)
   FASTADAM_CYTHON_DEBUG=1 bounds checks on, -O0 -g: for debugging and sanitizers
+  FASTADAM_LIMITED_API=1  build against CPython's stable ABI (the limited API of
+                          3.11): one build, a cp311-abi3 wheel, serves CPython 3.11
+                          and every later version.  Without it the extensions are
+                          built for this CPython, whose full API makes a step's
+                          call a little cheaper (docs/building.md)
 
 Flags: -O3 vectorises the loop; -fno-math-errno lets GCC use the sqrt
 instruction instead of a libm call; -ffp-contract=off keeps multiply and add
@@ -20,6 +29,7 @@ compiled per function and chosen at run time; see src/adam_kernel.hpp).
 """
 import glob
 import os
+import sys
 
 import numpy
 from Cython.Build import cythonize
@@ -28,20 +38,32 @@ from setuptools import Extension, setup
 openmp = os.environ.get("FASTADAM_OPENMP", "1") != "0"
 optional = os.environ.get("FASTADAM_REQUIRE_EXTENSIONS", "0") != "1"
 debug = os.environ.get("FASTADAM_CYTHON_DEBUG", "0") == "1"
+limited = os.environ.get("FASTADAM_LIMITED_API", "0") == "1"
+if limited and sys.version_info < (3, 11):  # the buffer protocol joined the stable ABI in 3.11
+    sys.exit("FASTADAM_LIMITED_API=1 needs CPython 3.11 or later to build")
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+if limited:
+    macros.append(("Py_LIMITED_API", "0x030B0000"))
 
 compile_args = ["-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
 compile_args += ["-O0", "-g"] if debug else ["-O3"]
 link_args = []
+runtime = os.environ.get("FASTADAM_OPENMP_RUNTIME", "")
 if openmp:
     compile_args.append("-fopenmp")
-    link_args.append("-fopenmp")
+    if runtime:  # the compiler's code calls libgomp's ABI (GOMP_4.0), which older libgomp has
+        link_args += ["-L" + os.path.dirname(os.path.abspath(runtime)),
+                      "-l:" + os.path.basename(runtime)]
+    else:
+        link_args.append("-fopenmp")
 
 kernel = Extension(
     "fastadam._kernel",
     sources=["src/_kernel.pyx"],
     depends=sorted(glob.glob("src/*.hpp") + glob.glob("src/*.h") + glob.glob("src/*.pxi")),  # rebuilt when a header changes
     include_dirs=["src", numpy.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    define_macros=macros,
+    py_limited_api=limited,
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     language="c++",
@@ -52,7 +74,8 @@ torch_plan = Extension(
     "fastadam._torch_plan",
     sources=["src/_torch_plan.pyx"],
     include_dirs=[numpy.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    define_macros=macros,
+    py_limited_api=limited,
     extra_compile_args=["-O2"],
 )
 
@@ -70,4 +93,5 @@ extensions = cythonize(
 for extension in extensions:  # after cythonize, which makes new Extension objects
     extension.optional = optional
 
-setup(ext_modules=extensions)
+setup(ext_modules=extensions,
+      options={"bdist_wheel": {"py_limited_api": "cp311"}} if limited else {})

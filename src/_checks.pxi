@@ -53,7 +53,7 @@ cdef inline bint read_exact_real(PyObject *ptr, double *out) noexcept:
     or an int beyond double)."""
     x = <object>ptr
     if type(x) is float:
-        out[0] = PyFloat_AS_DOUBLE(x)
+        out[0] = fa_float_value(x)
         return True
     if type(x) is int:
         out[0] = exact_long_as_double(x)

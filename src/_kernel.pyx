@@ -11,18 +11,22 @@ and the checked path decides: the rules and their messages live in one place.
 The math is in adam_kernel.hpp.
 """
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
-from cpython.float cimport PyFloat_AS_DOUBLE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.ref cimport PyObject
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t, intptr_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, qsort
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from "fa_python.h":  # macros, or under the stable ABI functions
+    Py_ssize_t fa_list_size(object)
+    PyObject *fa_list_item(object, Py_ssize_t)
+    Py_ssize_t fa_tuple_size(object)
+    PyObject *fa_tuple_item(object, Py_ssize_t)
+    double fa_float_value(object)
 
 cimport numpy as cnp
 from cython.parallel cimport prange

@@ -85,12 +85,12 @@ cdef class Plan(PlanBuffers):
             held = tuple(<list>grads)
         else:
             return False
-        if PyTuple_GET_SIZE(held) != self.n or PyList_GET_SIZE(groups) != self.n_groups:
+        if fa_tuple_size(held) != self.n or fa_list_size(groups) != self.n_groups:
             return False
         entries, new_steps = self.held_entries, self.new_steps
         k = 0
         for gi in range(self.n_groups):
-            group = <object>PyList_GET_ITEM(groups, gi)
+            group = <object>fa_list_item(groups, gi)
             if type(group) is not dict:
                 return False
             slot = gi * N_SLOTS
@@ -99,15 +99,15 @@ cdef class Plan(PlanBuffers):
                 return False
             betas = <object>ptr
             if type(betas) is tuple:
-                if PyTuple_GET_SIZE(betas) != 2:
+                if fa_tuple_size(betas) != 2:
                     return False
-                ok_betas = (self.read_real(PyTuple_GET_ITEM(betas, 0), slot + SLOT_BETA1, &beta1)
-                            and self.read_real(PyTuple_GET_ITEM(betas, 1), slot + SLOT_BETA2, &beta2))
+                ok_betas = (self.read_real(fa_tuple_item(betas, 0), slot + SLOT_BETA1, &beta1)
+                            and self.read_real(fa_tuple_item(betas, 1), slot + SLOT_BETA2, &beta2))
             elif type(betas) is list:
-                if PyList_GET_SIZE(betas) != 2:
+                if fa_list_size(betas) != 2:
                     return False
-                ok_betas = (self.read_real(PyList_GET_ITEM(betas, 0), slot + SLOT_BETA1, &beta1)
-                            and self.read_real(PyList_GET_ITEM(betas, 1), slot + SLOT_BETA2, &beta2))
+                ok_betas = (self.read_real(fa_list_item(betas, 0), slot + SLOT_BETA1, &beta1)
+                            and self.read_real(fa_list_item(betas, 1), slot + SLOT_BETA2, &beta2))
             else:
                 return False
             if not (ok_betas
@@ -134,11 +134,11 @@ cdef class Plan(PlanBuffers):
                 return False
             group_params = <list>ptr
             n_in_group = self.group_sizes[gi]
-            if PyList_GET_SIZE(group_params) != n_in_group:
+            if fa_list_size(group_params) != n_in_group:
                 return False
             for j in range(n_in_group):
                 it = &self.items[k]
-                if <object>PyList_GET_ITEM(group_params, j) is not self.params[k]:
+                if <object>fa_list_item(group_params, j) is not self.params[k]:
                     return False
                 if amsgrad != (self.max_exp_avg_sqs[k] is not None):
                     return False
@@ -176,7 +176,7 @@ cdef class Plan(PlanBuffers):
                         and self.same_memory(<cnp.ndarray>self.masters[k], it.master, k,
                                              cnp.PyArray_TYPE(<cnp.ndarray>self.masters[k]))):
                     return False
-                gobj = <object>PyTuple_GET_ITEM(held, k)
+                gobj = <object>fa_tuple_item(held, k)
                 grad_code = self.gradient_code(gobj, k)
                 if grad_code < 0:
                     return False

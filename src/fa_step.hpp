@@ -8,6 +8,14 @@
 #include <stdint.h>
 #include <type_traits>
 
+// glibc 2.29 gave pow a second symbol version, the same function without the
+// old SVID error wrapper (which only acts on errors: beta**t never has one).
+// Binding the original version keeps the kernel loadable on older glibc, and
+// so the wheel's manylinux tag (docs/building.md); the results are the same.
+#if defined(__GLIBC__) && defined(__x86_64__)
+__asm__(".symver pow,pow@GLIBC_2.2.5");
+#endif
+
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
 // Element dtypes of parameters and gradients (fa_params.hpp's formats).
 enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1, FA_BFLOAT16 = 2, FA_FLOAT16 = 3 };
