@@ -347,3 +347,84 @@ def test_thread_planner_leaves_a_choice_that_became_slower():
     busy = {1: 0.65e-3, most: 1.4e-3}
     after = _drive(plan, kernel.REPLAN_EVERY, busy)
     assert after[-1] == 1 and after.index(1) < kernel.REPLAN_EVERY // 2, after
+
+
+def _fresh_planner():
+    kernel = _backends.compiled_or_none()
+    if kernel is None:
+        pytest.skip("needs the compiled kernel")
+    return kernel, kernel.ThreadPlanner()
+
+
+def _drive_within(planner, most, steps, seconds):
+    """As _drive, for a machine that allows ``most`` threads: seconds(threads) per step."""
+    chosen = []
+    for _ in range(steps):
+        t = planner.decide(most)
+        chosen.append(t)
+        planner.observe(t, seconds(t))
+    return chosen
+
+
+def _blocks(seen):
+    """[(count, steps in a row)] of a sequence of thread counts."""
+    out = []
+    for t in seen:
+        if out and out[-1][0] == t:
+            out[-1][1] += 1
+        else:
+            out.append([t, 1])
+    return [tuple(b) for b in out]
+
+
+@pytest.mark.parametrize("most, candidates", [(2, [2, 1]), (6, [6, 4, 2, 1]), (16, [16, 8, 4, 2, 1]),
+                                              (128, [128, 64, 32, 16, 8, 4, 2, 1])])
+def test_thread_planner_tries_the_powers_of_two_below_the_maximum(most, candidates):
+    """A trial visits the maximum, then every power of two below it down to 1, one block
+    each (a warm-up step and TRIAL_SAMPLES samples), when all take the same time."""
+    kernel, planner = _fresh_planner()
+    block = kernel.TRIAL_SAMPLES + 1
+    seen = _drive_within(planner, most, block * len(candidates), lambda t: 1e-3)
+    assert _blocks(seen) == [(c, block) for c in candidates]
+    assert planner.chosen_threads == most  # a tie keeps the first measured, the maximum
+
+
+def test_thread_planner_picks_a_count_between_on_many_cores():
+    """A memory-bound step on 16 cores: 8 threads beat both the maximum and 1.  Going down,
+    the first block whose first sample is more than twice the best so far ends the trial
+    (2 here), so 1 thread is never timed."""
+    kernel, planner = _fresh_planner()
+    block = kernel.TRIAL_SAMPLES + 1
+    ms = {16: 1.0, 8: 0.9, 4: 1.2, 2: 2.0, 1: 3.9}
+    seen = _drive_within(planner, 16, 3 * block + 2, lambda t: ms[t] * 1e-3)
+    assert _blocks(seen) == [(16, block), (8, block), (4, block), (2, 2)]
+    assert planner.chosen_threads == 8
+    assert _drive_within(planner, 16, kernel.REPLAN_EVERY, lambda t: ms[t] * 1e-3) == [8] * kernel.REPLAN_EVERY
+
+
+def test_thread_planner_goes_down_to_one_thread_under_load():
+    """Every core busy with another library's threads: fewer is faster all the way down."""
+    kernel, planner = _fresh_planner()
+    ms = {16: 5.0, 8: 3.0, 4: 2.0, 2: 1.5, 1: 1.0}
+    _drive_within(planner, 16, 5 * (kernel.TRIAL_SAMPLES + 1), lambda t: ms[t] * 1e-3)
+    assert planner.chosen_threads == 1
+
+
+def test_thread_planner_recovers_from_a_noisy_start_on_many_cores():
+    """The noisy start on 64 cores: loaded during the first trial (1 thread measured best),
+    then quiet, where 32 threads are best.  Within the first interval and one trial the
+    planner is back on 32, and over 5000 steps its trials cost under 3% of the time."""
+    kernel, planner = _fresh_planner()
+    loaded = lambda t: (1.0 + 0.05 * t) * 1e-3
+
+    def quiet(t):  # compute-bound below 32 threads, memory-bound above; a little cost per thread
+        return (max(32 / t, 1.0) + 0.01 * t / 64) * 1e-3
+
+    trial = 7 * (kernel.TRIAL_SAMPLES + 1)
+    _drive_within(planner, 64, trial, loaded)
+    assert planner.chosen_threads == 1
+    _drive_within(planner, 64, kernel.REPLAN_EVERY + trial, quiet)
+    assert planner.chosen_threads == 32
+    later = _drive_within(planner, 64, 5000, quiet)
+    spent = sum(quiet(t) for t in later)
+    assert spent < 1.03 * 5000 * quiet(32), spent / (5000 * quiet(32))
