@@ -14,8 +14,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 import low_precision
 from fastadam import bench
 
@@ -90,12 +88,10 @@ def main(argv=None):
             skipped = next((rows[(name, t)]["skipped"] for t in counts if "skipped" in rows[(name, t)]), "")
             print(f"  {name:26s}" + "".join(cells) + (f"  skipped: {skipped[:60]}" if skipped else ""))
         out.append({"size": n, "planner_threads": choice})
-        del results, rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "thread_counts": counts, "results": out}, f, indent=1)
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()
