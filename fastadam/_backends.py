@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _formats, _interrupts, _threads
 from ._formats import rounding_key
-from ._step import clip_coefficient, grad_norm, step_scalars, variant_options, weight_decay_mode
+from ._step import StepScalars, clip_coefficient, grad_norm, step_scalars, weight_decay_mode
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -165,12 +165,22 @@ class _CheckedOnlyPlan:
 
 
 class _NumbaPlan:
-    """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math."""
+    """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math.
 
-    def __init__(self, checks, buffers, update):
+    The plan's buffers are flattened once; a step is the compiled ``verify``, the
+    scalars written into one float64 array (``scalars_into``), and one Numba call
+    per tensor (``kernel.update``)."""
+
+    def __init__(self, checks, buffers, kernel):
         self._checks = checks
-        self._buffers = buffers
-        self._update = update
+        self._kernel = kernel
+        flat = [[a.reshape(-1) for a in arrays] for arrays in
+                (buffers.params, buffers.exp_avgs, buffers.exp_avg_sqs)]
+        vmax = [v.reshape(-1) if v is not None else flat[2][k]
+                for k, v in enumerate(buffers.max_exp_avg_sqs)]
+        self._tensors = [(p, m, v, w, kernel.constants(p.dtype))
+                         for p, m, v, w in zip(*flat, vmax)]
+        self._rows = np.zeros((len(self._tensors), len(StepScalars._fields) + 1))
 
     @property
     def last_grad_norm(self):
@@ -198,15 +208,14 @@ class _NumbaPlan:
         self._checks.scale_gradients_by(c)
 
     def run(self, num_threads):
-        L = self._buffers
-        grads = self._checks.gradients()
-        threads = self._checks.threads_for_step(num_threads)  # the compiled plan's planner
+        checks, rows, update = self._checks, self._rows, self._kernel.update
+        checks.scalars_into(rows)
+        threads = checks.threads_for_step(num_threads)  # the compiled plan's planner
         started = time.perf_counter()
-        for k, (variant, *scalars) in enumerate(self._checks.scalars()):
-            self._update(L.params[k], grads[k], L.exp_avgs[k], L.exp_avg_sqs[k],
-                         L.max_exp_avg_sqs[k], scalars, *variant_options(variant),
-                         num_threads=threads)
-        self._checks.record_step(threads, time.perf_counter() - started)
+        for k, ((p, m, v, vmax, rule), g) in enumerate(zip(self._tensors, checks.gradients())):
+            update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k,
+                   int(rows[k, -1]), rule, threads)
+        checks.record_step(threads, time.perf_counter() - started)
 
     def commit_steps(self):
         self._checks.commit_steps()
@@ -244,7 +253,7 @@ class NumbaBackend:
     def new_plan(self, buffers):
         if self._compiled is None:
             return _CheckedOnlyPlan(buffers, self.module, self.default_num_threads)
-        return _NumbaPlan(self._compiled.Plan(*buffers), buffers, self.module.adam_update)
+        return _NumbaPlan(self._compiled.Plan(*buffers), buffers, self.module)
 
 
 class ReferenceBackend:

@@ -9,7 +9,6 @@ KeyboardInterrupt, or whatever the program installed) right after the step,
 never inside it.  The compiled fast path needs none of this: it runs no Python
 code between its parts.
 """
-import contextlib
 import signal
 import threading
 
@@ -19,22 +18,30 @@ except ImportError:  # not CPython
     _raw = signal
 
 
-@contextlib.contextmanager
-def deferred():
-    # Python runs signal handlers in the main thread only; elsewhere there is
-    # nothing to defer (and signal.signal would refuse).
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = _raw.getsignal(signal.SIGINT)
-    if previous is None:  # a handler Python did not install: it could not be restored
-        yield
-        return
-    _raw.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        _raw.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
+class deferred:
+    """``with deferred():`` the block, with a SIGINT in it held until it ends.
+
+    A class rather than a generator-based context manager: a step enters it
+    every time, and a generator's machinery costs more than the signal calls."""
+
+    __slots__ = ("_previous", "_received")
+
+    def __enter__(self):
+        # Python runs signal handlers in the main thread only; elsewhere there is
+        # nothing to defer (and signal.signal would refuse).  A handler Python did
+        # not install (None) could not be restored: it is left alone.
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = _raw.getsignal(signal.SIGINT)
+            if previous is not None:
+                self._received = received = []
+                _raw.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+                self._previous = previous
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            _raw.signal(signal.SIGINT, self._previous)
+            if self._received:
+                signal.raise_signal(signal.SIGINT)
+        return False

@@ -29,10 +29,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from . import _threads
 from ._formats import FlushToZero
-from ._step import WD_DECOUPLED, WD_L2, StepScalars
+from ._step import WD_DECOUPLED, WD_L2, StepScalars, variant, variant_options
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -42,8 +43,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
 ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line of float32)
-
-N_RULE_CONSTANTS = 4  # (smallest normal, scaled smallest normal, 2**SCALE_EXP, 0) in T
 
 HARDWARE_FTZ = (platform.machine().lower() in ("x86_64", "amd64")
                 and os.environ.get("FASTADAM_NUMBA_FTZ", "hardware") != "software")
@@ -78,6 +77,36 @@ def _write_mxcsr(typingctx, value):
         _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
         return context.get_dummy_value()
     return types.void(types.uint32), codegen
+
+
+# The calling thread's team size for parallel regions, through the threading layer's
+# own functions (registered with LLVM by name once its threads are launched:
+# ``_launch``).  numba.get/set_num_threads cost a few us from Python, and inside a
+# jitted function they embed ctypes pointers, which keep it out of the disk cache.
+@intrinsic
+def _team_size(typingctx):
+    def codegen(context, builder, signature, args):
+        # Declared as Numba's own lowering declares it (intp); the C function returns
+        # an int, so only the low 32 bits are read.
+        fnty = ir.FunctionType(cgutils.intp_t, [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
+        return builder.trunc(builder.call(fn, []), ir.IntType(32))
+    return types.int32(), codegen
+
+
+@intrinsic
+def _set_team_size(typingctx, n):
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [cgutils.intp_t])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "set_num_threads")
+        builder.call(fn, [context.cast(builder, args[0], signature.args[0], types.intp)])
+        return context.get_dummy_value()
+    return types.void(n), codegen
+
+
+def _launch():
+    """Start Numba's threading layer (which registers its functions by name)."""
+    numba.get_num_threads()
 
 
 # A subnormal read with no arithmetic (AMSGrad's old max) is flushed by a compare and
@@ -151,7 +180,7 @@ def _div(a, b, c, hw):
 @njit(inline="always", error_model="numpy")
 def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw):
     """One element; ``s`` the step's scalars in T (a StepScalars), ``c`` the rule's
-    constants (N_RULE_CONSTANTS); ``hw``: the hardware's flush-to-zero is on."""
+    constants (see ``constants``, as a tuple); ``hw``: the hardware's flush-to-zero is on."""
     gi = _mul(_daz(g[i], c, hw), s.grad_scale, c, hw)
     gi = -gi if maximize else gi
     pi = _daz(p[i], c, hw)
@@ -181,13 +210,34 @@ def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw):
     p[i] = _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw)
 
 
+N_SCALARS = len(StepScalars._fields)
+
+
+@njit(inline="always", error_model="numpy")
+def _scalars(rows, k, c):
+    """Row k of ``rows`` (float64, StepScalars' fields first) as a StepScalars in T,
+    the dtype of ``c``: each double rounded to T once under the flush-to-zero rule
+    (FlushToZero.scalar: to nearest, then the rule on the result, with 2**SCALE_EXP
+    times the double as its scaled twin).  Taken before the loop sets FTZ."""
+    rounded = np.empty((2, N_SCALARS), c.dtype)
+    for j in range(N_SCALARS):
+        rounded[0, j] = rows[k, j]
+        rounded[1, j] = rows[k, j] * c[2]
+    out = np.empty(N_SCALARS, c.dtype)
+    for j in range(N_SCALARS):
+        out[j] = _ftz(rounded[0, j], rounded[1, j], c)
+    return StepScalars(*to_fixed_tuple(out, N_SCALARS))
+
+
 def _make_variant(wd_mode, amsgrad, maximize, hw):
     """The serial and the parallel kernel of one variant.  The flags, and whether the
     hardware flushes (``hw``), are closure constants (inlined into _update_element,
     so its branches fold away); the closures hold nothing else, so Numba's cache key
-    is the same in every process that makes the same variant."""
+    is the same in every process that makes the same variant.  Both take the step's
+    scalars as row k of a float64 array (see _scalars) and the rule's constants."""
 
-    def update_range(p, g, m, v, vmax, start, stop, s, c):
+    def update_range(p, g, m, v, vmax, start, stop, rows, k, rule):
+        s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
@@ -197,8 +247,11 @@ def _make_variant(wd_mode, amsgrad, maximize, hw):
             _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw)
         _leave_ftz(saved, hw)
 
-    def update_parallel(p, g, m, v, vmax, n_threads, s, c):
+    def update_parallel(p, g, m, v, vmax, n_threads, rows, k, rule):
+        s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
         n = p.shape[0]
+        previous = _team_size()  # the team for this call (thread-local in Numba)
+        _set_team_size(n_threads)
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
@@ -208,25 +261,28 @@ def _make_variant(wd_mode, amsgrad, maximize, hw):
             for i in range(ps.shape[0]):
                 _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, s, c, hw)
             _leave_ftz(saved, hw)
+        _set_team_size(previous)
 
-    serial = njit(_signatures(7), cache=True, nogil=True, error_model="numpy")(update_range)
+    serial = njit(_signatures(3), cache=True, nogil=True, error_model="numpy")(update_range)
 
     def make_parallel():  # compiled (or loaded from the cache) on first use only
-        return njit(_signatures(6), cache=True, nogil=True, parallel=True, error_model="numpy")(update_parallel)
+        _launch()
+        return njit(_signatures(2), cache=True, nogil=True, parallel=True, error_model="numpy")(update_parallel)
 
     return serial, make_parallel
 
 
 def _signatures(n_ints):
-    """Eager signatures for float32 and float64: 5 arrays, then ints, then the step's
-    scalars (the StepScalars record itself) and the flush-to-zero rule's constants."""
+    """Eager signatures for float32 and float64: 5 arrays, then ints (start and stop,
+    or the thread count), the scalars' rows (float64) and row index, and the
+    flush-to-zero rule's constants (N_RULE_CONSTANTS, in T)."""
     sigs = []
     for t in (numba.float32, numba.float64):
         array, read_only = t[::1], types.Array(t, 1, "C", readonly=True)  # g is only read
-        ints = (numba.int64,) * (2 if n_ints == 7 else 1)
+        ints = (numba.int64,) * (n_ints - 1)
         sigs.append(numba.void(array, read_only, array, array, array, *ints,
-                               numba.types.NamedUniTuple(t, len(StepScalars._fields), StepScalars),
-                               numba.types.UniTuple(t, N_RULE_CONSTANTS)))
+                               types.Array(numba.float64, 2, "C", readonly=True), numba.int64,
+                               types.Array(t, 1, "C", readonly=True)))
     return sigs
 
 
@@ -269,46 +325,53 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_RULES = {}  # dtype -> (FlushToZero, its constants)
+_CONSTANTS = {}  # dtype -> the flush-to-zero rule's constants, a read-only array
 
 
-def _step_scalars(s, dtype):
-    """The step's scalars rounded to the dtype once, under the flush-to-zero rule, and
-    the rule's constants: the kernels' last two arguments."""
-    rule = _RULES.get(dtype)
-    if rule is None:
+def constants(dtype):
+    """The flush-to-zero rule's constants in ``dtype``: (smallest normal, scaled
+    smallest normal, 2**SCALE_EXP, 0), the kernels' last argument."""
+    dtype = np.dtype(dtype)
+    c = _CONSTANTS.get(dtype)
+    if c is None:
         f = FlushToZero(dtype)
-        rule = _RULES[dtype] = (f, (f.tiny, f.scaled_tiny, f.scale, f.zero))
-    f, constants = rule
-    edge = 2.0 * float(f.tiny)  # a double this small may round to T's edge of the rule
-    if any(0.0 < abs(x) < edge for x in s):  # rare: the rule's own rounding
-        return StepScalars(*(f.scalar(x) for x in s)), constants
-    return StepScalars(*np.array(s, dtype)), constants  # rounded to nearest, as the kernel does
+        c = np.array([f.tiny, f.scaled_tiny, f.scale, f.zero], dtype)
+        c.flags.writeable = False
+        c = _CONSTANTS.setdefault(dtype, c)
+    return c
+
+
+_BY_VARIANT = {}  # (variant code, parallel) -> kernel
+
+
+def update(p, g, m, v, vmax, rows, k, code, rule, num_threads):
+    """One in-place step of one tensor, its arrays flat (1-D, C-contiguous, of one
+    dtype; ``vmax`` any such array when the variant has no AMSGrad); its scalars row
+    k of ``rows`` (float64, StepScalars' fields first); ``code`` its variant (see
+    fastadam._step.variant); ``rule`` = constants(dtype);
+    ``num_threads`` as resolved by the thread policy (fastadam/_threads.py)."""
+    n = p.shape[0]
+    threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
+    parallel = not (threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child)
+    kernel = _BY_VARIANT.get((code, parallel))
+    if kernel is None:
+        kernel = _BY_VARIANT[(code, parallel)] = _kernel(*variant_options(code), parallel)
+    if not parallel:
+        kernel(p, g, m, v, vmax, 0, n, rows, k, rule)
+        return
+    lock = _parallel_lock()
+    if lock is None:
+        kernel(p, g, m, v, vmax, threads, rows, k, rule)
+        return
+    with lock:
+        kernel(p, g, m, v, vmax, threads, rows, k, rule)
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                 amsgrad, maximize, num_threads=1):
-    """One in-place step of one tensor; the signature of _reference.adam_update.
-    ``num_threads``: as resolved by the thread policy (fastadam/_threads.py)."""
+    """One in-place step of one tensor; the signature of _reference.adam_update."""
     flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
-    scalars = _step_scalars(s, param.dtype)
-    n = param.size
-    threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
-    if threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child:
-        _kernel(weight_decay_mode, amsgrad, maximize, False)(*flat, 0, n, *scalars)
-        return
-    parallel = _kernel(weight_decay_mode, amsgrad, maximize, True)
-    lock = _parallel_lock()
-    if lock is not None:
-        lock.acquire()
-    try:
-        previous = numba.get_num_threads()
-        numba.set_num_threads(threads)  # thread-local in Numba
-        try:
-            parallel(*flat, threads, *scalars)
-        finally:
-            numba.set_num_threads(previous)
-    finally:
-        if lock is not None:
-            lock.release()
+    rows = np.array([s], np.float64)
+    update(*flat, rows, 0, variant(weight_decay_mode, amsgrad, maximize), constants(param.dtype),
+           num_threads)

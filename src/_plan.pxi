@@ -310,6 +310,24 @@ cdef class Plan(PlanBuffers):
         """Drop the held gradients (the caller's arrays are not kept alive between steps)."""
         self.held_grads = None
 
+    def scalars_into(self, cnp.ndarray rows not None):
+        """Write the verified or loaded step into ``rows``, one row per tensor: its
+        scalars in the order of STEP_SCALAR_NAMES, then its variant (a float64
+        C-contiguous writeable array of shape (tensors, FA_N_STEP_SCALARS + 1))."""
+        cdef Py_ssize_t k, j
+        cdef double *out
+        if (cnp.PyArray_TYPE(rows) != cnp.NPY_FLOAT64 or cnp.PyArray_NDIM(rows) != 2
+                or cnp.PyArray_DIM(rows, 0) != self.n
+                or cnp.PyArray_DIM(rows, 1) != FA_N_STEP_SCALARS + 1
+                or not cnp.PyArray_IS_C_CONTIGUOUS(rows) or not cnp.PyArray_ISALIGNED(rows)
+                or not cnp.PyArray_ISWRITEABLE(rows)):
+            raise ValueError(f"Plan.scalars_into: rows must be a writeable, aligned, C-contiguous "
+                             f"float64 array of shape ({self.n}, {FA_N_STEP_SCALARS + 1})")
+        out = <double *>cnp.PyArray_DATA(rows)
+        for k in range(self.n):
+            fa_get_step(&self.items[k], out + k * (FA_N_STEP_SCALARS + 1))
+            out[k * (FA_N_STEP_SCALARS + 1) + FA_N_STEP_SCALARS] = self.items[k].variant
+
     def scalars(self):
         """Per tensor: (variant, *scalars) of the verified or loaded step, the scalars
         in the order of STEP_SCALAR_NAMES (fastadam._step.StepScalars)."""
