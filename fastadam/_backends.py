@@ -180,7 +180,9 @@ class _NumbaPlan:
                 for k, v in enumerate(buffers.max_exp_avg_sqs)]
         self._tensors = [(p, m, v, w, kernel.constants(p.dtype))
                          for p, m, v, w in zip(*flat, vmax)]
-        self._rows = np.zeros((len(self._tensors), len(StepScalars._fields) + 1))
+        self._bf16 = buffers.state_dtype == "bfloat16"
+        # Per tensor: its scalars, variant and rounding keys (Plan.scalars_into).
+        self._rows = np.zeros((len(self._tensors), len(StepScalars._fields) + 4))
 
     @property
     def last_grad_norm(self):
@@ -212,9 +214,10 @@ class _NumbaPlan:
         checks.scalars_into(rows)
         threads = checks.threads_for_step(num_threads)  # the compiled plan's planner
         started = time.perf_counter()
+        variants, bf16 = rows[:, len(StepScalars._fields)].tolist(), self._bf16
         for k, ((p, m, v, vmax, rule), g) in enumerate(zip(self._tensors, checks.gradients())):
-            update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k,
-                   int(rows[k, -1]), rule, threads)
+            update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, variants[k], rule,
+                   threads, bf16)
         checks.record_step(threads, time.perf_counter() - started)
 
     def commit_steps(self):
@@ -240,7 +243,7 @@ class NumbaBackend:
     """The Numba kernel; with the compiled extension built, its fast checks too."""
 
     name = "numba"
-    state_dtypes = ("float32",)
+    state_dtypes = ("float32", "bfloat16")
     low_precision = False
 
     def __init__(self, module, compiled):

@@ -178,36 +178,98 @@ def _div(a, b, c, hw):
 
 
 @njit(inline="always", error_model="numpy")
-def _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw):
-    """One element; ``s`` the step's scalars in T (a StepScalars), ``c`` the rule's
-    constants (see ``constants``, as a tuple); ``hw``: the hardware's flush-to-zero is on."""
-    gi = _mul(_daz(g[i], c, hw), s.grad_scale, c, hw)
+def _rule(p, g, m, v, vmax, wd_mode, amsgrad, maximize, s, c, hw):
+    """The update of one element from its stored values (``vmax`` read only with
+    ``amsgrad``): the new (p, m, v, v^).  ``s`` the step's scalars in T (a
+    StepScalars), ``c`` the rule's constants (see ``constants``, as a tuple); ``hw``:
+    the hardware's flush-to-zero is on."""
+    gi = _mul(_daz(g, c, hw), s.grad_scale, c, hw)
     gi = -gi if maximize else gi
-    pi = _daz(p[i], c, hw)
+    pi = _daz(p, c, hw)
     if wd_mode == WD_L2:
         gi = _add(gi, _mul(s.weight_decay, pi, c, hw), c, hw)
     elif wd_mode == WD_DECOUPLED:
         pi = _mul(pi, s.decay, c, hw)
-    mi = _add(_mul(s.beta1, _daz(m[i], c, hw), c, hw), _mul(s.one_minus_beta1, gi, c, hw), c, hw)
+    mi = _add(_mul(s.beta1, _daz(m, c, hw), c, hw), _mul(s.one_minus_beta1, gi, c, hw), c, hw)
     square = _mul(gi, gi, c, hw)
     if maximize and square != square:
         # A NaN's sign: the reference's (-g) * (-g) is -g's NaN; LLVM folds the two
         # negations away and gives g's.
         square = gi
-    vi = _add(_mul(s.beta2, _daz(v[i], c, hw), c, hw), _mul(s.one_minus_beta2, square, c, hw), c, hw)
-    m[i] = mi
-    v[i] = vi
+    vi = _add(_mul(s.beta2, _daz(v, c, hw), c, hw), _mul(s.one_minus_beta2, square, c, hw), c, hw)
     vd = vi
     if amsgrad:
-        old = _flush(vmax[i], c)
+        old = _flush(vmax, c)
         if old > vi or old != old:  # np.maximum: NaN on either side wins, a tie takes v
             vd = old
-        vmax[i] = vd
     # math.sqrt, not np.sqrt: Numba lowers it to the llvm.sqrt intrinsic, which
     # vectorises (np.sqrt becomes a call to libm sqrtf, which may set errno).
     # The sqrt of a normal or zero v is never tiny.
     denom = _add(_mul(math.sqrt(vd), s.inv_sqrt_bc2, c, hw), s.eps, c, hw)
-    p[i] = _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw)
+    return _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw), mi, vi, vd
+
+
+@njit(inline="always", error_model="numpy")
+def _update_element(p, g, m, v, vmax, i, index, keys, wd_mode, amsgrad, maximize, s, c, hw):
+    """Element i of a tensor whose state is stored in T (``index`` and ``keys``
+    unused)."""
+    p[i], m[i], v[i], vd = _rule(p[i], g[i], m[i], v[i], vmax[i] if amsgrad else m[i],
+                                 wd_mode, amsgrad, maximize, s, c, hw)
+    if amsgrad:
+        vmax[i] = vd
+
+
+# bfloat16 state (fastadam/_formats.py): m, v and v^ are the upper halves of
+# float32 values, decoded by a shift and stored rounded stochastically, with the
+# random bits of element ``index`` of the streams keys[0] (m: low half, v: high)
+# and keys[1] (v^: low half).
+@intrinsic
+def _as_bits(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _as_float(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always", error_model="numpy")
+def _bf16_decode(half):
+    return _as_float(numba.uint32(half) << numba.uint32(16))
+
+
+@njit(inline="always", error_model="numpy")
+def _bf16_round(x, random16):
+    """bf16_round_stochastic of one float32: ``random16`` added below the kept bits."""
+    b = _as_bits(x)
+    if (b & numba.uint32(0x7FFFFFFF)) > numba.uint32(0x7F800000):  # NaN stays NaN
+        return numba.uint16((b >> numba.uint32(16)) | numba.uint32(0x0040))
+    return numba.uint16(numba.uint32(b + random16) >> numba.uint32(16))
+
+
+@njit(inline="always", error_model="numpy")
+def _random_bits(index, key):
+    """rounding_bits(key, n)[index]: (lo ^ hi * C ^ key) * K in 32 bits."""
+    lo = numba.uint32(index & 0xFFFFFFFF)
+    hi = numba.uint32(numba.uint32(index >> 32) * numba.uint32(0x9E3779B9))
+    return numba.uint32((lo ^ hi ^ key) * numba.uint32(0x9E3779B1))
+
+
+@njit(inline="always", error_model="numpy")
+def _update_element_bf16(p, g, m, v, vmax, i, index, keys, wd_mode, amsgrad, maximize, s, c, hw):
+    """Element i (``index`` in its tensor) of a float32 tensor with bfloat16 state."""
+    p[i], mi, vi, vd = _rule(p[i], g[i], _bf16_decode(m[i]), _bf16_decode(v[i]),
+                             _bf16_decode(vmax[i]) if amsgrad else numba.float32(0),
+                             wd_mode, amsgrad, maximize, s, c, hw)
+    r = _random_bits(index, keys[0])
+    m[i] = _bf16_round(mi, r & numba.uint32(0xFFFF))
+    v[i] = _bf16_round(vi, r >> numba.uint32(16))
+    if amsgrad:
+        vmax[i] = _bf16_round(vd, _random_bits(index, keys[1]) & numba.uint32(0xFFFF))
 
 
 N_SCALARS = len(StepScalars._fields)
@@ -229,26 +291,34 @@ def _scalars(rows, k, c):
     return StepScalars(*to_fixed_tuple(out, N_SCALARS))
 
 
-def _make_variant(wd_mode, amsgrad, maximize, hw):
-    """The serial and the parallel kernel of one variant.  The flags, and whether the
-    hardware flushes (``hw``), are closure constants (inlined into _update_element,
-    so its branches fold away); the closures hold nothing else, so Numba's cache key
-    is the same in every process that makes the same variant.  Both take the step's
-    scalars as row k of a float64 array (see _scalars) and the rule's constants."""
+KEY_COLUMNS = (N_SCALARS + 1, N_SCALARS + 3)  # a row's keys of m and v, and of v^
+
+
+def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
+    """The serial and the parallel kernel of one variant.  The flags, whether the
+    hardware flushes (``hw``) and whether the state is bfloat16 are closure
+    constants (inlined, so their branches fold away); the closures hold nothing
+    else, so Numba's cache key is the same in every process that makes the same
+    variant.  Both take the step's scalars as row k of a float64 array (StepScalars'
+    fields, the variant, then the rounding keys of bfloat16 state: see _scalars and
+    KEY_COLUMNS) and the rule's constants."""
+    element = _update_element_bf16 if bf16 else _update_element
 
     def update_range(p, g, m, v, vmax, start, stop, rows, k, rule):
         s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
+        keys = (numba.uint32(rows[k, KEY_COLUMNS[0]]), numba.uint32(rows[k, KEY_COLUMNS[1]]))
         # Slices, then a loop from 0: the index is then known to be non-negative,
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
         saved = _enter_ftz(hw)
         for i in range(p.shape[0]):
-            _update_element(p, g, m, v, vmax, i, wd_mode, amsgrad, maximize, s, c, hw)
+            element(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad, maximize, s, c, hw)
         _leave_ftz(saved, hw)
 
     def update_parallel(p, g, m, v, vmax, n_threads, rows, k, rule):
         s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
+        keys = (numba.uint32(rows[k, KEY_COLUMNS[0]]), numba.uint32(rows[k, KEY_COLUMNS[1]]))
         n = p.shape[0]
         previous = _team_size()  # the team for this call (thread-local in Numba)
         _set_team_size(n_threads)
@@ -259,39 +329,42 @@ def _make_variant(wd_mode, amsgrad, maximize, hw):
             vmaxs = vmax[start:stop] if amsgrad else vmax
             saved = _enter_ftz(hw)  # on the thread that runs this chunk
             for i in range(ps.shape[0]):
-                _update_element(ps, gs, ms, vs, vmaxs, i, wd_mode, amsgrad, maximize, s, c, hw)
+                element(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode, amsgrad, maximize, s,
+                        c, hw)
             _leave_ftz(saved, hw)
         _set_team_size(previous)
 
-    serial = njit(_signatures(3), cache=True, nogil=True, error_model="numpy")(update_range)
+    serial = njit(_signatures(3, bf16), cache=True, nogil=True, error_model="numpy")(update_range)
 
     def make_parallel():  # compiled (or loaded from the cache) on first use only
         _launch()
-        return njit(_signatures(2), cache=True, nogil=True, parallel=True, error_model="numpy")(update_parallel)
+        return njit(_signatures(2, bf16), cache=True, nogil=True, parallel=True,
+                    error_model="numpy")(update_parallel)
 
     return serial, make_parallel
 
 
-def _signatures(n_ints):
-    """Eager signatures for float32 and float64: 5 arrays, then ints (start and stop,
-    or the thread count), the scalars' rows (float64) and row index, and the
-    flush-to-zero rule's constants (N_RULE_CONSTANTS, in T)."""
+def _signatures(n_ints, bf16):
+    """Eager signatures, for float32 and float64 (bfloat16 state: float32 with uint16
+    state): 5 arrays, then ints (start and stop, or the thread count), the rows
+    (float64) and row index, and the flush-to-zero rule's constants (in T)."""
     sigs = []
-    for t in (numba.float32, numba.float64):
+    for t in ((numba.float32,) if bf16 else (numba.float32, numba.float64)):
         array, read_only = t[::1], types.Array(t, 1, "C", readonly=True)  # g is only read
+        state = numba.uint16[::1] if bf16 else array
         ints = (numba.int64,) * (n_ints - 1)
-        sigs.append(numba.void(array, read_only, array, array, array, *ints,
+        sigs.append(numba.void(array, read_only, state, state, state, *ints,
                                types.Array(numba.float64, 2, "C", readonly=True), numba.int64,
                                types.Array(t, 1, "C", readonly=True)))
     return sigs
 
 
-def _kernel(wd_mode, amsgrad, maximize, parallel):
+def _kernel(wd_mode, amsgrad, maximize, parallel, bf16=False):
     """The serial or parallel kernel of a variant, made on first use (thread-safe)."""
     # maximize keeps the software rule: under the hardware's, LLVM folds -(g * c) and
     # m + (1 - b1) * -g into forms that keep a NaN gradient's sign where the reference
     # flips it, and a fence against that costs the loop its vectorisation (10x slower).
-    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ and not maximize)
+    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ and not maximize, bool(bf16))
     with _compile_lock:
         kernels = _compiled.get(key)
         if kernels is None:
@@ -303,13 +376,22 @@ def _kernel(wd_mode, amsgrad, maximize, parallel):
         return kernels[2]
 
 
+_layer_is_safe = False  # known once a parallel call has chosen the layer
+
+
 def _parallel_lock():
     """A lock around parallel calls when Numba fell back to the unsafe workqueue layer."""
+    global _layer_is_safe
+    if _layer_is_safe:
+        return None
     try:
         layer = numba.threading_layer()
     except ValueError:  # not initialised before the first parallel call
         return _workqueue_lock
-    return _workqueue_lock if layer == "workqueue" else None
+    if layer == "workqueue":
+        return _workqueue_lock
+    _layer_is_safe = True
+    return None
 
 
 # Numba's OpenMP and workqueue layers cannot start threads in a child made by
@@ -341,21 +423,24 @@ def constants(dtype):
     return c
 
 
-_BY_VARIANT = {}  # (variant code, parallel) -> kernel
+_BY_VARIANT = {}  # (variant code, parallel, bfloat16 state) -> kernel
 
 
-def update(p, g, m, v, vmax, rows, k, code, rule, num_threads):
-    """One in-place step of one tensor, its arrays flat (1-D, C-contiguous, of one
-    dtype; ``vmax`` any such array when the variant has no AMSGrad); its scalars row
-    k of ``rows`` (float64, StepScalars' fields first); ``code`` its variant (see
-    fastadam._step.variant); ``rule`` = constants(dtype);
-    ``num_threads`` as resolved by the thread policy (fastadam/_threads.py)."""
+def update(p, g, m, v, vmax, rows, k, code, rule, num_threads, bf16=False):
+    """One in-place step of one tensor, its arrays flat (1-D, C-contiguous; ``vmax``
+    any such array when the variant has no AMSGrad), p and g of one dtype and the
+    state too, or bfloat16 bits (uint16) with ``bf16``; its scalars row k of
+    ``rows`` (float64: see _make_variant); ``code`` its variant (see
+    fastadam._step.variant; a float of that value will do); ``rule`` =
+    constants(dtype); ``num_threads`` as resolved by the thread policy
+    (fastadam/_threads.py)."""
     n = p.shape[0]
     threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
     parallel = not (threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child)
-    kernel = _BY_VARIANT.get((code, parallel))
+    kernel = _BY_VARIANT.get((code, parallel, bf16))
     if kernel is None:
-        kernel = _BY_VARIANT[(code, parallel)] = _kernel(*variant_options(code), parallel)
+        kernel = _BY_VARIANT[(code, parallel, bf16)] = _kernel(*variant_options(int(code)),
+                                                              parallel, bf16)
     if not parallel:
         kernel(p, g, m, v, vmax, 0, n, rows, k, rule)
         return
@@ -367,11 +452,24 @@ def update(p, g, m, v, vmax, rows, k, code, rule, num_threads):
         kernel(p, g, m, v, vmax, threads, rows, k, rule)
 
 
+def _row(s, code, keys=(0, 0, 0)):
+    return np.array([(*s, code, *keys)], np.float64)
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
                 amsgrad, maximize, num_threads=1):
     """One in-place step of one tensor; the signature of _reference.adam_update."""
     flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
     flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
-    rows = np.array([s], np.float64)
-    update(*flat, rows, 0, variant(weight_decay_mode, amsgrad, maximize), constants(param.dtype),
-           num_threads)
+    code = variant(weight_decay_mode, amsgrad, maximize)
+    update(*flat, _row(s, code), 0, code, constants(param.dtype), num_threads)
+
+
+def adam_update_bf16(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, weight_decay_mode,
+                     amsgrad, maximize, keys, num_threads=1):
+    """One in-place step of a float32 tensor with bfloat16 state; the signature of
+    _reference.adam_update_bf16 (``keys``: the rounding keys of moments 0, 1, 2)."""
+    flat = [a.reshape(-1) for a in (param, grad, exp_avg, exp_avg_sq)]
+    flat.append(max_exp_avg_sq.reshape(-1) if amsgrad else flat[3])
+    code = variant(weight_decay_mode, amsgrad, maximize)
+    update(*flat, _row(s, code, keys), 0, code, constants(param.dtype), num_threads, bf16=True)

@@ -189,6 +189,7 @@ IMPLEMENTATIONS = {
     "fastadam-clip": _fastadam("cython", max_grad_norm=1.0),
     "fastadam-bf16": _fastadam("cython", state_dtype="bfloat16"),
     "fastadam-int8": _fastadam("cython", state_dtype="int8"),
+    "fastadam-numba-bf16": _fastadam("numba", state_dtype="bfloat16"),
     "bitsandbytes-adam8bit": _bitsandbytes_adam8bit,
     "fastadam-clip-skip-nonfinite": _fastadam("cython", max_grad_norm=1.0, skip_if_nonfinite=True),
     "fastadam-torch": _torch_side("fastadam-torch"),

@@ -312,21 +312,24 @@ cdef class Plan(PlanBuffers):
 
     def scalars_into(self, cnp.ndarray rows not None):
         """Write the verified or loaded step into ``rows``, one row per tensor: its
-        scalars in the order of STEP_SCALAR_NAMES, then its variant (a float64
-        C-contiguous writeable array of shape (tensors, FA_N_STEP_SCALARS + 1))."""
-        cdef Py_ssize_t k, j
+        scalars in the order of STEP_SCALAR_NAMES, its variant, then its three
+        rounding keys of bfloat16 state (a writeable, aligned, C-contiguous float64
+        array of shape (tensors, FA_N_STEP_SCALARS + 4)): what another kernel needs."""
+        cdef Py_ssize_t k, width = FA_N_STEP_SCALARS + 4
         cdef double *out
         if (cnp.PyArray_TYPE(rows) != cnp.NPY_FLOAT64 or cnp.PyArray_NDIM(rows) != 2
-                or cnp.PyArray_DIM(rows, 0) != self.n
-                or cnp.PyArray_DIM(rows, 1) != FA_N_STEP_SCALARS + 1
+                or cnp.PyArray_DIM(rows, 0) != self.n or cnp.PyArray_DIM(rows, 1) != width
                 or not cnp.PyArray_IS_C_CONTIGUOUS(rows) or not cnp.PyArray_ISALIGNED(rows)
                 or not cnp.PyArray_ISWRITEABLE(rows)):
             raise ValueError(f"Plan.scalars_into: rows must be a writeable, aligned, C-contiguous "
-                             f"float64 array of shape ({self.n}, {FA_N_STEP_SCALARS + 1})")
+                             f"float64 array of shape ({self.n}, {width})")
         out = <double *>cnp.PyArray_DATA(rows)
         for k in range(self.n):
-            fa_get_step(&self.items[k], out + k * (FA_N_STEP_SCALARS + 1))
-            out[k * (FA_N_STEP_SCALARS + 1) + FA_N_STEP_SCALARS] = self.items[k].variant
+            fa_get_step(&self.items[k], out + k * width)
+            out[k * width + FA_N_STEP_SCALARS] = self.items[k].variant
+            out[k * width + FA_N_STEP_SCALARS + 1] = self.items[k].keys[0]
+            out[k * width + FA_N_STEP_SCALARS + 2] = self.items[k].keys[1]
+            out[k * width + FA_N_STEP_SCALARS + 3] = self.items[k].keys[2]
 
     def scalars(self):
         """Per tensor: (variant, *scalars) of the verified or loaded step, the scalars

@@ -7,25 +7,24 @@ from fastadam import _reference
 from conftest import backend_params, on_every_isa
 from test_errors import assert_unchanged, snapshot
 
-BF16_BACKENDS = backend_params(("cython", "numpy"))
+BF16_BACKENDS = backend_params(("cython", "numba", "numpy"))
 
 
 def grads_for(rng, shape, n):
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
 
 
+@pytest.mark.parametrize("kernel", backend_params(("cython", "numba")))
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
 @pytest.mark.parametrize("amsgrad, maximize, wd", [(False, False, 0.0), (True, False, 0.1),
                                                     (False, True, 0.1), (True, True, 0.0)])
-def test_compiled_equals_the_reference_for_every_thread_count(cls, amsgrad, maximize, wd, rng):
-    if "cython" not in fastadam._backends.available() or fastadam._backends.available()["cython"]:
-        pytest.skip("the compiled kernel is not built")
+def test_kernel_equals_the_reference_for_every_thread_count(kernel, cls, amsgrad, maximize, wd, rng):
     shapes = [(70_001,), (33, 7), (5,)]
     p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     stream = [grads_for(rng, s, 1)[0] for _ in range(6) for s in shapes]
     stream = [stream[i:i + 3] for i in range(0, len(stream), 3)]
     results = []
-    for backend, threads in [("numpy", None), ("cython", 1), ("cython", 2), ("cython", 3)]:
+    for backend, threads in [("numpy", None), (kernel, 1), (kernel, 2), (kernel, 3)]:
         ps = [p.copy() for p in p0]
         opt = getattr(fastadam, cls)(ps, backend=backend, num_threads=threads, amsgrad=amsgrad,
                                      maximize=maximize, weight_decay=wd, state_dtype="bfloat16",
@@ -39,7 +38,7 @@ def test_compiled_equals_the_reference_for_every_thread_count(cls, amsgrad, maxi
 
 @pytest.mark.parametrize("state_dtype, backend", [
     pytest.param(state_dtype, b.values[0], marks=b.marks)
-    for state_dtype, names in [("float32", ("cython", "numba")), ("bfloat16", ("cython",))]
+    for state_dtype, names in [("float32", ("cython", "numba")), ("bfloat16", ("cython", "numba"))]
     for b in backend_params(names)])
 def test_maximize_negates_a_nan_gradient_as_the_reference_does(state_dtype, backend, rng):
     """-g flips a NaN's sign bit too: the state's bytes (bfloat16 keeps the sign) equal the
@@ -228,7 +227,22 @@ def test_bfloat16_needs_float32_parameters():
         fastadam.Adam([np.zeros(3)], state_dtype="bfloat16")
 
 
-def test_numba_refuses_compressed_state_clearly():
+def test_numba_with_python_checks_equals_the_reference(rng):
+    """bfloat16 state on the Numba kernel without the compiled checks (an install
+    without a compiler): the reference's bits, m, v and v^ included."""
     pytest.importorskip("numba")
-    with pytest.raises(ValueError, match="backend 'numba' does not support state_dtype='bfloat16'"):
-        fastadam.Adam([np.zeros(3, np.float32)], backend="numba", state_dtype="bfloat16")
+    p0 = rng.standard_normal(70_001).astype(np.float32)
+    stream = grads_for(rng, p0.shape, 4)
+    results = []
+    for backend in ("numpy", "numba"):
+        p = p0.copy()
+        opt = fastadam.AdamW([p], amsgrad=True, backend=backend, state_dtype="bfloat16", seed=4,
+                             num_threads=2)
+        if backend == "numba":  # as when fastadam._kernel is not built
+            opt._backend = fastadam._backends.NumbaBackend(opt._backend.module, None)
+        for g in stream:
+            opt.step([g])
+        results.append(p.tobytes() + b"".join(a.tobytes() for k, a in sorted(opt.state[0].items())
+                                               if k != "step"))
+    assert type(opt._plan).__name__ == "_CheckedOnlyPlan"
+    assert results[1] == results[0]
