@@ -11,6 +11,7 @@ code between its parts.
 """
 import signal
 import threading
+from _thread import get_ident
 
 try:  # signal's own functions, without the enum conversions of signal.py (a few us a step)
     import _signal as _raw
@@ -26,16 +27,19 @@ class deferred:
 
     __slots__ = ("_previous", "_received")
 
+    def _record(self, signum, frame):
+        self._received = True
+
     def __enter__(self):
         # Python runs signal handlers in the main thread only; elsewhere there is
         # nothing to defer (and signal.signal would refuse).  A handler Python did
         # not install (None) could not be restored: it is left alone.
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        if get_ident() == threading.main_thread().ident:
             previous = _raw.getsignal(signal.SIGINT)
             if previous is not None:
-                self._received = received = []
-                _raw.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+                self._received = False
+                _raw.signal(signal.SIGINT, self._record)
                 self._previous = previous
         return self
 
