@@ -302,8 +302,6 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
     variant.  Both take the step's scalars as row k of a float64 array (StepScalars'
     fields, the variant, then the rounding keys of bfloat16 state: see _scalars and
     KEY_COLUMNS) and the rule's constants."""
-    element = _update_element_bf16 if bf16 else _update_element
-
     def update_range(p, g, m, v, vmax, start, stop, rows, k, rule):
         s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
         keys = (numba.uint32(rows[k, KEY_COLUMNS[0]]), numba.uint32(rows[k, KEY_COLUMNS[1]]))
@@ -313,7 +311,12 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
         vmax = vmax[start:stop] if amsgrad else vmax
         saved = _enter_ftz(hw)
         for i in range(p.shape[0]):
-            element(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad, maximize, s, c, hw)
+            if bf16:  # a closure constant: Numba prunes the other branch before typing
+                _update_element_bf16(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad,
+                                     maximize, s, c, hw)
+            else:
+                _update_element(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad, maximize,
+                                s, c, hw)
         _leave_ftz(saved, hw)
 
     def update_parallel(p, g, m, v, vmax, n_threads, rows, k, rule):
@@ -329,8 +332,12 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
             vmaxs = vmax[start:stop] if amsgrad else vmax
             saved = _enter_ftz(hw)  # on the thread that runs this chunk
             for i in range(ps.shape[0]):
-                element(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode, amsgrad, maximize, s,
-                        c, hw)
+                if bf16:
+                    _update_element_bf16(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode,
+                                         amsgrad, maximize, s, c, hw)
+                else:
+                    _update_element(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode, amsgrad,
+                                    maximize, s, c, hw)
             _leave_ftz(saved, hw)
         _set_team_size(previous)
 

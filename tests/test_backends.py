@@ -102,6 +102,27 @@ print(numba.threading_layer(), float(ps[0][0]) == float(ps[3][0]))
     assert layer in ("omp", "tbb", "workqueue")
 
 
+
+def test_numba_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """A second process finds every kernel the first compiled (float32 and bfloat16
+    state): Numba's cache key must be the same in every process (a jitted function
+    held in a closure, for one, puts its per-process identity into it)."""
+    pytest.importorskip("numba")
+    code = """
+import numpy as np, fastadam
+for state_dtype in ("float32", "bfloat16"):
+    p = np.zeros(4096, np.float32)
+    fastadam.Adam([p], backend="numba", state_dtype=state_dtype, num_threads=1).step([np.ones_like(p)])
+"""
+    env = dict(NUMBA_CACHE_DIR=str(tmp_path), NUMBA_DEBUG_CACHE="1")
+    first = run_python(code, **env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("data saved") >= 2, first.stdout[-2000:]
+    second = run_python(code, **env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "data saved" not in second.stdout, second.stdout[-2000:]
+    assert second.stdout.count("data loaded") >= 2, second.stdout[-2000:]
+
 def test_default_threads_honour_omp_num_threads():
     pytest.importorskip("fastadam._kernel")
     out = run_python("import fastadam, numpy as np; fastadam.Adam([np.zeros(1)]);"
