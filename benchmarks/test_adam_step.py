@@ -20,6 +20,7 @@ from fastadam.bench import TextbookAdam
 from fastadam.mnist.model import MLP
 
 import low_precision  # benchmarks/low_precision.py
+import planner_recovery  # benchmarks/planner_recovery.py
 
 SIZES = [4096, 65536, 1 << 20, 1 << 24, 1 << 26]
 
@@ -128,3 +129,24 @@ def test_mnist_mlp_step_in_context(benchmark, mnist, context, policy):
     benchmark.group = f"MNIST MLP step in context: {context}"
     benchmark.pedantic(lambda: opt.step([model.flat.grad]), setup=setup, rounds=200, iterations=1,
                        warmup_rounds=5)
+
+
+@pytest.mark.parametrize("start", ["quiet", "noisy"])
+def test_step_after_a_noisy_start(benchmark, start):
+    """A 1M-parameter step on the planner's thread count, after its first 30 steps ran
+    with the machine as it is (quiet) or beside one busy process per CPU (noisy):
+    a planner that recovers gives the two the same times once its next trial is done
+    (benchmarks/planner_recovery.py reports the choices step by step)."""
+    n = 1 << 20
+    step, chosen = planner_recovery.new_step(n)
+    if start == "noisy":
+        with planner_recovery.BusyProcesses(bench.all_threads()):
+            for _ in range(30):
+                step()
+    else:
+        for _ in range(30):
+            step()
+    benchmark.extra_info["threads_after_the_start"] = chosen()
+    benchmark.group = "1M step after a quiet or a noisy start (num_threads=None)"
+    benchmark.pedantic(step, rounds=300, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["threads_at_the_end"] = chosen()
