@@ -72,3 +72,50 @@ def test_torch_state_is_placed_apart_from_its_parameter():
         opt = fastadam.torch.Adam([param], amsgrad=True)
         opt.step()
         assert_placed(param.data_ptr(), {key: opt.state[param][key].data_ptr() for key in KEYS})
+
+
+def resident_pages(array):
+    """How many of the pages under ``array`` are in memory, and how many there are (mincore)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = 4096
+    start = array.ctypes.data // page * page
+    length = array.ctypes.data + array.nbytes - start
+    pages = -(-length // page)
+    vec = (ctypes.c_ubyte * pages)()
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        pytest.skip(f"mincore failed (errno {ctypes.get_errno()})")
+    return sum(b & 1 for b in vec), pages
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="mincore: Linux")
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_new_state_pages_are_first_touched_by_the_update(monkeypatch, backend):
+    """New state is allocated untouched (fresh zero pages from the allocator), and nothing
+    writes it before the update does: the threads that run the update fault its pages
+    in, each its own share, so the kernel places them where those threads run
+    (Linux's first-touch policy on a NUMA machine)."""
+    if backend == "cython":
+        pytest.importorskip("fastadam._kernel")
+    n = 16 << 20  # 64 MiB of float32 per buffer: fresh pages from mmap
+    p = np.zeros(n, np.float32)
+    g = np.full(n, 1e-3, np.float32)
+    opt = fastadam.Adam([p], lr=1e-3, amsgrad=True, backend=backend)
+    seen = {}
+    take_step = fastadam._backends.take_step
+
+    def watching(plan, *args, before_run=None, **kwargs):
+        def before():
+            before_run()
+            seen.update({key: resident_pages(opt.state[0][key]) for key in KEYS})
+        return take_step(plan, *args, before_run=before, **kwargs)
+
+    monkeypatch.setattr(fastadam._backends, "take_step", watching)
+    opt.step([g])
+    assert set(seen) == set(KEYS)
+    for key in KEYS:
+        resident, pages = seen[key]
+        assert resident <= 2, f"{key}: {resident} of {pages} pages written before the update"
+        after, _ = resident_pages(opt.state[0][key])
+        assert after == pages, f"{key}: {after} of {pages} pages in memory after the step"
