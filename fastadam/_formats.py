@@ -74,6 +74,12 @@ def bfloat16(import_it=True):
     return _ml_dtypes_bfloat16()
 
 
+def numpy_dtype(name):
+    """The NumPy dtype of one of the kernel's dtype names (src/fa_step.hpp, FA_DTYPES), or
+    None for ml_dtypes' bfloat16 while ml_dtypes is not imported."""
+    return bfloat16(import_it=False) if name == "bfloat16" else np.dtype(name)
+
+
 def is_bfloat16(dtype):
     """Whether ``dtype`` is ml_dtypes.bfloat16 (without importing ml_dtypes)."""
     return dtype.name == "bfloat16" and dtype.itemsize == 2 and dtype == bfloat16()

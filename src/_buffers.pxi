@@ -64,7 +64,7 @@ cdef class PlanBuffers:
         if len(self.masters) != self.n:
             raise ValueError("Plan: masters must hold one entry per parameter")
         self.master_key = _rules.MASTER_KEYS.get(master_weights)
-        note_bfloat16()
+        note_dtypes()
         self.state_kind = FA_STATE_BF16 if state_dtype == "bfloat16" else FA_STATE_NATIVE
         self.seed = seed
         self.items = <fa_item *>zeroed(max(self.n, 1), sizeof(fa_item))
@@ -94,7 +94,7 @@ cdef class PlanBuffers:
                 n_dims += 1
             code = dtype_code(self.typenums[k])
             if code < 0:
-                raise ValueError("Plan: parameters must be float32, float64, bfloat16 or float16")
+                raise ValueError(f"Plan: parameters must be of a dtype in {DTYPE_NAMES}")
             self.items[k].param_mode = param_mode(code, param_rounding, master_weights)
             mastered = (self.items[k].param_mode == FA_PARAM_SPLIT
                         or self.items[k].param_mode == FA_PARAM_MASTER)
@@ -119,8 +119,8 @@ cdef class PlanBuffers:
             # Gradients from a low-precision backward for float32 parameters, and
             # float32 gradients for low-precision parameters.
             self.other_grad_typenums[k] = (
-                _bfloat16_typenum if code == FA_FLOAT32
-                else cnp.NPY_FLOAT32 if code == FA_BFLOAT16 or code == FA_FLOAT16 else -1)
+                _typenums[FA_BFLOAT16] if code == FA_FLOAT32
+                else cnp.NPY_FLOAT32 if fa_is_low_precision(code) else -1)
             if mastered:
                 buf = <cnp.ndarray?>self.masters[k]
                 if not self.same_memory(buf, cnp.PyArray_DATA(buf), k,

@@ -52,7 +52,7 @@ cdef extern from "adam_kernel.hpp" nogil:
         float *absmax[3]
         double max_update
     enum:
-        FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_FLOAT64, FA_BFLOAT16, FA_FLOAT16
+        FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_BFLOAT16, FA_N_DTYPES
         FA_PARAM_NEAREST, FA_PARAM_STOCHASTIC, FA_PARAM_SPLIT, FA_PARAM_MASTER
         FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_STEP_SCALARS
         FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
@@ -60,6 +60,8 @@ cdef extern from "adam_kernel.hpp" nogil:
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
     const char *FA_STEP_SCALAR_NAMES
+    const char *FA_DTYPE_NAMES
+    int fa_is_low_precision(int code)
     int fa_variant(int wd, int amsgrad, int maximize)
     void fa_set_step(fa_item *it, double lr, double beta1, double beta2, double eps,
                      double weight_decay, int64_t step, double max_update_in_lr)
@@ -242,36 +244,39 @@ def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, 
                 fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, t, nt)
 
 
-# ml_dtypes.bfloat16's NumPy type number (a user type: known once ml_dtypes is
-# imported, which a bfloat16 array implies; -1 until then).
-cdef int _bfloat16_typenum = -1
+# The NumPy type number of each of the kernel's dtype codes (enum fa_dtype), found by
+# the names the kernel states; -1 while a dtype's NumPy type is unknown (ml_dtypes'
+# bfloat16 is a user type, known once ml_dtypes is imported, which a bfloat16 array
+# implies).
+DTYPE_NAMES = tuple(FA_DTYPE_NAMES.decode().split())
+cdef int _typenums[FA_N_DTYPES]
+for _code in range(FA_N_DTYPES):
+    _typenums[_code] = -1
 
 
-cdef void note_bfloat16() except *:
-    global _bfloat16_typenum
-    if _bfloat16_typenum < 0:
-        dtype = _formats.bfloat16(import_it=False)
-        if dtype is not None:
-            _bfloat16_typenum = dtype.num
+cdef void note_dtypes() except *:
+    cdef int code
+    for code in range(FA_N_DTYPES):
+        if _typenums[code] < 0:
+            dtype = _formats.numpy_dtype(DTYPE_NAMES[code])
+            if dtype is not None:
+                _typenums[code] = dtype.num
 
 
 cdef inline int dtype_code(int typenum) noexcept:
     """The kernel's element dtype (enum fa_dtype) of a NumPy type number, or -1."""
-    if typenum == cnp.NPY_FLOAT32:
-        return FA_FLOAT32
-    if typenum == cnp.NPY_FLOAT64:
-        return FA_FLOAT64
-    if typenum == cnp.NPY_FLOAT16:
-        return FA_FLOAT16
-    if typenum == _bfloat16_typenum and typenum >= 0:
-        return FA_BFLOAT16
+    cdef int code
+    if typenum >= 0:
+        for code in range(FA_N_DTYPES):
+            if _typenums[code] == typenum:
+                return code
     return -1
 
 
 # How a parameter of each dtype code is updated under the optimizer's options
 # (enum fa_param_mode), and the state's master key (fastadam._rules.MASTER_KEYS).
 cdef int param_mode(int code, str param_rounding, object master_weights) noexcept:
-    if code != FA_BFLOAT16 and code != FA_FLOAT16:
+    if not fa_is_low_precision(code):
         return FA_PARAM_NEAREST
     if master_weights == "split":
         return FA_PARAM_SPLIT
@@ -311,6 +316,7 @@ MAX_STEP = _max_step
 # fastadam._rules' names: an 8-bit state entry's absmax arrays, in moment order,
 # and the state dtypes.
 from fastadam import _formats, _rules
+note_dtypes()  # the NumPy types known now (ml_dtypes' bfloat16 once it is imported)
 ABSMAX_KEYS = tuple(_rules.ABSMAX_KEYS[key] for key in _rules.STATE_BUFFERS)
 cdef tuple _STATE_DTYPES = _rules.STATE_DTYPES
 

@@ -18,7 +18,24 @@ __asm__(".symver pow,pow@GLIBC_2.2.5");
 
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
 // Element dtypes of parameters and gradients (fa_params.hpp's formats).
-enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1, FA_BFLOAT16 = 2, FA_FLOAT16 = 3 };
+// The element dtypes, each with its NumPy name and its width in bits: enum
+// fa_dtype (FA_FLOAT32, ...), and the names by which the plan finds a NumPy
+// array's code (FA_DTYPE_NAMES, src/_kernel.pyx).  A dtype narrower than 32 bits
+// is a low-precision one: its math is float32, with float32 gradients allowed.
+#define FA_DTYPES(X) X(FLOAT32, float32, 32) X(FLOAT64, float64, 64) X(BFLOAT16, bfloat16, 16) \
+    X(FLOAT16, float16, 16)
+#define FA_DTYPE_CODE(code, name, bits) FA_##code,
+enum fa_dtype { FA_DTYPES(FA_DTYPE_CODE) FA_N_DTYPES };
+#undef FA_DTYPE_CODE
+#define FA_DTYPE_NAME(code, name, bits) #name " "
+static const char FA_DTYPE_NAMES[] = FA_DTYPES(FA_DTYPE_NAME);
+#undef FA_DTYPE_NAME
+#define FA_DTYPE_BITS(code, name, bits) bits,
+static const int fa_dtype_bits[FA_N_DTYPES] = {FA_DTYPES(FA_DTYPE_BITS)};
+#undef FA_DTYPE_BITS
+static inline int fa_is_low_precision(int code) {
+    return code >= 0 && code < FA_N_DTYPES && fa_dtype_bits[code] < 32;
+}
 // How a parameter is updated (fa_params.hpp's policies): in place, rounded to
 // nearest (float32 and float64 need no rounding) or stochastically (bfloat16);
 // as split bfloat16 master weights; or from a float32 master in the state.

@@ -6,6 +6,7 @@ breaks the layering fails here rather than in a review.
 import ast
 import pathlib
 
+import numpy as np
 import pytest
 
 import fastadam
@@ -84,6 +85,26 @@ def test_a_kernel_built_with_other_definitions_is_refused():
     changed = dict(built, VARIANT_BITS=(3, 8, 4))
     with pytest.raises(ImportError, match="VARIANT_BITS"):
         _backends._check_built_with(types.SimpleNamespace(**changed))
+
+
+def test_every_dtype_the_kernel_names_is_a_parameter_dtype_the_rules_accept():
+    """The compiled plan finds dtypes by the names of src/fa_step.hpp's FA_DTYPES row list
+    (through _formats.numpy_dtype); each must be a dtype the rules take as a parameter's,
+    updated as the plan expects (low precision exactly where it is narrower than float32)."""
+    from fastadam import _backends, _rules
+    kernel = _backends.compiled_or_none()
+    if kernel is None:
+        pytest.skip("the compiled extension is not built")
+    pytest.importorskip("ml_dtypes")
+    _formats.bfloat16()  # imports ml_dtypes: every name then has its NumPy type
+    assert len(set(kernel.DTYPE_NAMES)) == len(kernel.DTYPE_NAMES) >= 4
+    for name in kernel.DTYPE_NAMES:
+        dtype = _formats.numpy_dtype(name)
+        assert dtype is not None and dtype.name == name
+        _rules.parameter(np.zeros(4, dtype), "p")
+        assert _formats.is_low_precision(dtype) == (dtype.itemsize < 4)
+        opt = fastadam.Adam([np.zeros(4, dtype)], backend="cython")
+        opt.step([np.ones(4, dtype)])
 
 
 def test_variants_are_one_default_apart():
