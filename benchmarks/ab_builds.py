@@ -5,8 +5,9 @@
 OTHER is another checkout of fastadam, built in place (``python setup.py
 build_ext --inplace``), say the commit before a refactor.  Its package is
 loaded beside this one as ``fastadam_before`` and adds the implementations
-"before-cython", "before-bf16" and "before-int8" (fastadam.Adam as built there)
-and "before-list" to the model-shaped table, so each round of the report
+"before-cython", "before-bf16" and "before-int8" (fastadam.Adam as built there),
+"policy" and "before-policy" (num_threads=None in each: the thread policy and its
+planner, whatever ``--threads`` says), and "before-list" to the model-shaped table, so each round of the report
 visits both builds in random order and machine drift hits both alike.
 """
 import os
@@ -16,6 +17,7 @@ import tempfile
 
 import numpy as np
 
+import fastadam
 from fastadam import bench
 
 
@@ -31,7 +33,7 @@ def load_other(checkout):
 def single(package, **options):
     def make(n, threads):
         p, g = bench._buffers(n)
-        opt = package.Adam([p], backend="cython", num_threads=threads, **options)
+        opt = package.Adam([p], backend="cython", **{"num_threads": threads, **options})
         opt.step([g])
         return lambda: opt.step([g])
     return make
@@ -57,6 +59,8 @@ def main(argv):
         "before-cython": single(before),
         "before-bf16": single(before, state_dtype="bfloat16"),
         "before-int8": single(before, state_dtype="int8"),
+        "policy": single(fastadam, num_threads=None),
+        "before-policy": single(before, num_threads=None),
     })
     bench.MODEL_SHAPED["before-list"] = model_list(before)
     return bench.main(argv[1:])

@@ -31,7 +31,10 @@ cdef class PlanBuffers:
     cdef tuple held_grads
     cdef list held_entries, new_steps
     cdef double *partial       # one double per pre-pass block
-    cdef ThreadPlanner planner  # the thread count of steps with num_threads None
+    # The thread count of steps with num_threads None (fastadam._threads.ThreadPlanner),
+    # and its two methods, bound once: it is asked only for steps that may run in parallel.
+    cdef object planner, planner_decide, planner_observe
+    cdef bint planned  # whether it chose the count of the step under way
     cdef public object last_grad_norm  # of the last pre-pass that computed it (None before)
 
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
@@ -79,7 +82,8 @@ cdef class PlanBuffers:
         self.group_sizes = <Py_ssize_t *>zeroed(max(self.n_groups, 1), sizeof(Py_ssize_t))
         self.remembered_values = <double *>zeroed(max(N_SLOTS * self.n_groups, 1), sizeof(double))
         self.last_grad_norm = None
-        self.planner = ThreadPlanner()
+        self.planner = _policy.ThreadPlanner()
+        self.planner_decide, self.planner_observe = self.planner.decide, self.planner.observe
         for j in range(self.n_groups):
             self.group_sizes[j] = group_sizes[j]
         n_dims = 0

@@ -365,7 +365,6 @@ cdef class Lock:
         return False
 
 
-include "_planner.pxi"
 include "_checks.pxi"
 include "_buffers.pxi"
 include "_plan.pxi"

@@ -52,13 +52,30 @@ cdef class Plan(PlanBuffers):
         if it.param_mode == FA_PARAM_STOCHASTIC:
             it.keys[3] = rounding_key(self.seed, k, step, 3)
 
+    cdef int threads_for(self, int requested) except -1:
+        """The thread count for a step (``requested`` > 0 is taken as it is); sets
+        ``planned``: whether the planner chose it (and so is told how long it took)."""
+        cdef int most
+        self.planned = False
+        if requested > 0 or not fa_openmp_enabled or _in_forked_child:
+            return resolve_num_threads(requested)  # the request, or 1 where only 1 can run
+        if self.offsets[self.n] < _parallel_threshold:
+            return 1
+        most = resolve_num_threads(0)
+        if most <= 1:
+            return 1
+        self.planned = True
+        return self.planner_decide(most)
+
     def threads_for_step(self, int requested):
         """The thread count for the next step (``requested`` > 0 is taken as it is)."""
-        return self.planner.threads_for(requested, self.offsets[self.n])
+        return self.threads_for(requested)
 
     def record_step(self, int threads, double seconds):
-        """Report how long a step took with ``threads``, for the planner."""
-        self.planner.record(threads, seconds)
+        """Report how long the step took with ``threads`` (from threads_for_step), for
+        the planner if it chose the count."""
+        if self.planned:
+            self.planner_observe(threads, seconds)
 
     @property
     def chosen_threads(self):
@@ -204,7 +221,7 @@ cdef class Plan(PlanBuffers):
         try:
             if not self.verify_c(groups, grads, state):
                 return _UNVERIFIED
-            threads = self.planner.threads_for(num_threads, self.offsets[self.n])
+            threads = self.threads_for(num_threads)
             started = monotonic_seconds()
             with nogil:
                 if skip_if_nonfinite or clip:
@@ -216,7 +233,8 @@ cdef class Plan(PlanBuffers):
                     self.scale_gradients(grad_scale)
                 if finite or not skip_if_nonfinite:
                     run_items(self.items, self.offsets, self.n, threads)
-            self.planner.record(threads, monotonic_seconds() - started)
+            if self.planned:
+                self.planner_observe(threads, monotonic_seconds() - started)
             if clip:
                 self.last_grad_norm = norm
             if skip_if_nonfinite and not finite:

@@ -276,17 +276,17 @@ def test_thread_planner_keeps_the_faster_count(faster):
     kernel, plan = _planner_plan()
     most = kernel.default_num_threads()
     seen = []
-    for i in range(2 * (kernel.TRIAL_SAMPLES + 1)):
+    for i in range(2 * (_threads.TRIAL_SAMPLES + 1)):
         t = plan.threads_for_step(0)
         seen.append(t)
         slow = (t == 1) == (faster == "parallel")
         # the warm-up step of each block is very slow and must not count
-        duration = 1.0 if i in (0, kernel.TRIAL_SAMPLES + 1) else (2e-3 if slow else 1e-3)
+        duration = 1.0 if i in (0, _threads.TRIAL_SAMPLES + 1) else (2e-3 if slow else 1e-3)
         plan.record_step(t, duration)
-    assert seen == [most] * (kernel.TRIAL_SAMPLES + 1) + [1] * (kernel.TRIAL_SAMPLES + 1)
+    assert seen == [most] * (_threads.TRIAL_SAMPLES + 1) + [1] * (_threads.TRIAL_SAMPLES + 1)
     chosen = 1 if faster == "serial" else most
     assert plan.chosen_threads == chosen
-    for _ in range(kernel.REPLAN_EVERY):
+    for _ in range(_threads.FIRST_INTERVAL):
         assert plan.threads_for_step(0) == chosen
         plan.record_step(chosen, 1e-3)
     assert plan.threads_for_step(0) == most  # a new trial begins
@@ -349,10 +349,10 @@ def test_thread_planner_recovers_from_a_noisy_start():
     loaded = {1: 1.0e-3, most: 2.0e-3}  # under load, one thread measured faster
     quiet = {1: 0.60e-3, most: 0.31e-3}  # alone, the parallel step is 1.9x faster
     assert _drive(plan, 30, loaded)[-1] == 1
-    _drive(plan, 100 + 2 * (kernel.TRIAL_SAMPLES + 1), quiet)  # back within about 100 steps
+    _drive(plan, 100 + 2 * (_threads.TRIAL_SAMPLES + 1), quiet)  # back within about 100 steps
     assert plan.chosen_threads == most
     after = _drive(plan, 300, quiet)  # one thread again only in the trials that confirm it
-    assert plan.chosen_threads == most and after.count(1) <= 2 * (kernel.TRIAL_SAMPLES + 1)
+    assert plan.chosen_threads == most and after.count(1) <= 2 * (_threads.TRIAL_SAMPLES + 1)
     later = _drive(plan, 5000, quiet)  # trials go on, ever rarer
     wasted = sum(quiet[1] - quiet[most] for t in later if t == 1)
     assert wasted < 0.02 * sum(quiet[t] for t in later)
@@ -366,15 +366,12 @@ def test_thread_planner_leaves_a_choice_that_became_slower():
     most = kernel.default_num_threads()
     assert _drive(plan, 40, {1: 0.6e-3, most: 0.31e-3})[-1] == most
     busy = {1: 0.65e-3, most: 1.4e-3}
-    after = _drive(plan, kernel.REPLAN_EVERY, busy)
-    assert after[-1] == 1 and after.index(1) < kernel.REPLAN_EVERY // 2, after
+    after = _drive(plan, _threads.FIRST_INTERVAL, busy)
+    assert after[-1] == 1 and after.index(1) < _threads.FIRST_INTERVAL // 2, after
 
 
 def _fresh_planner():
-    kernel = _backends.compiled_or_none()
-    if kernel is None:
-        pytest.skip("needs the compiled kernel")
-    return kernel, kernel.ThreadPlanner()
+    return _threads, _threads.ThreadPlanner()  # every backend's plans use it
 
 
 def _drive_within(planner, most, steps, seconds):
@@ -404,7 +401,7 @@ def test_thread_planner_tries_the_powers_of_two_below_the_maximum(most, candidat
     """A trial visits the maximum, then every power of two below it down to 1, one block
     each (a warm-up step and TRIAL_SAMPLES samples), when all take the same time."""
     kernel, planner = _fresh_planner()
-    block = kernel.TRIAL_SAMPLES + 1
+    block = _threads.TRIAL_SAMPLES + 1
     seen = _drive_within(planner, most, block * len(candidates), lambda t: 1e-3)
     assert _blocks(seen) == [(c, block) for c in candidates]
     assert planner.chosen_threads == most  # a tie keeps the first measured, the maximum
@@ -415,19 +412,19 @@ def test_thread_planner_picks_a_count_between_on_many_cores():
     the first block whose first sample is more than twice the best so far ends the trial
     (2 here), so 1 thread is never timed."""
     kernel, planner = _fresh_planner()
-    block = kernel.TRIAL_SAMPLES + 1
+    block = _threads.TRIAL_SAMPLES + 1
     ms = {16: 1.0, 8: 0.9, 4: 1.2, 2: 2.0, 1: 3.9}
     seen = _drive_within(planner, 16, 3 * block + 2, lambda t: ms[t] * 1e-3)
     assert _blocks(seen) == [(16, block), (8, block), (4, block), (2, 2)]
     assert planner.chosen_threads == 8
-    assert _drive_within(planner, 16, kernel.REPLAN_EVERY, lambda t: ms[t] * 1e-3) == [8] * kernel.REPLAN_EVERY
+    assert _drive_within(planner, 16, _threads.FIRST_INTERVAL, lambda t: ms[t] * 1e-3) == [8] * _threads.FIRST_INTERVAL
 
 
 def test_thread_planner_goes_down_to_one_thread_under_load():
     """Every core busy with another library's threads: fewer is faster all the way down."""
     kernel, planner = _fresh_planner()
     ms = {16: 5.0, 8: 3.0, 4: 2.0, 2: 1.5, 1: 1.0}
-    _drive_within(planner, 16, 5 * (kernel.TRIAL_SAMPLES + 1), lambda t: ms[t] * 1e-3)
+    _drive_within(planner, 16, 5 * (_threads.TRIAL_SAMPLES + 1), lambda t: ms[t] * 1e-3)
     assert planner.chosen_threads == 1
 
 
@@ -441,10 +438,10 @@ def test_thread_planner_recovers_from_a_noisy_start_on_many_cores():
     def quiet(t):  # compute-bound below 32 threads, memory-bound above; a little cost per thread
         return (max(32 / t, 1.0) + 0.01 * t / 64) * 1e-3
 
-    trial = 7 * (kernel.TRIAL_SAMPLES + 1)
+    trial = 7 * (_threads.TRIAL_SAMPLES + 1)
     _drive_within(planner, 64, trial, loaded)
     assert planner.chosen_threads == 1
-    _drive_within(planner, 64, kernel.REPLAN_EVERY + trial, quiet)
+    _drive_within(planner, 64, _threads.FIRST_INTERVAL + trial, quiet)
     assert planner.chosen_threads == 32
     later = _drive_within(planner, 64, 5000, quiet)
     spent = sum(quiet(t) for t in later)
