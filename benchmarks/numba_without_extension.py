@@ -3,9 +3,8 @@ NumPy update, one process.
 
     python benchmarks/numba_without_extension.py [--rounds 7]
 
-Without the extension (an install with no C++ compiler) the Numba backend has no
-compiled checks: every step goes through the optimizer's checked path, validated in
-Python, with the Numba kernel doing the math.  This imitates that install in a
+Without the extension (an install with no C++ compiler) the Numba backend verifies
+its steps in Python (fastadam/_checks.py), with the Numba kernel doing the math.  This imitates that install in a
 process that has the extension by making ``fastadam._backends.compiled_or_none``
 return None before the optimizers are made.  Medians of ``--rounds`` rounds, the two
 implementations alternating, 1 and all threads as the thread policy allows.

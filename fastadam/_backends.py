@@ -88,10 +88,9 @@ class _CheckedOnlyPlan:
     (``adam_update``, and ``adam_update_bf16``/``adam_update_int8`` where the
     backend offers compressed state)."""
 
-    def __init__(self, buffers, kernel, default_threads=lambda: 1):
+    def __init__(self, buffers, kernel):
         self._buffers = buffers
         self._kernel = kernel
-        self._default_threads = default_threads
         self._work = None
         self.last_grad_norm = None
 
@@ -126,7 +125,7 @@ class _CheckedOnlyPlan:
 
     def run(self, num_threads):
         L, kernel = self._buffers, self._kernel
-        threads = num_threads or self._default_threads()
+        threads = num_threads or 1
         steps = self._work[2]
         for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
             p, m, v, vmax = L.params[k], L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k]
@@ -165,11 +164,13 @@ class _CheckedOnlyPlan:
 
 
 class _NumbaPlan:
-    """The compiled checks (a ``_kernel.Plan``) with the Numba kernel doing the math.
+    """The Numba backend's plan: ``checks`` verify a step and hold it (the compiled
+    ``_kernel.Plan`` where the extension is built, else ``_checks.Checks``, the same
+    checks in Python); the Numba kernel does the math.
 
-    The plan's buffers are flattened once; a step is the compiled ``verify``, the
-    scalars written into one float64 array (``scalars_into``), and one Numba call
-    per tensor (``kernel.update``)."""
+    The plan's buffers are flattened once; a step is ``verify``, the scalars
+    written into one float64 array (``scalars_into``), and one Numba call per
+    tensor (``kernel.update``)."""
 
     def __init__(self, checks, buffers, kernel):
         self._checks = checks
@@ -187,6 +188,11 @@ class _NumbaPlan:
     @property
     def last_grad_norm(self):
         return self._checks.last_grad_norm
+
+    @property
+    def chosen_threads(self):
+        """The thread planner's choice for steps outside a trial."""
+        return self._checks.chosen_threads
 
     def step(self, lock, groups, grads, state, num_threads, skip_if_nonfinite, max_grad_norm,
              grad_scale):
@@ -212,7 +218,7 @@ class _NumbaPlan:
     def run(self, num_threads):
         checks, rows, update = self._checks, self._rows, self._kernel.update
         checks.scalars_into(rows)
-        threads = checks.threads_for_step(num_threads)  # the compiled plan's planner
+        threads = checks.threads_for_step(num_threads)  # the thread policy's planner
         started = time.perf_counter()
         variants, bf16 = rows[:, len(StepScalars._fields)].tolist(), self._bf16
         for k, ((p, m, v, vmax, rule), g) in enumerate(zip(self._tensors, checks.gradients())):
@@ -240,7 +246,8 @@ class CompiledBackend:
 
 
 class NumbaBackend:
-    """The Numba kernel; with the compiled extension built, its fast checks too."""
+    """The Numba kernel, with the compiled plan's checks where the extension is built,
+    else the same checks in Python (``_checks``)."""
 
     name = "numba"
     state_dtypes = ("float32", "bfloat16")
@@ -255,8 +262,11 @@ class NumbaBackend:
 
     def new_plan(self, buffers):
         if self._compiled is None:
-            return _CheckedOnlyPlan(buffers, self.module, self.default_num_threads)
-        return _NumbaPlan(self._compiled.Plan(*buffers), buffers, self.module)
+            from ._checks import Checks
+            checks = Checks(buffers, self.module, forked=self.module.in_forked_child)
+        else:
+            checks = self._compiled.Plan(*buffers)
+        return _NumbaPlan(checks, buffers, self.module)
 
 
 class ReferenceBackend:

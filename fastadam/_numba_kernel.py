@@ -411,7 +411,20 @@ def _after_fork_in_child():
     _in_forked_child = True
 
 
+def in_forked_child():
+    """Whether this process is a child made by fork() (its steps run serially)."""
+    return _in_forked_child
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@njit(cache=True, nogil=True)
+def addresses(p, m, v, w, g):
+    """The data addresses of a tensor's arrays, as the checks of a step compare them
+    (fastadam/_checks.py): one call, where NumPy's ``__array_interface__`` costs
+    more than a microsecond an array."""
+    return p.ctypes.data, m.ctypes.data, v.ctypes.data, w.ctypes.data, g.ctypes.data
 
 
 _CONSTANTS = {}  # dtype -> the flush-to-zero rule's constants, a read-only array
@@ -442,8 +455,10 @@ def update(p, g, m, v, vmax, rows, k, code, rule, num_threads, bf16=False):
     constants(dtype); ``num_threads`` as resolved by the thread policy
     (fastadam/_threads.py)."""
     n = p.shape[0]
-    threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, max(1, n // ALIGN))
-    parallel = not (threads <= 1 or n < _threads.PARALLEL_THRESHOLD or _in_forked_child)
+    threads = 1
+    if num_threads > 1 and n >= _threads.PARALLEL_THRESHOLD and not _in_forked_child:
+        threads = min(num_threads, numba.config.NUMBA_NUM_THREADS, n // ALIGN)
+    parallel = threads > 1
     kernel = _BY_VARIANT.get((code, parallel, bf16))
     if kernel is None:
         kernel = _BY_VARIANT[(code, parallel, bf16)] = _kernel(*variant_options(int(code)),

@@ -361,11 +361,12 @@ def no_overlap(named_arrays):
     return [(start, end) for start, end, _ in spans]
 
 
-def gradient_not_written(g, k, spans):
-    """``grads[k]`` must not share memory with anything the step writes (sorted ``spans``)."""
+def gradient_not_written(g, k, spans, start=None):
+    """``grads[k]`` must not share memory with anything the step writes (sorted
+    ``spans``); ``start``: g's data address, where the caller has read it."""
     if not g.nbytes:
         return
-    lo, hi = _span(g)
+    lo, hi = _span(g) if start is None else (start, start + g.nbytes)
     a, b = 0, len(spans)
     while a < b:  # the last span starting before hi
         mid = (a + b) // 2

@@ -244,5 +244,5 @@ def test_numba_with_python_checks_equals_the_reference(rng):
             opt.step([g])
         results.append(p.tobytes() + b"".join(a.tobytes() for k, a in sorted(opt.state[0].items())
                                                if k != "step"))
-    assert type(opt._plan).__name__ == "_CheckedOnlyPlan"
+    assert type(opt._plan._checks).__name__ == "Checks"
     assert results[1] == results[0]

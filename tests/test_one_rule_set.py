@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import fastadam
+from fastadam import _backends
 from conftest import backend_params
 
 FAST = [b for b in backend_params(("cython",))]
@@ -224,6 +225,19 @@ class Twins(RuleBasedStateMachine):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
 def test_compiled_and_reference_agree_under_mutation(backend, state_dtype):
+    run_twins(backend, state_dtype)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_numba_without_the_extension_and_reference_agree_under_mutation(state_dtype, monkeypatch):
+    """The same for the Numba backend's checks in Python (fastadam/_checks.py), as an
+    install without a compiler has them."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(_backends, "compiled_or_none", lambda: None)
+    run_twins("numba", state_dtype)
+
+
+def run_twins(backend, state_dtype):
     shapes = SHAPES if state_dtype == "float32" else [(s, np.float32) for s, _ in SHAPES]
     machine = type(f"Twins_{backend}_{state_dtype}", (Twins,),
                    {"backend": backend, "state_dtype": state_dtype, "shapes": shapes})
