@@ -7,7 +7,8 @@ build_ext --inplace``), say the commit before a refactor.  Its package is
 loaded beside this one as ``fastadam_before`` and adds the implementations
 "before-cython", "before-bf16" and "before-int8" (fastadam.Adam as built there),
 "policy" and "before-policy" (num_threads=None in each: the thread policy and its
-planner, whatever ``--threads`` says), and "before-list" to the model-shaped table, so each round of the report
+planner, whatever ``--threads`` says), "last-variant" and "before-last-variant" (AdamW
+with amsgrad and maximize: the highest variant code), and "before-list" to the model-shaped table, so each round of the report
 visits both builds in random order and machine drift hits both alike.
 """
 import os
@@ -30,10 +31,10 @@ def load_other(checkout):
     return fastadam_before
 
 
-def single(package, **options):
+def single(package, cls="Adam", **options):
     def make(n, threads):
         p, g = bench._buffers(n)
-        opt = package.Adam([p], backend="cython", **{"num_threads": threads, **options})
+        opt = getattr(package, cls)([p], backend="cython", **{"num_threads": threads, **options})
         opt.step([g])
         return lambda: opt.step([g])
     return make
@@ -61,6 +62,8 @@ def main(argv):
         "before-int8": single(before, state_dtype="int8"),
         "policy": single(fastadam, num_threads=None),
         "before-policy": single(before, num_threads=None),
+        "last-variant": single(fastadam, "AdamW", amsgrad=True, maximize=True),
+        "before-last-variant": single(before, "AdamW", amsgrad=True, maximize=True),
     })
     bench.MODEL_SHAPED["before-list"] = model_list(before)
     return bench.main(argv[1:])

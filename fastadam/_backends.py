@@ -28,7 +28,8 @@ import numpy as np
 
 from . import _formats, _interrupts, _threads
 from ._formats import rounding_key
-from ._step import StepScalars, clip_coefficient, grad_norm, step_scalars, weight_decay_mode
+from ._step import (StepScalars, clip_coefficient, flag_values, grad_norm, step_scalars,
+                    weight_decay_mode)
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -101,12 +102,12 @@ class _CheckedOnlyPlan:
     def load(self, hypers, remembered, grads, entries, steps):
         work = []
         k = 0
-        for (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize), size in zip(
+        for (lr, beta1, beta2, eps, weight_decay, flags), size in zip(
                 hypers, self._buffers.group_sizes):
             wd_mode = weight_decay_mode(weight_decay, self._buffers.decoupled)
             for _ in range(size):
                 work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                    steps[k] + 1), wd_mode, amsgrad, maximize, lr])
+                                                    steps[k] + 1), wd_mode, flag_values(flags), lr])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
 
@@ -127,14 +128,14 @@ class _CheckedOnlyPlan:
         L, kernel = self._buffers, self._kernel
         threads = num_threads or 1
         steps = self._work[2]
-        for k, (grad, scalars, wd_mode, amsgrad, maximize, lr) in enumerate(self._work[0]):
+        for k, (grad, scalars, wd_mode, flags, lr) in enumerate(self._work[0]):
             p, m, v, vmax = L.params[k], L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k]
             master = L.masters[k] if L.masters is not None else None
             if _formats.is_low_precision(p.dtype) and master is None:  # torch's semantics
                 key = (rounding_key(L.seed, k, steps[k], 3) if L.param_rounding == "stochastic"
                        else None)
-                kernel.adam_update_torch_order(p, grad, m, v, vmax, scalars, wd_mode, amsgrad,
-                                               maximize, key)
+                kernel.adam_update_torch_order(p, grad, m, v, vmax, scalars, wd_mode, param_key=key,
+                                               **flags)
                 continue
             # A float32 update: of p, or of its float32 master.
             if L.absmaxes is not None and L.absmaxes[k] is not None:
@@ -148,7 +149,7 @@ class _CheckedOnlyPlan:
                 update = functools.partial(kernel.adam_update, exp_avg=m, exp_avg_sq=v,
                                            max_exp_avg_sq=vmax, num_threads=threads)
             options = dict(grad=grad if grad.dtype in (np.float32, np.float64) else _formats.to_float32(grad),
-                           s=scalars, weight_decay_mode=wd_mode, amsgrad=amsgrad, maximize=maximize)
+                           s=scalars, weight_decay_mode=wd_mode, **flags)
             if master is None:
                 update(p, **options)
             else:
@@ -300,7 +301,7 @@ def _check_built_with(kernel):
     from . import _rules, _step
     stated = {
         "STEP_SCALAR_NAMES": _step.StepScalars._fields,
-        "VARIANT_BITS": (_step.WD_MASK, _step.AMSGRAD, _step.MAXIMIZE),
+        "VARIANT_BITS": (_step.WD_MASK, *zip(_step.FLAGS, _step.FLAG_BITS)),
         "MAX_STEP": _rules.MAX_STEP,
         "INT8_FORMAT": (_formats.INT8_BLOCK, _formats.INT8_FRACTION_BITS,
                         _formats.INT8_SIGNED_EXPONENT_OFFSET, _formats.INT8_UNSIGNED_EXPONENT_OFFSET),

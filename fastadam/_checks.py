@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from . import _formats, _rules, _threads
-from ._step import grad_norm, step_scalars, variant, weight_decay_mode
+from ._step import AMSGRAD, grad_norm, step_scalars, weight_decay_mode
 
 
 def _fits(a, dtype, shape):
@@ -99,8 +99,9 @@ class Checks:
         for group, size in zip(groups, self._group_sizes):
             if type(group) is not dict:
                 return False
-            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize = _rules.hyperparameters(group)
-            code = variant(weight_decay_mode(weight_decay, self._decoupled), amsgrad, maximize)
+            lr, beta1, beta2, eps, weight_decay, flags = _rules.hyperparameters(group)
+            code = weight_decay_mode(weight_decay, self._decoupled) | flags
+            amsgrad = bool(flags & AMSGRAD)
             params = group["params"]
             if type(params) is not list or len(params) != size:
                 return False
@@ -144,9 +145,8 @@ class Checks:
         compiled plan's; every value is read again at the next verify here)."""
         scalars = []
         k = 0
-        for (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize), size in zip(
-                hypers, self._group_sizes):
-            code = variant(weight_decay_mode(weight_decay, self._decoupled), amsgrad, maximize)
+        for (lr, beta1, beta2, eps, weight_decay, flags), size in zip(hypers, self._group_sizes):
+            code = weight_decay_mode(weight_decay, self._decoupled) | flags
             for _ in range(size):
                 scalars.append((step_scalars(lr, beta1, beta2, eps, weight_decay, steps[k] + 1),
                                 code))

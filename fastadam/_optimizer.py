@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from . import _backends, _checkpoint, _flat, _fork, _formats, _interrupts, _rules
+from . import _backends, _checkpoint, _flat, _fork, _formats, _interrupts, _rules, _step
 from ._backends import APPLIED, SKIPPED
 from ._variants import with_defaults
 
@@ -279,7 +279,7 @@ class Adam:
             raw = (group["lr"], group["betas"][0], group["betas"][1], group["eps"],
                    group["weight_decay"])
             remembered += [x if _rules.is_immutable_number(x) else None for x in raw]
-            amsgrad = hyper[5]
+            amsgrad = bool(hyper[5] & _step.AMSGRAD)
             for p in group["params"]:
                 _rules.parameter(p, f"params[{k}]")
                 self._parameter_for_options(p, f"params[{k}]")

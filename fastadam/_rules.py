@@ -15,10 +15,11 @@ import numbers
 
 import numpy as np
 
+from . import _step
 from ._formats import (INT8_BLOCK, INT8_MIN_NUMEL, SIGNED_TOP_CODE, UNSIGNED_TOP_CODE,
                        int8_blocks, is_bfloat16, is_low_precision)
 
-HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", *_step.FLAGS)
 STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # master_weights: how a low-precision parameter's float32 master is kept, and its
 # state key: "split", the trailing 16 bits of each float32 master (uint16; the
@@ -75,7 +76,8 @@ def is_immutable_number(value):
 
 def hyperparameters(group, where=""):
     """A group's hyperparameters, validated with torch's messages, as plain Python
-    values: ``(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize)``."""
+    values: ``(lr, beta1, beta2, eps, weight_decay, flags)``, ``flags`` the bits of
+    the option flags (``_step.FLAGS``) that are on."""
     for key in HYPERPARAMETERS:
         if key not in group:
             raise KeyError(f"parameter group has no {key!r}{where}")
@@ -96,9 +98,8 @@ def hyperparameters(group, where=""):
         raise ValueError(f"Invalid beta parameter at index 1: {beta2}{where}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
-    amsgrad = flag(group["amsgrad"], "amsgrad", where)
-    maximize = flag(group["maximize"], "maximize", where)
-    return lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+    flags = _step.flags_of({name: flag(group[name], name, where) for name in _step.FLAGS})
+    return lr, beta1, beta2, eps, weight_decay, flags
 
 
 def num_threads(value):

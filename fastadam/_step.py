@@ -3,31 +3,47 @@
 The record of the per-step scalars is ``StepScalars``: its fields, in order,
 are the kernel's (src/adam_kernel.hpp, ``FA_STEP_SCALARS``) and the Numba
 kernel's one scalars array; ``_backends`` checks the compiled kernel's list
-against it at import.  The option bits of a variant (weight-decay mode,
-AMSGrad, maximize) are packed by ``variant`` alone; the kernel's
-``FA_VARIANT`` is checked against it at import too.
+against it at import.  A variant's code (its weight-decay mode and option
+``FLAGS``) is packed by ``variant`` alone; the kernel's ``FA_FLAGS`` is
+checked against it at import too.
 """
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-# Weight-decay modes, and a variant's option bits: bits 0-1 the mode, then one
-# bit per flag.
+# Weight-decay modes, and a variant's code: bits 0-1 the mode, then one bit per
+# option flag, in the order of FLAGS.  FLAGS are the parameter groups' keys of
+# the flags (each True or False, False by default): the rules, the checkpoints
+# and the compiled plan read a group's flags by these names, and the kernel's
+# FA_FLAGS is checked against them at import.
 WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
 WD_MASK = 3
-AMSGRAD = 4
-MAXIMIZE = 8
+FLAGS = ("amsgrad", "maximize")
+FLAG_BITS = tuple(4 << j for j in range(len(FLAGS)))
+AMSGRAD = FLAG_BITS[FLAGS.index("amsgrad")]    # its state (max_exp_avg_sq) is checked by name
+MAXIMIZE = FLAG_BITS[FLAGS.index("maximize")]
 
 
-def variant(weight_decay_mode, amsgrad, maximize):
-    """The variant code of (weight-decay mode, amsgrad, maximize)."""
-    return weight_decay_mode | (AMSGRAD if amsgrad else 0) | (MAXIMIZE if maximize else 0)
+def flags_of(values):
+    """The flag bits of ``values``, a mapping of each flag's name to a bool."""
+    return sum(bit for name, bit in zip(FLAGS, FLAG_BITS) if values[name])
+
+
+def flag_values(flags):
+    """Each flag's name and bool in ``flags`` (its bits): the keyword arguments of
+    the backends' update functions."""
+    return {name: bool(flags & bit) for name, bit in zip(FLAGS, FLAG_BITS)}
+
+
+def variant(weight_decay_mode, *flags):
+    """The variant code of a weight-decay mode and the flags' bools, in FLAGS' order."""
+    return weight_decay_mode | sum(bit for bit, on in zip(FLAG_BITS, flags) if on)
 
 
 def variant_options(code):
-    """(weight-decay mode, amsgrad, maximize) of a variant code."""
-    return code & WD_MASK, bool(code & AMSGRAD), bool(code & MAXIMIZE)
+    """(weight-decay mode, *the flags' bools in FLAGS' order) of a variant code."""
+    return (code & WD_MASK, *(bool(code & bit) for bit in FLAG_BITS))
 
 
 def weight_decay_mode(weight_decay, decoupled):

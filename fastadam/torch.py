@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _fork, _formats, _optimizer, _rules
+from . import _fork, _formats, _optimizer, _rules, _step
 from ._torch_tensors import TrackedState as _TrackedState
 from ._torch_tensors import numpy_dtype as _numpy_dtype
 from ._torch_tensors import refuse_unfit as _refuse_unfit
@@ -125,7 +125,7 @@ class Adam(torch.optim.Optimizer):
         self._plan = None
         _fork.register(self)
         for group in self.param_groups:
-            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None),
+            for key, value in (*((name, False) for name in _step.FLAGS), ("foreach", None),
                                ("capturable", False), ("differentiable", False), ("fused", None)):
                 group.setdefault(key, value)
             group.setdefault("decoupled_weight_decay", self._decoupled)
@@ -424,8 +424,7 @@ def _hyperparameters(group):
     if isinstance(betas, (tuple, list)) and len(betas) == 2:
         betas = (number(betas[0]), number(betas[1]))
     return dict(lr=number(group["lr"]), betas=betas, eps=group["eps"],
-                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                maximize=group["maximize"])
+                weight_decay=group["weight_decay"], **{name: group[name] for name in _step.FLAGS})
 
 
 class AdamW(Adam):

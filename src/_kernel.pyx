@@ -54,15 +54,16 @@ cdef extern from "adam_kernel.hpp" nogil:
     enum:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_BFLOAT16, FA_N_DTYPES
         FA_PARAM_NEAREST, FA_PARAM_STOCHASTIC, FA_PARAM_SPLIT, FA_PARAM_MASTER
-        FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_STEP_SCALARS
+        FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_FLAGS, FA_N_STEP_SCALARS
         FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
     const char *FA_STEP_SCALAR_NAMES
     const char *FA_DTYPE_NAMES
+    const char *FA_FLAG_KEYS
+    const int *fa_flag_bits
     int fa_is_low_precision(int code)
-    int fa_variant(int wd, int amsgrad, int maximize)
     void fa_set_step(fa_item *it, double lr, double beta1, double beta2, double eps,
                      double weight_decay, int64_t step, double max_update_in_lr)
     void fa_get_step(const fa_item *it, double *out)
@@ -159,7 +160,10 @@ INT8_BLOCK = FA_INT8_BLOCK
 # The step's record and option bits as the kernel was built with them
 # (fastadam._step's; _backends checks them at import).
 STEP_SCALAR_NAMES = tuple(FA_STEP_SCALAR_NAMES.decode().split())
-VARIANT_BITS = (FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE)
+# VARIANT_BITS: the weight-decay modes' mask, then each flag's key and bit.
+FLAG_KEYS = tuple(FA_FLAG_KEYS.decode().split())
+VARIANT_BITS = (FA_WD_MASK, *[(key, fa_flag_bits[j]) for j, key in enumerate(FLAG_KEYS)])
+cdef tuple _FLAG_KEYS = FLAG_KEYS  # read by the plan: the groups' keys of the option flags
 # The 8-bit codes' formats (fastadam._reference states them; checked at import).
 INT8_FORMAT = (FA_INT8_BLOCK, FA_INT8_FRACTION_BITS, FA_INT8_SIGNED_EXPONENT_OFFSET,
                FA_INT8_UNSIGNED_EXPONENT_OFFSET)

@@ -88,7 +88,7 @@ cdef class Plan(PlanBuffers):
         cdef Py_ssize_t gi, j, k, n_in_group, slot
         cdef double lr, beta1, beta2, eps, weight_decay
         cdef int variant, st_type, grad_code
-        cdef bint amsgrad, maximize
+        cdef bint amsgrad
         cdef long long step
         cdef PyObject *ptr
         cdef fa_item *it
@@ -136,16 +136,14 @@ cdef class Plan(PlanBuffers):
             if not (0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
                     and 0.0 <= weight_decay):
                 return False
-            ptr = PyDict_GetItem(<dict>group, "amsgrad")
-            if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
-                return False
-            amsgrad = <object>ptr is True
-            ptr = PyDict_GetItem(<dict>group, "maximize")
-            if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
-                return False
-            maximize = <object>ptr is True
-            variant = fa_variant(0 if weight_decay == 0.0 else self.wd_mode_if_nonzero,
-                                 amsgrad, maximize)
+            variant = 0 if weight_decay == 0.0 else self.wd_mode_if_nonzero
+            for j in range(FA_N_FLAGS):  # the option flags: True or False, each its bit
+                ptr = PyDict_GetItem(<dict>group, <object>fa_tuple_item(_FLAG_KEYS, j))
+                if ptr == NULL or (<object>ptr is not True and <object>ptr is not False):
+                    return False
+                if <object>ptr is True:
+                    variant |= fa_flag_bits[j]
+            amsgrad = (variant & FA_AMSGRAD) != 0
             ptr = PyDict_GetItem(<dict>group, "params")
             if ptr == NULL or type(<object>ptr) is not list:
                 return False
@@ -256,8 +254,9 @@ cdef class Plan(PlanBuffers):
 
     def load(self, list hypers, list remembered, grads, list entries, list steps):
         """Set this step from checked values: ``hypers`` per group (lr, beta1, beta2,
-        eps, weight_decay, amsgrad, maximize); ``remembered``, N_SLOTS objects per
-        group that the fast path may later accept by identity (None: none);
+        eps, weight_decay, flags), as ``_rules.hyperparameters`` gives them;
+        ``remembered``, N_SLOTS objects per group that the fast path may later
+        accept by identity (None: none);
         ``grads``, ``entries`` (the state dicts) and ``steps`` (counts before this
         step) per tensor."""
         cdef Py_ssize_t gi, j, k = 0
@@ -270,12 +269,11 @@ cdef class Plan(PlanBuffers):
             obj = remembered[j]
             self.remembered[j] = _NOTHING if obj is None else obj
         for gi in range(self.n_groups):
-            lr, beta1, beta2, eps, weight_decay, amsgrad, maximize = hypers[gi]
+            lr, beta1, beta2, eps, weight_decay, flags = hypers[gi]
             for j in range(N_SLOTS):
                 if remembered[gi * N_SLOTS + j] is not None:
                     self.remembered_values[gi * N_SLOTS + j] = (lr, beta1, beta2, eps, weight_decay)[j]
-            variant = fa_variant(0 if weight_decay == 0.0 else self.wd_mode_if_nonzero,
-                                 bool(amsgrad), bool(maximize))
+            variant = (0 if weight_decay == 0.0 else self.wd_mode_if_nonzero) | flags
             for j in range(self.group_sizes[gi]):
                 g = <cnp.ndarray?>held[k]
                 if self.gradient_code(g, k) < 0:

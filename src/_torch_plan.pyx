@@ -18,7 +18,12 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport intptr_t
 from libc.stdlib cimport free, malloc
 
+from fastadam import _step
+
 cnp.import_array()
+
+# The option flags copied from a group as they are; amsgrad changes the state.
+cdef tuple _COPIED_FLAGS = tuple(name for name in _step.FLAGS if name != "amsgrad")
 
 
 cdef class _Planned:
@@ -143,7 +148,8 @@ cdef class TorchPlan:
                     and type((<tuple>betas)[0]) is float and type((<tuple>betas)[1]) is float):
                 inner["lr"], inner["betas"] = lr, betas
                 inner["eps"], inner["weight_decay"] = group["eps"], group["weight_decay"]
-                inner["maximize"] = group["maximize"]
+                for name in _COPIED_FLAGS:
+                    inner[name] = group[name]
             else:  # tensors, lists or something wrong: fastadam's rules name it
                 inner.update(self.hyperparameters(group))
         return True

@@ -40,9 +40,9 @@
 // fa_bf16_range_avx512): the same operations in the same order, in fewer
 // instructions than GCC's vectorisation of the generic loops finds.
 //
-// Weight-decay mode, AMSGrad, maximize and the state's storage (native,
-// bfloat16 or 8-bit) are template parameters: each variant is its own loop with no
-// branch inside.  Each variant is
+// The variant's code (weight-decay mode and option flags: fa_step.hpp) and the
+// state's storage (native, bfloat16 or 8-bit) are template parameters: each
+// variant is its own loop with no branch inside.  Each variant is
 // compiled three times, for baseline x86-64 (SSE2), AVX2 and AVX-512; the
 // widest one the CPU and OS support is picked once at import time
 // (fa_select_isa), or forced with FASTADAM_ISA.  The AVX-512 variant uses
@@ -57,6 +57,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <type_traits>
+#include <utility>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -121,9 +122,10 @@ struct fa_plain_float32 {
 // One block of n elements of a tensor with 8-bit state, starting at element
 // b0: decoded, updated and requantized while its m and v wait in L1-resident
 // buffers, so memory is read and written once.
-template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE>
+template <typename P, typename G, int VARIANT>
 static inline __attribute__((always_inline)) void
 fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t n) {
+    constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     P p(it);
     const typename G::held *__restrict__ g = (const typename G::held *)it.grad;
     const float max_update = (float)it.max_update;
@@ -137,7 +139,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
     uint32_t largest_m = 0, largest_v = 0, largest_vmax = 0;  // fa_magnitude_bits
     for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
         float gi, pi, mi, vi, update;
-        fa_rule::gradient<WD, MAXIMIZE>(s, (float)G::load(g, b0 + j), p.load(b0 + j), gi, pi);
+        fa_rule::gradient<VARIANT>(s, (float)G::load(g, b0 + j), p.load(b0 + j), gi, pi);
         fa_rule::moments(s, fa_int8_decode<true>(mb[j]) * scale_m, fa_int8_decode<false>(vb[j]) * scale_v, gi,
                          mi, vi);
         float vd = vi;
@@ -168,7 +170,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
 
 // [start, stop) of one tensor with 8-bit state: start is a multiple of
 // FA_INT8_BLOCK (fa_boundary aligns shares to it), stop a multiple or the end.
-template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int ISA>
+template <typename P, typename G, int VARIANT, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
     const fa_scalars<float> s(it);
@@ -176,12 +178,12 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
     int64_t b0 = start;
 #if defined(__x86_64__) && defined(__GNUC__)
     if constexpr (ISA == FA_ISA_AVX512 && fa_plain_float32<P, G>::value) {
-        fa_int8_blocks_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, start, whole_stop);
+        fa_int8_blocks_avx512<VARIANT>(it, s, start, whole_stop);
         b0 = whole_stop;
     }
 #endif
     for (; b0 < stop; b0 += FA_INT8_BLOCK)
-        fa_int8_block<P, G, WD, AMSGRAD, MAXIMIZE>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
+        fa_int8_block<P, G, VARIANT>(it, s, b0, stop - b0 < FA_INT8_BLOCK ? stop - b0 : FA_INT8_BLOCK);
 }
 
 // float16 <-> float32 in blocks, with F16C (every AVX2 CPU has it): GCC does not
@@ -230,15 +232,16 @@ static inline __attribute__((always_inline)) void fa_f32_to_f16(const float *x, 
     else fa_f16_encode(x, out, n);
 }
 
-template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int STATE, int ISA>
+template <typename P, typename G, int VARIANT, int STATE, int ISA>
 static inline __attribute__((always_inline)) void fa_adam_loop(const fa_item &it, int64_t start, int64_t stop);
 
 // A float16 tensor in torch's semantics, block by block: p, m, v (v^) and a float16
 // gradient decoded into L1-resident float32 buffers, updated there by the float32
 // loop in torch's order, and encoded back, rounded to nearest: the same bits as
 // the element-wise loop, which rounds once per value too.
-template <typename G, int WD, bool AMSGRAD, int MAXIMIZE, int ISA>
+template <typename G, int VARIANT, int ISA>
 static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_item &it, int64_t start, int64_t stop) {
+    constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     constexpr int64_t B = 256;
     alignas(64) float bp[B], bg[B], bm[B], bv[B], bvmax[B];
     const uint16_t *p = (const uint16_t *)it.param, *m = (const uint16_t *)it.exp_avg;
@@ -257,7 +260,7 @@ static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_it
         } else {
             block.grad = (const float *)it.grad + b0;
         }
-        fa_adam_loop<fa_param_torch_f32, fa_f32, WD, AMSGRAD, MAXIMIZE, FA_STATE_NATIVE, ISA>(block, 0, n);
+        fa_adam_loop<fa_param_torch_f32, fa_f32, VARIANT, FA_STATE_NATIVE, ISA>(block, 0, n);
         fa_f32_to_f16<ISA>(bp, (uint16_t *)it.param + b0, n);
         fa_f32_to_f16<ISA>(bm, (uint16_t *)it.exp_avg + b0, n);
         fa_f32_to_f16<ISA>(bv, (uint16_t *)it.exp_avg_sq + b0, n);
@@ -268,14 +271,15 @@ static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_it
 
 // The loop over [start, stop) of one tensor, for one variant: parameter policy
 // P, gradient format G, state storage STATE.
-template <typename P, typename G, int WD, bool AMSGRAD, int MAXIMIZE, int STATE, int ISA>
+template <typename P, typename G, int VARIANT, int STATE, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
+    constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     if constexpr (STATE == FA_STATE_INT8) {
-        fa_adam_int8_loop<P, G, WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
+        fa_adam_int8_loop<P, G, VARIANT, ISA>(it, start, stop);
 #if defined(__x86_64__) && defined(__GNUC__)
     } else if constexpr (ISA != FA_ISA_BASELINE && std::is_same<P, fa_param_plain<fa_f16>>::value) {
-        fa_adam_f16_staged<G, WD, AMSGRAD, MAXIMIZE, ISA>(it, start, stop);
+        fa_adam_f16_staged<G, VARIANT, ISA>(it, start, stop);
 #endif
     } else {
     typedef typename P::value T;
@@ -299,7 +303,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if constexpr (ISA == FA_ISA_AVX512 && STATE == FA_STATE_BF16 && fa_plain_float32<P, G>::value) {
         const int64_t whole = chunk + (chunk_stop - chunk) / 32 * 32;
-        fa_bf16_range_avx512<WD, AMSGRAD, MAXIMIZE>(it, s, chunk, whole, key_mv, key_vmax);
+        fa_bf16_range_avx512<VARIANT>(it, s, chunk, whole, key_mv, key_vmax);
         i = whole;
     }
 #endif
@@ -308,7 +312,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
                                ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
         const uint32_t rp = P::stochastic ? (((uint32_t)i ^ key_p) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u;
         T gi, pi, mi, vi, term;
-        fa_rule::gradient<WD, MAXIMIZE>(s, (T)G::load(g, i), p.load(i), gi, pi);
+        fa_rule::gradient<VARIANT>(s, (T)G::load(g, i), p.load(i), gi, pi);
         if constexpr (P::torch_order) fa_rule::moments_lerp(s, S::load(m, i), S::load(v, i), gi, mi, vi);
         else fa_rule::moments(s, S::load(m, i), S::load(v, i), gi, mi, vi);
         S::store(m, i, mi, r & 0xffffu);

@@ -120,9 +120,10 @@ FA_AVX512_INLINE void fa_int8_requantize64(const float (*values)[FA_INT8_BLOCK],
 // square-root unit, the requantization on the integer pipes, and the
 // interleaving lets them work at once (a block's requantization cannot start
 // before its update has found the absmax).
-template <int WD, bool AMSGRAD, bool MAXIMIZE>
+template <int VARIANT>
 FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
                                                    int64_t stop) {
+    constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     fa_scalars<fa_floats16> c;
     fa_broadcast(s, c);
     const float max_update_scalar = (float)it.max_update;
@@ -148,7 +149,7 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
             for (int j = q; j < q + 64; j += 16) {
                 const int64_t i = b0 + j;
                 __m512 gi, pi, mi, vi;
-                fa_rule_avx512::gradient<WD, MAXIMIZE>(c, _mm512_loadu_ps(g + i), _mm512_loadu_ps(p + i), gi, pi);
+                fa_rule_avx512::gradient<VARIANT>(c, _mm512_loadu_ps(g + i), _mm512_loadu_ps(p + i), gi, pi);
                 fa_rule_avx512::moments(c, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m),
                              _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(v + i)), scale_v), gi, mi, vi);
                 __m512 vd = vi;
@@ -208,9 +209,10 @@ FA_AVX512_INLINE __m512i fa_bf16_round16(__m512 x, __m512i random16) {
 // multiple of 32), with AVX-512 intrinsics: the same operations in the same
 // order, so the same bits, in fewer instructions than GCC's vectorisation
 // (which carries the element index in 64 bits and narrows it every step).
-template <int WD, bool AMSGRAD, bool MAXIMIZE>
+template <int VARIANT>
 FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_scalars<float> &s, int64_t start,
                                                   int64_t stop, uint32_t key_mv, uint32_t key_vmax) {
+    constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     fa_scalars<fa_floats16> c;
     fa_broadcast(s, c);
     const __m512 min_normal = _mm512_set1_ps(fa_min_normal<float>::value);
@@ -232,7 +234,7 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
             const int64_t j = i + 16 * h;
             const __m512i r = _mm512_mullo_epi32(_mm512_xor_si512(index, mv_key), multiplier);
             __m512 gi, pi, mi, vi;
-            fa_rule_avx512::gradient<WD, MAXIMIZE>(c, _mm512_loadu_ps(g + j), _mm512_loadu_ps(p + j), gi, pi);
+            fa_rule_avx512::gradient<VARIANT>(c, _mm512_loadu_ps(g + j), _mm512_loadu_ps(p + j), gi, pi);
             fa_rule_avx512::moments(c, fa_bf16_load16(m + j), fa_bf16_load16(v + j), gi, mi, vi);
             new_m[h] = fa_bf16_round16(mi, _mm512_and_si512(r, low_half));
             new_v[h] = fa_bf16_round16(vi, _mm512_srli_epi32(r, 16));

@@ -29,49 +29,40 @@ typedef fa_param_master<fa_f16> fa_p_f16_master;
 // The gradients' formats, for the read-only passes.
 #define FA_GRADIENT_FORMATS(X) X(fa_f32) X(fa_f64) X(fa_bf16) X(fa_f16)
 
-// Every variant of one table row: a switch outside the loop, so that each
-// variant is its own loop with no branch inside.  Inlined into each ISA's
-// function below, so every loop is compiled for that ISA.
+// Every variant of one table row: each variant code (fa_step.hpp) its own loop
+// with no branch inside, chosen by a chain of compares outside the loop.
+// Inlined into each ISA's function below, so every loop is compiled for that ISA.
 // The float32 and float64 rows compile each maximize flag into its own loop;
 // the others read it at run time (half the loops: the build's time grows with
 // their number).
-template <typename P, typename G, int STATE, int ISA>
-static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b) {
-    constexpr bool every_flag = fa_plain_float32<P, G>::value || std::is_same<P, fa_p_f64>::value;
-    if constexpr (every_flag) {
-        switch (it.variant) {
-#define FA_CASE(WD, AMSGRAD, MAXIMIZE)                                              \
-    case FA_VARIANT(WD, AMSGRAD, MAXIMIZE):                                         \
-        fa_adam_loop<P, G, WD, AMSGRAD, MAXIMIZE, STATE, ISA>(it, a, b);            \
-        break;
-#define FA_CASES(WD) FA_CASE(WD, false, false) FA_CASE(WD, false, true) FA_CASE(WD, true, false) FA_CASE(WD, true, true)
-        FA_CASES(FA_WD_NONE)
-        FA_CASES(FA_WD_L2)
-        FA_CASES(FA_WD_DECOUPLED)
-#undef FA_CASES
-#undef FA_CASE
-        default: break;
-        }
+template <typename P, typename G>
+struct fa_every_flag {
+    static constexpr bool value = fa_plain_float32<P, G>::value || std::is_same<P, fa_p_f64>::value;
+};
+
+// Runs the loop of code VARIANT if it is `code` and the row is built for it.
+template <typename P, typename G, int STATE, int ISA, int VARIANT>
+static inline __attribute__((always_inline)) bool fa_adam_if(const fa_item &it, int code, int64_t a, int64_t b) {
+    constexpr bool at_run_time = !fa_every_flag<P, G>::value;
+    if constexpr ((VARIANT & FA_WD_MASK) > FA_WD_DECOUPLED || (at_run_time && fa_has(VARIANT, FA_MAXIMIZE))) {
+        return false;  // not a weight-decay mode; or a code this row reads maximize of at run time
     } else {
-        switch (it.variant & ~FA_MAXIMIZE) {
-#define FA_CASE(WD, AMSGRAD)                                                         \
-    case FA_VARIANT(WD, AMSGRAD, false):                                             \
-        fa_adam_loop<P, G, WD, AMSGRAD, FA_MAXIMIZE_AT_RUN_TIME, STATE, ISA>(it, a, b); \
-        break;
-#define FA_CASES(WD) FA_CASE(WD, false) FA_CASE(WD, true)
-        FA_CASES(FA_WD_NONE)
-        FA_CASES(FA_WD_L2)
-        FA_CASES(FA_WD_DECOUPLED)
-#undef FA_CASES
-#undef FA_CASE
-        default: break;
-        }
+        if (code != VARIANT) return false;
+        fa_adam_loop<P, G, at_run_time ? VARIANT | FA_MAXIMIZE_AT_RUN_TIME : VARIANT, STATE, ISA>(it, a, b);
+        return true;
     }
+}
+
+template <typename P, typename G, int STATE, int ISA, int... VARIANTS>
+static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b,
+                                                                  std::integer_sequence<int, VARIANTS...>) {
+    const int code = fa_every_flag<P, G>::value ? it.variant : it.variant & ~FA_MAXIMIZE;
+    (void)(fa_adam_if<P, G, STATE, ISA, VARIANTS>(it, code, a, b) || ...);
 }
 
 #define FA_ADAM_ROW(P, G, STATE)                                                              \
     if (it.dtype == P::dtype && it.param_mode == P::mode && it.grad_dtype == G::code && it.state == STATE) \
-        return fa_adam_variants<P, G, STATE, ISA>(it, a, b);
+        return fa_adam_variants<P, G, STATE, ISA>(it, a, b, std::make_integer_sequence<int, FA_N_VARIANTS>());
 #define FA_FINITE_ROW(G) \
     if (it.grad_dtype == G::code) return fa_all_finite_loop<G>((const typename G::held *)it.grad, a, b);
 #define FA_SUMSQ_ROW(G) \

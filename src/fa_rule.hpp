@@ -21,15 +21,16 @@
 //   d  = sqrt(v) * (1 / sqrt(bc2)) + eps  (bc2 = 1 - beta2^step)
 //   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
 
-// The gradient as the moments read it, and p after decoupled weight decay.
-// MAXIMIZE is 0 or 1, or FA_MAXIMIZE_AT_RUN_TIME: the sign of s.maximize (all
-// zero bits, or the sign bit) is XORed in, so that one loop serves both (the
-// kernel's rarer rows use it to halve their number of loops).
-template <int WD, int MAXIMIZE, typename V, typename S>
+// The gradient as the moments read it, and p after decoupled weight decay, for
+// variant code VARIANT (fa_step.hpp).  With FA_MAXIMIZE_AT_RUN_TIME in it the sign of
+// s.maximize (all zero bits, or the sign bit) is XORed in, so that one loop
+// serves both (the kernel's rarer rows use it to halve their number of loops).
+template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void gradient(const S &s, const V &g, const V &p, V &gi, V &pi) {
+    constexpr int WD = VARIANT & FA_WD_MASK;
     gi = g * s.grad_scale;
-    if constexpr (MAXIMIZE == FA_MAXIMIZE_AT_RUN_TIME) gi = fa_xor_bits(gi, s.maximize);
-    else if (MAXIMIZE) gi = fa_flip_sign(gi);
+    if constexpr (fa_has(VARIANT, FA_MAXIMIZE_AT_RUN_TIME)) gi = fa_xor_bits(gi, s.maximize);
+    else if constexpr (fa_has(VARIANT, FA_MAXIMIZE)) gi = fa_flip_sign(gi);
     pi = p;
     if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
     if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;

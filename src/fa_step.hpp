@@ -44,15 +44,29 @@ enum fa_param_mode { FA_PARAM_NEAREST = 0, FA_PARAM_STOCHASTIC = 1, FA_PARAM_SPL
 // as 8-bit codes with a float32 absmax per block.
 enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
 
-// A variant's option bits (fastadam._step.WD_MASK, AMSGRAD, MAXIMIZE): bits 0-1
-// the weight-decay mode, then one bit per flag.  The state storage (enum
-// fa_state) is a separate field of the item.
-enum fa_option_bits { FA_WD_MASK = 3, FA_AMSGRAD = 4, FA_MAXIMIZE = 8 };
-// A loop's MAXIMIZE template argument that reads the flag from the scalars instead.
-enum { FA_MAXIMIZE_AT_RUN_TIME = 2 };
-#define FA_VARIANT(wd, amsgrad, maximize) ((wd) | ((amsgrad) ? FA_AMSGRAD : 0) | ((maximize) ? FA_MAXIMIZE : 0))
-
-static inline int fa_variant(int wd, int amsgrad, int maximize) { return FA_VARIANT(wd, amsgrad, maximize); }
+// A variant's code: bits 0-1 its weight-decay mode (enum fa_weight_decay), then
+// one bit per option flag, in the order of FA_FLAGS: the parameter groups' keys,
+// fastadam._step.FLAGS (checked at import).  A new flag is a row here and its
+// math in fa_rule.hpp; the kernel is built for every code (fa_dispatch.hpp).
+#define FA_FLAGS(X) X(AMSGRAD, amsgrad) X(MAXIMIZE, maximize)
+#define FA_FLAG_POSITION(NAME, key) FA_POSITION_##NAME,
+enum { FA_FLAGS(FA_FLAG_POSITION) FA_N_FLAGS };
+#undef FA_FLAG_POSITION
+#define FA_FLAG_BIT(NAME, key) FA_##NAME = 4 << FA_POSITION_##NAME,
+// FA_N_VARIANTS: the number of codes.  FA_MAXIMIZE_AT_RUN_TIME marks a loop's
+// template argument (never a step's code): the loop reads maximize from the
+// scalars, so that one loop serves both (fa_rule.hpp).
+enum fa_option_bits { FA_WD_MASK = 3, FA_FLAGS(FA_FLAG_BIT) FA_N_VARIANTS = 4 << FA_N_FLAGS,
+                      FA_MAXIMIZE_AT_RUN_TIME = FA_N_VARIANTS };
+#undef FA_FLAG_BIT
+#define FA_FLAG_KEY(NAME, key) #key " "
+static const char FA_FLAG_KEYS[] = FA_FLAGS(FA_FLAG_KEY);
+#undef FA_FLAG_KEY
+#define FA_FLAG_VALUE(NAME, key) FA_##NAME,
+static const int fa_flag_bits[FA_N_FLAGS] = {FA_FLAGS(FA_FLAG_VALUE)};
+#undef FA_FLAG_VALUE
+// Whether variant code V has flag F (a template argument's test).
+static constexpr bool fa_has(int v, int f) { return (v & f) != 0; }
 
 // The per-step scalars, computed once per step in double (fa_set_step) and
 // rounded once to the loop's type (fa_scalars).
@@ -76,7 +90,7 @@ typedef struct {
     int grad_dtype;        // enum fa_dtype: the gradient's
     int param_mode;        // enum fa_param_mode
     void *master;          // the state's master weights (float32, or split's low halves); NULL if none
-    int variant;           // FA_VARIANT(...)
+    int variant;           // its code: weight-decay mode | flags
 #define FA_DOUBLE_FIELD(name) double name;
     FA_STEP_SCALARS(FA_DOUBLE_FIELD)
 #undef FA_DOUBLE_FIELD
