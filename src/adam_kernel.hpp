@@ -140,7 +140,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
     for (int64_t j = 0; j < n; ++j) {  // decode, update, absmax (vectorised)
         float gi, pi, mi, vi, update;
         fa_rule::gradient<VARIANT>(s, (float)G::load(g, b0 + j), p.load(b0 + j), gi, pi);
-        fa_rule::moments(s, fa_int8_decode<true>(mb[j]) * scale_m, fa_int8_decode<false>(vb[j]) * scale_v, gi,
+        fa_rule::moments<VARIANT>(s, fa_int8_decode<true>(mb[j]) * scale_m, fa_int8_decode<false>(vb[j]) * scale_v, gi,
                          mi, vi);
         float vd = vi;
         if (AMSGRAD) {
@@ -149,7 +149,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
             const uint32_t bits = fa_magnitude_bits(vd);
             largest_vmax = bits > largest_vmax ? bits : largest_vmax;
         }
-        fa_rule::adam_term(s, mi, vd, update);
+        fa_rule::adam_term<VARIANT>(s, mi, vd, update);
         update = update > max_update ? max_update : update;
         update = update < -max_update ? -max_update : update;
         p.store(b0 + j, pi - update, 0u);
@@ -313,8 +313,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
         const uint32_t rp = P::stochastic ? (((uint32_t)i ^ key_p) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u;
         T gi, pi, mi, vi, term;
         fa_rule::gradient<VARIANT>(s, (T)G::load(g, i), p.load(i), gi, pi);
-        if constexpr (P::torch_order) fa_rule::moments_lerp(s, S::load(m, i), S::load(v, i), gi, mi, vi);
-        else fa_rule::moments(s, S::load(m, i), S::load(v, i), gi, mi, vi);
+        if constexpr (P::torch_order) fa_rule::moments_lerp<VARIANT>(s, S::load(m, i), S::load(v, i), gi, mi, vi);
+        else fa_rule::moments<VARIANT>(s, S::load(m, i), S::load(v, i), gi, mi, vi);
         S::store(m, i, mi, r & 0xffffu);
         S::store(v, i, vi, r >> 16);
         T vd = vi;
@@ -329,8 +329,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
                      STATE == FA_STATE_BF16 && !P::torch_order
                          ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }
-        if constexpr (P::torch_order) fa_rule::adam_term_div(s, mi, vd, term);
-        else fa_rule::adam_term(s, mi, vd, term);
+        if constexpr (P::torch_order) fa_rule::adam_term_div<VARIANT>(s, mi, vd, term);
+        else fa_rule::adam_term<VARIANT>(s, mi, vd, term);
         p.store(i, pi - term, rp);
     }
     chunk = chunk_stop;

@@ -150,7 +150,7 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
                 const int64_t i = b0 + j;
                 __m512 gi, pi, mi, vi;
                 fa_rule_avx512::gradient<VARIANT>(c, _mm512_loadu_ps(g + i), _mm512_loadu_ps(p + i), gi, pi);
-                fa_rule_avx512::moments(c, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m),
+                fa_rule_avx512::moments<VARIANT>(c, _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_signed(m + i)), scale_m),
                              _mm512_mul_ps(_mm512_castsi512_ps(fa_int8_decode16_unsigned(v + i)), scale_v), gi, mi, vi);
                 __m512 vd = vi;
                 if (AMSGRAD) {
@@ -160,7 +160,7 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
                     largest_vmax = _mm512_max_epu32(largest_vmax, _mm512_castps_si512(vd));  // NON_NEGATIVE
                 }
                 __m512 update;
-                fa_rule_avx512::adam_term(c, mi, vd, update);
+                fa_rule_avx512::adam_term<VARIANT>(c, mi, vd, update);
                 update = _mm512_min_ps(max_update, update);  // update > max_update ? max_update : update
                 update = _mm512_max_ps(min_update, update);  // update < -max_update ? -max_update : update
                 _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, update));
@@ -235,7 +235,7 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
             const __m512i r = _mm512_mullo_epi32(_mm512_xor_si512(index, mv_key), multiplier);
             __m512 gi, pi, mi, vi;
             fa_rule_avx512::gradient<VARIANT>(c, _mm512_loadu_ps(g + j), _mm512_loadu_ps(p + j), gi, pi);
-            fa_rule_avx512::moments(c, fa_bf16_load16(m + j), fa_bf16_load16(v + j), gi, mi, vi);
+            fa_rule_avx512::moments<VARIANT>(c, fa_bf16_load16(m + j), fa_bf16_load16(v + j), gi, mi, vi);
             new_m[h] = fa_bf16_round16(mi, _mm512_and_si512(r, low_half));
             new_v[h] = fa_bf16_round16(vi, _mm512_srli_epi32(r, 16));
             __m512 vd = vi;
@@ -252,7 +252,7 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
                     vd, _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(index, vmax_key), multiplier), low_half));
             }
             __m512 term;
-            fa_rule_avx512::adam_term(c, mi, vd, term);
+            fa_rule_avx512::adam_term<VARIANT>(c, mi, vd, term);
             _mm512_storeu_ps(p + j, _mm512_sub_ps(pi, term));
             index = _mm512_add_epi32(index, sixteen);
         }

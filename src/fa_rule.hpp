@@ -5,7 +5,9 @@
 // namespace fa_rule, fa_avx512.hpp for __m512 in namespace fa_rule_avx512 with
 // the AVX-512 target attribute (GCC will not inline a function of a wider
 // target into one of a narrower, so the vector instance needs its own
-// definition).  V is the value type, S its fa_scalars; the operators are GCC's
+// definition).  V is the value type, S its fa_scalars, VARIANT the variant's
+// code (fa_step.hpp: a flag's math tests it with fa_has, in the step it
+// changes, and every loop passes it); the operators are GCC's
 // vector extensions for __m512, so the text is the same for both.  The type's
 // own operations (fa_flip_sign, fa_sqrt) are declared before the include.
 //
@@ -37,14 +39,14 @@ FA_RULE_INLINE void gradient(const S &s, const V &g, const V &p, V &gi, V &pi) {
 }
 
 // The new m and v from their old (decoded) values.
-template <typename V, typename S>
+template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void moments(const S &s, const V &m, const V &v, const V &gi, V &mi, V &vi) {
     mi = s.beta1 * m + s.one_minus_beta1 * gi;
     vi = s.beta2 * v + s.one_minus_beta2 * (gi * gi);
 }
 
 // The Adam term: step_size * (m / (sqrt(vd) * inv_sqrt_bc2 + eps)); vd is v, or AMSGrad's max.
-template <typename V, typename S>
+template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void adam_term(const S &s, const V &mi, const V &vd, V &term) {
     const V denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
     term = s.step_size * (mi / denom);
@@ -59,14 +61,14 @@ FA_RULE_INLINE void adam_term(const S &s, const V &mi, const V &vd, V &term) {
 //   v  = v * beta2 + (1 - beta2) * g * g
 //   d  = sqrt(v) / sqrt(bc2) + eps
 //   p  = p - (lr / bc1) * m / d
-template <typename V, typename S>
+template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void moments_lerp(const S &s, const V &m, const V &v, const V &gi, V &mi, V &vi) {
     const bool small = s.one_minus_beta1 < 0.5f;
     mi = fa_fma(small ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f, gi - m, small ? m : gi);
     vi = v * s.beta2 + s.one_minus_beta2 * gi * gi;
 }
 
-template <typename V, typename S>
+template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void adam_term_div(const S &s, const V &mi, const V &vd, V &term) {
     const V denom = fa_sqrt(vd) / s.sqrt_bc2 + s.eps;
     term = s.step_size * mi / denom;
