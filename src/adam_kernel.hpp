@@ -149,7 +149,7 @@ fa_int8_block(const fa_item &it, const fa_scalars<float> &s, int64_t b0, int64_t
             const uint32_t bits = fa_magnitude_bits(vd);
             largest_vmax = bits > largest_vmax ? bits : largest_vmax;
         }
-        fa_rule::adam_term<VARIANT>(s, mi, vd, update);
+        fa_rule::adam_term<VARIANT>(s, gi, mi, vd, update);
         update = update > max_update ? max_update : update;
         update = update < -max_update ? -max_update : update;
         p.store(b0 + j, pi - update, 0u);
@@ -329,8 +329,8 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
                      STATE == FA_STATE_BF16 && !P::torch_order
                          ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }
-        if constexpr (P::torch_order) fa_rule::adam_term_div<VARIANT>(s, mi, vd, term);
-        else fa_rule::adam_term<VARIANT>(s, mi, vd, term);
+        if constexpr (P::torch_order) fa_rule::adam_term_div<VARIANT>(s, gi, mi, vd, term);
+        else fa_rule::adam_term<VARIANT>(s, gi, mi, vd, term);
         p.store(i, pi - term, rp);
     }
     chunk = chunk_stop;

@@ -160,7 +160,7 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
                     largest_vmax = _mm512_max_epu32(largest_vmax, _mm512_castps_si512(vd));  // NON_NEGATIVE
                 }
                 __m512 update;
-                fa_rule_avx512::adam_term<VARIANT>(c, mi, vd, update);
+                fa_rule_avx512::adam_term<VARIANT>(c, gi, mi, vd, update);
                 update = _mm512_min_ps(max_update, update);  // update > max_update ? max_update : update
                 update = _mm512_max_ps(min_update, update);  // update < -max_update ? -max_update : update
                 _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, update));
@@ -252,7 +252,7 @@ FA_AVX512_TARGET static void fa_bf16_range_avx512(const fa_item &it, const fa_sc
                     vd, _mm512_and_si512(_mm512_mullo_epi32(_mm512_xor_si512(index, vmax_key), multiplier), low_half));
             }
             __m512 term;
-            fa_rule_avx512::adam_term<VARIANT>(c, mi, vd, term);
+            fa_rule_avx512::adam_term<VARIANT>(c, gi, mi, vd, term);
             _mm512_storeu_ps(p + j, _mm512_sub_ps(pi, term));
             index = _mm512_add_epi32(index, sixteen);
         }

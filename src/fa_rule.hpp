@@ -45,9 +45,10 @@ FA_RULE_INLINE void moments(const S &s, const V &m, const V &v, const V &gi, V &
     vi = s.beta2 * v + s.one_minus_beta2 * (gi * gi);
 }
 
-// The Adam term: step_size * (m / (sqrt(vd) * inv_sqrt_bc2 + eps)); vd is v, or AMSGrad's max.
+// The Adam term: step_size * (m / (sqrt(vd) * inv_sqrt_bc2 + eps)); vd is v, or AMSGrad's max
+// (gi, the gradient as the moments read it, is there for a flag's term).
 template <int VARIANT, typename V, typename S>
-FA_RULE_INLINE void adam_term(const S &s, const V &mi, const V &vd, V &term) {
+FA_RULE_INLINE void adam_term(const S &s, const V &gi, const V &mi, const V &vd, V &term) {
     const V denom = fa_sqrt(vd) * s.inv_sqrt_bc2 + s.eps;
     term = s.step_size * (mi / denom);
 }
@@ -69,7 +70,7 @@ FA_RULE_INLINE void moments_lerp(const S &s, const V &m, const V &v, const V &gi
 }
 
 template <int VARIANT, typename V, typename S>
-FA_RULE_INLINE void adam_term_div(const S &s, const V &mi, const V &vd, V &term) {
+FA_RULE_INLINE void adam_term_div(const S &s, const V &gi, const V &mi, const V &vd, V &term) {
     const V denom = fa_sqrt(vd) / s.sqrt_bc2 + s.eps;
     term = s.step_size * mi / denom;
 }
