@@ -102,6 +102,8 @@ class Adam(torch.optim.Optimizer):
                         maximize=maximize, foreach=foreach, capturable=False,
                         differentiable=False, fused=None,
                         decoupled_weight_decay=self._decoupled)
+        for name in _step.FLAGS:  # every option flag is a group key, False unless set above
+            defaults.setdefault(name, False)
         self._num_threads = num_threads
         self._lock = threading.Lock()  # a step, add_param_group and load_state_dict are whole
         self._plan = None
