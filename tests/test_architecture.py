@@ -155,3 +155,18 @@ def test_the_scalar_list_is_written_in_one_place_per_language():
 
     holders = sorted(p.name for p in source_files() if lists_them(p.read_text()))
     assert holders == (["_step.py", "fa_step.hpp"] if SOURCE.is_dir() else ["_step.py"])
+
+
+def test_a_flag_without_state_is_named_as_a_group_key_only_in_the_flag_table():
+    """The rules, the compiled plan, the Python checks and fastadam.torch read a group's
+    option flags through _step.FLAGS, so a new flag needs none of them changed
+    (docs/architecture.md). AMSGrad has state of its own, which is read by name."""
+    import re
+
+    from fastadam import _rules
+    assert _rules.HYPERPARAMETERS[-len(_step.FLAGS):] == _step.FLAGS
+    stateless = [name for name in _step.FLAGS if name != "amsgrad"]
+    assert stateless  # maximize, at least
+    named = sorted({p.name for p in source_files() if p.suffix in (".py", ".pyx", ".pxi")
+                    for name in stateless if re.search(rf"[\"']{name}[\"']", p.read_text())})
+    assert named == ["_step.py"]
