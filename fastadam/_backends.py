@@ -105,9 +105,10 @@ class _CheckedOnlyPlan:
         for (lr, beta1, beta2, eps, weight_decay, flags), size in zip(
                 hypers, self._buffers.group_sizes):
             wd_mode = weight_decay_mode(weight_decay, self._buffers.decoupled)
+            options = flag_values(flags)  # the update functions' keywords, shared by the group
             for _ in range(size):
                 work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                    steps[k] + 1), wd_mode, flag_values(flags), lr])
+                                                    steps[k] + 1), wd_mode, options, lr])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
 

@@ -98,8 +98,17 @@ def hyperparameters(group, where=""):
         raise ValueError(f"Invalid beta parameter at index 1: {beta2}{where}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}{where}")
-    flags = _step.flags_of({name: flag(group[name], name, where) for name in _step.FLAGS})
+    flags = 0
+    for name, bit in _FLAG_BITS:
+        value = group[name]
+        if value is True:
+            flags |= bit
+        elif value is not False:
+            flag(value, name, where)  # raises
     return lr, beta1, beta2, eps, weight_decay, flags
+
+
+_FLAG_BITS = tuple(zip(_step.FLAGS, _step.FLAG_BITS))  # each flag's group key and bit
 
 
 def num_threads(value):

@@ -22,12 +22,6 @@ WD_MASK = 3
 FLAGS = ("amsgrad", "maximize")
 FLAG_BITS = tuple(4 << j for j in range(len(FLAGS)))
 AMSGRAD = FLAG_BITS[FLAGS.index("amsgrad")]    # its state (max_exp_avg_sq) is checked by name
-MAXIMIZE = FLAG_BITS[FLAGS.index("maximize")]
-
-
-def flags_of(values):
-    """The flag bits of ``values``, a mapping of each flag's name to a bool."""
-    return sum(bit for name, bit in zip(FLAGS, FLAG_BITS) if values[name])
 
 
 def flag_values(flags):

@@ -110,6 +110,7 @@ def _after_fork_in_child():
 
 
 import os as _os
+import sys as _sys
 _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
@@ -161,7 +162,8 @@ INT8_BLOCK = FA_INT8_BLOCK
 # (fastadam._step's; _backends checks them at import).
 STEP_SCALAR_NAMES = tuple(FA_STEP_SCALAR_NAMES.decode().split())
 # VARIANT_BITS: the weight-decay modes' mask, then each flag's key and bit.
-FLAG_KEYS = tuple(FA_FLAG_KEYS.decode().split())
+# (interned, as a group's literal keys are: the plan's lookups then compare pointers)
+FLAG_KEYS = tuple(_sys.intern(key) for key in FA_FLAG_KEYS.decode().split())
 VARIANT_BITS = (FA_WD_MASK, *[(key, fa_flag_bits[j]) for j, key in enumerate(FLAG_KEYS)])
 cdef tuple _FLAG_KEYS = FLAG_KEYS  # read by the plan: the groups' keys of the option flags
 # The 8-bit codes' formats (fastadam._reference states them; checked at import).
