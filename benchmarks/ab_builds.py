@@ -8,7 +8,8 @@ loaded beside this one as ``fastadam_before`` and adds the implementations
 "before-cython", "before-bf16" and "before-int8" (fastadam.Adam as built there),
 "policy" and "before-policy" (num_threads=None in each: the thread policy and its
 planner, whatever ``--threads`` says), "last-variant" and "before-last-variant" (AdamW
-with amsgrad and maximize: the highest variant code), and "before-list" to the model-shaped table, so each round of the report
+with amsgrad and maximize: the highest variant code), "before-numba" (beside
+"fastadam-numba"), and "before-list" to the model-shaped table, so each round of the report
 visits both builds in random order and machine drift hits both alike.
 """
 import os
@@ -31,10 +32,10 @@ def load_other(checkout):
     return fastadam_before
 
 
-def single(package, cls="Adam", **options):
+def single(package, cls="Adam", backend="cython", **options):
     def make(n, threads):
         p, g = bench._buffers(n)
-        opt = getattr(package, cls)([p], backend="cython", **{"num_threads": threads, **options})
+        opt = getattr(package, cls)([p], backend=backend, **{"num_threads": threads, **options})
         opt.step([g])
         return lambda: opt.step([g])
     return make
@@ -64,6 +65,7 @@ def main(argv):
         "before-policy": single(before, num_threads=None),
         "last-variant": single(fastadam, "AdamW", amsgrad=True, maximize=True),
         "before-last-variant": single(before, "AdamW", amsgrad=True, maximize=True),
+        "before-numba": single(before, backend="numba"),
     })
     bench.MODEL_SHAPED["before-list"] = model_list(before)
     return bench.main(argv[1:])

@@ -34,6 +34,8 @@ from ._step import (StepScalars, clip_coefficient, flag_values, grad_norm, step_
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
 
+_VARIANT_COLUMN = len(StepScalars._fields)  # of a row of Plan.scalars_into
+
 # What a plan's step reports (the compiled kernel has the same values).
 SKIPPED, APPLIED, UNVERIFIED = 0, 1, 2
 
@@ -181,8 +183,8 @@ class _NumbaPlan:
                 (buffers.params, buffers.exp_avgs, buffers.exp_avg_sqs)]
         vmax = [v.reshape(-1) if v is not None else flat[2][k]
                 for k, v in enumerate(buffers.max_exp_avg_sqs)]
-        self._tensors = [(p, m, v, w, kernel.constants(p.dtype))
-                         for p, m, v, w in zip(*flat, vmax)]
+        self._tensors = [(k, p, m, v, w, kernel.constants(p.dtype))
+                         for k, (p, m, v, w) in enumerate(zip(*flat, vmax))]
         self._bf16 = buffers.state_dtype == "bfloat16"
         # Per tensor: its scalars, variant and rounding keys (Plan.scalars_into).
         self._rows = np.zeros((len(self._tensors), len(StepScalars._fields) + 4))
@@ -222,9 +224,10 @@ class _NumbaPlan:
         checks.scalars_into(rows)
         threads = checks.threads_for_step(num_threads)  # the thread policy's planner
         started = time.perf_counter()
-        variants, bf16 = rows[:, len(StepScalars._fields)].tolist(), self._bf16
-        for k, ((p, m, v, vmax, rule), g) in enumerate(zip(self._tensors, checks.gradients())):
-            update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, variants[k], rule,
+        bf16 = self._bf16
+        for (k, p, m, v, vmax, rule), g, code in zip(self._tensors, checks.gradients(),
+                                                    rows[:, _VARIANT_COLUMN].tolist()):
+            update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, code, rule,
                    threads, bf16)
         checks.record_step(threads, time.perf_counter() - started)
 

@@ -9,6 +9,7 @@ KeyboardInterrupt, or whatever the program installed) right after the step,
 never inside it.  The compiled fast path needs none of this: it runs no Python
 code between its parts.
 """
+import os
 import signal
 import threading
 from _thread import get_ident
@@ -17,6 +18,17 @@ try:  # signal's own functions, without the enum conversions of signal.py (a few
     import _signal as _raw
 except ImportError:  # not CPython
     _raw = signal
+
+
+_main_thread = threading.main_thread().ident  # kept at hand: a step asks every time
+
+
+def _after_fork_in_child():  # the thread that forked is the child's main thread
+    global _main_thread
+    _main_thread = get_ident()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class deferred:
@@ -35,7 +47,7 @@ class deferred:
         # nothing to defer (and signal.signal would refuse).  A handler Python did
         # not install (None) could not be restored: it is left alone.
         self._previous = None
-        if get_ident() == threading.main_thread().ident:
+        if get_ident() == _main_thread:
             previous = _raw.getsignal(signal.SIGINT)
             if previous is not None:
                 self._received = False

@@ -466,7 +466,7 @@ def update(p, g, m, v, vmax, rows, k, code, rule, num_threads, bf16=False):
     if not parallel:
         kernel(p, g, m, v, vmax, 0, n, rows, k, rule)
         return
-    lock = _parallel_lock()
+    lock = None if _layer_is_safe else _parallel_lock()
     if lock is None:
         kernel(p, g, m, v, vmax, threads, rows, k, rule)
         return
