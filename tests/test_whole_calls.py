@@ -257,6 +257,34 @@ def test_ctrl_c_during_steps_never_leaves_a_half_step(backend):
     assert int(out.split()[1]) > 0  # the signals did arrive
 
 
+def test_ctrl_c_is_deferred_in_a_child_forked_from_another_thread():
+    """After fork() from a thread other than the main one, that thread is the child's
+    main thread, where Python runs signal handlers: a SIGINT inside a deferral is
+    held until the block ends, as in the parent (exit 0), not raised inside it (3)."""
+    out = run_child("""
+        import os, signal, threading
+        from fastadam import _interrupts
+        def fork_and_interrupt():
+            pid = os.fork()
+            if pid:
+                print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                return
+            inside = None
+            try:
+                with _interrupts.deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(10000):  # bytecodes, where a handler would run
+                        pass
+                    inside = "held"
+            except KeyboardInterrupt:
+                os._exit(0 if inside == "held" else 3)
+            os._exit(4)  # the held signal was lost
+        t = threading.Thread(target=fork_and_interrupt)
+        t.start(); t.join()
+    """)
+    assert out.split() == ["child", "exit", "0"], out
+
+
 @pytest.mark.parametrize("value, exc", [
     (0, ValueError), (-1, ValueError), (10 ** 6, ValueError), (1025, ValueError),
     (2.0, TypeError), (True, TypeError), ("2", TypeError)])
