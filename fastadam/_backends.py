@@ -28,13 +28,11 @@ import numpy as np
 
 from . import _formats, _interrupts, _threads
 from ._formats import rounding_key
-from ._step import (StepScalars, clip_coefficient, flag_values, grad_norm, step_scalars,
+from ._step import (clip_coefficient, flag_values, grad_norm, step_scalars,
                     weight_decay_mode)
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
-
-_VARIANT_COLUMN = len(StepScalars._fields)  # of a row of Plan.scalars_into
 
 # What a plan's step reports (the compiled kernel has the same values).
 SKIPPED, APPLIED, UNVERIFIED = 0, 1, 2
@@ -187,7 +185,8 @@ class _NumbaPlan:
                          for k, (p, m, v, w) in enumerate(zip(*flat, vmax))]
         self._bf16 = buffers.state_dtype == "bfloat16"
         # Per tensor: its scalars, variant and rounding keys (Plan.scalars_into).
-        self._rows = np.zeros((len(self._tensors), len(StepScalars._fields) + 4))
+        self._variant_column = kernel.N_SCALARS
+        self._rows = np.zeros((len(self._tensors), kernel.N_SCALARS + 4))
 
     @property
     def last_grad_norm(self):
@@ -226,7 +225,7 @@ class _NumbaPlan:
         started = time.perf_counter()
         bf16 = self._bf16
         for (k, p, m, v, vmax, rule), g, code in zip(self._tensors, checks.gradients(),
-                                                    rows[:, _VARIANT_COLUMN].tolist()):
+                                                    rows[:, self._variant_column].tolist()):
             update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, code, rule,
                    threads, bf16)
         checks.record_step(threads, time.perf_counter() - started)

@@ -20,12 +20,12 @@ except ImportError:  # not CPython
     _raw = signal
 
 
-_main_thread = threading.main_thread().ident  # kept at hand: a step asks every time
+_main_ident = threading.main_thread().ident  # kept at hand: a step asks every time
 
 
 def _after_fork_in_child():  # the thread that forked is the child's main thread
-    global _main_thread
-    _main_thread = get_ident()
+    global _main_ident
+    _main_ident = get_ident()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -47,7 +47,7 @@ class deferred:
         # nothing to defer (and signal.signal would refuse).  A handler Python did
         # not install (None) could not be restored: it is left alone.
         self._previous = None
-        if get_ident() == _main_thread:
+        if get_ident() == _main_ident:
             previous = _raw.getsignal(signal.SIGINT)
             if previous is not None:
                 self._received = False
