@@ -150,7 +150,7 @@ def _convert_state(entry, key, p, where, kind, master=None):
     optimizer places new state (_flat.state_zeros)."""
     a, name = entry[key], f"{where}[{key!r}]"
     absmax_key = _rules.ABSMAX_KEYS[key]
-    target_kind = _rules.tensor_state(p, kind)
+    target_kind = _rules.tensor_state_dtype(p, kind)
     target = _rules.state_storage(p.dtype, target_kind, master)
     if a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
         a = a.view(np.uint16)

@@ -49,22 +49,22 @@ class Checks:
         self._bf16 = buffers.state_dtype == "bfloat16"
         self._seed = buffers.seed
         self._group_sizes = list(buffers.group_sizes)
-        # per tensor: (p, m, v, v^ or None, p's dtype, the state's, the shape, the addresses
-        # of p, m, v and v^ (or m) as addresses() reads them)
+        # per tensor: (p, m, v, v^ or None, p's dtype, the storage dtype of its state, the
+        # shape, the addresses of p, m, v and v^ (or m) as addresses() reads them)
         self._tensors = []
         written = []
         for k, (p, m, v, w) in enumerate(zip(buffers.params, buffers.exp_avgs, buffers.exp_avg_sqs,
                               buffers.max_exp_avg_sqs)):
             if p.dtype not in _rules.FLOAT_DTYPES or not p.dtype.isnative:
                 raise ValueError("Checks: float32 or float64 parameters")
-            state = np.dtype(np.uint16) if self._bf16 else p.dtype
+            storage = np.dtype(np.uint16) if self._bf16 else p.dtype
             for a in (p, m, v) + ((w,) if w is not None else ()):
                 if not (a.flags.carray and a.shape == p.shape and a.dtype == (
-                        p.dtype if a is p else state) and a.dtype.isnative):
+                        p.dtype if a is p else storage) and a.dtype.isnative):
                     raise ValueError("Checks: buffers must be writeable, C-contiguous, of their "
                                      "parameter's shape and of the planned dtype")
             planned = self._addresses(p, m, v, m if w is None else w, p)[:4]
-            self._tensors.append((p, m, v, w, p.dtype, state, p.shape, planned))
+            self._tensors.append((p, m, v, w, p.dtype, storage, p.shape, planned))
             written += [(f"params[{k}]", p), (f"state[{k}]['exp_avg']", m),
                         (f"state[{k}]['exp_avg_sq']", v)]
             if w is not None:
@@ -107,7 +107,7 @@ class Checks:
                 return False
             by_step = {}  # a group's tensors usually share their step count
             for p in params:
-                planned_p, m, v, w, dtype, state_dtype, shape, planned = tensors[k]
+                planned_p, m, v, w, dtype, storage, shape, planned = tensors[k]
                 entry = state.get(k)
                 if p is not planned_p or type(entry) is not dict or amsgrad != (w is not None):
                     return False
@@ -117,9 +117,9 @@ class Checks:
                 if (entry.get("exp_avg") is not m or entry.get("exp_avg_sq") is not v
                         or (amsgrad and entry.get("max_exp_avg_sq") is not w)):
                     return False
-                if not (_fits(p, dtype, shape) and _fits(m, state_dtype, shape)
-                        and _fits(v, state_dtype, shape)
-                        and (w is None or _fits(w, state_dtype, shape))):
+                if not (_fits(p, dtype, shape) and _fits(m, storage, shape)
+                        and _fits(v, storage, shape)
+                        and (w is None or _fits(w, storage, shape))):
                     return False
                 g = grads[k]
                 if type(g) is not np.ndarray or not (g.dtype is dtype or g.dtype == dtype):

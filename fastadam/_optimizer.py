@@ -126,15 +126,15 @@ class Adam:
         """What copy.deepcopy and pickle keep: everything but the lock, the plan and the
         backend's modules (the backend is kept by name)."""
         with self._lock:
-            state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_plan", "_backend")}
-            state["_backend"] = self._backend.name
-            state["_earlier_grad_norm"] = self.last_grad_norm
-        return state
+            attributes = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_plan", "_backend")}
+            attributes["_backend"] = self._backend.name
+            attributes["_earlier_grad_norm"] = self.last_grad_norm
+        return attributes
 
-    def __setstate__(self, state):
-        state = dict(state)
-        backend = _backends.load(state.pop("_backend"))
-        self.__dict__.update(state)
+    def __setstate__(self, attributes):
+        attributes = dict(attributes)
+        backend = _backends.load(attributes.pop("_backend"))
+        self.__dict__.update(attributes)
         self._backend, self._lock, self._plan = backend, _backends.new_lock(), None
         _fork.register(self)
 
@@ -318,7 +318,7 @@ class Adam:
                             (f"state[{k}]['exp_avg_sq']", entry["exp_avg_sq"])]
                 if amsgrad:
                     written.append((f"state[{k}]['max_exp_avg_sq']", entry["max_exp_avg_sq"]))
-                if _rules.tensor_state(p, self.state_dtype) == "int8":
+                if _rules.tensor_state_dtype(p, self.state_dtype) == "int8":
                     keys = [_rules.ABSMAX_KEYS[key] for key in _rules.STATE_BUFFERS[:3 if amsgrad else 2]]
                     buffers.absmaxes.append(tuple(entry[key] for key in keys) + (None,) * (3 - len(keys)))
                     written += [(f"state[{k}][{key!r}]", entry[key]) for key in keys]
@@ -367,7 +367,7 @@ class Adam:
             return {key: master}
         if key == _rules.MASTER_KEYS["split"]:
             return {key: _flat.state_zeros(p.shape, np.uint16, key, p.ctypes.data)}
-        kind = _rules.tensor_state(p, self.state_dtype)
+        kind = _rules.tensor_state_dtype(p, self.state_dtype)
         dtype = _rules.state_storage(p.dtype, kind, _rules.master_key(p, self.master_weights))
         buffers = {key: _flat.state_zeros(p.shape, dtype, key, p.ctypes.data)}
         if kind == "int8":

@@ -154,7 +154,7 @@ def seed(value):
     return int(value)
 
 
-def tensor_state(p, kind):
+def tensor_state_dtype(p, kind):
     """How parameter p's state is stored under state_dtype ``kind``: 8-bit state
     is for tensors of at least INT8_MIN_NUMEL elements; smaller ones keep float32."""
     return "float32" if kind == "int8" and p.size < INT8_MIN_NUMEL else kind
@@ -162,7 +162,7 @@ def tensor_state(p, kind):
 
 def state_storage(param_dtype, kind, master=None):
     """The dtype a state buffer of a parameter of ``param_dtype`` has with state ``kind``
-    (a tensor's: see tensor_state): its own dtype, or float32 where ``master`` (the
+    (a tensor's: see tensor_state_dtype): its own dtype, or float32 where ``master`` (the
     parameter's master key, master_key) says the state updates a float32 master."""
     return STATE_STORAGE.get(kind, np.dtype(np.float32) if master else param_dtype)
 
@@ -324,7 +324,7 @@ def state_entry(entry, param, where, amsgrad, live=True, kind="float32", master=
     if not isinstance(entry, dict):
         raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
     step = step_count(entry.get("step"), where)
-    kind = tensor_state(param, kind)
+    kind = tensor_state_dtype(param, kind)
     expected = state_storage(param.dtype, kind, master)
     if live and master:  # a loaded master is converted by the checkpoint code
         a = entry.get(master)

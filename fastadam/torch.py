@@ -114,15 +114,15 @@ class Adam(torch.optim.Optimizer):
     _OWN = ("_state_dtype", "_seed", "_num_threads", "_param_rounding", "_master_weights")
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state.update({name: getattr(self, name) for name in self._OWN})
-        return state
+        attributes = super().__getstate__()
+        attributes.update({name: getattr(self, name) for name in self._OWN})
+        return attributes
 
-    def __setstate__(self, state):
+    def __setstate__(self, attributes):
         """As torch.optim.Adam's (it fills in what older checkpoints lack, and makes
         non-tensor step counts tensors); a copy or an unpickled optimizer gets a lock
         of its own and plans its first step anew."""
-        super().__setstate__(state)
+        super().__setstate__(attributes)
         self._lock = threading.Lock()
         self._plan = None
         _fork.register(self)

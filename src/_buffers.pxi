@@ -14,7 +14,7 @@ cdef class PlanBuffers:
     cdef int *typenums         # per tensor: the parameter's dtype
     cdef int *other_grad_typenums  # per tensor: a gradient dtype accepted besides the parameter's (-1: none)
     cdef int *state_typenums   # per tensor: the state's dtype (the parameter's, or uint16 for bfloat16)
-    cdef int state_kind        # enum fa_state
+    cdef int storage           # enum fa_storage_kind: the plan's (8-bit falls back per tensor)
     cdef uint64_t seed
     cdef int *ndims            # per tensor
     cdef Py_ssize_t *dims_at   # per tensor: where its shape starts in dims
@@ -68,7 +68,7 @@ cdef class PlanBuffers:
             raise ValueError("Plan: masters must hold one entry per parameter")
         self.master_key = _rules.MASTER_KEYS.get(master_weights)
         note_dtypes()
-        self.state_kind = FA_STATE_BF16 if state_dtype == "bfloat16" else FA_STATE_NATIVE
+        self.storage = FA_STORAGE_BF16 if state_dtype == "bfloat16" else FA_STORAGE_NATIVE
         self.seed = seed
         self.items = <fa_item *>zeroed(max(self.n, 1), sizeof(fa_item))
         self.offsets = <int64_t *>zeroed(self.n + 1, sizeof(int64_t))
@@ -110,14 +110,14 @@ cdef class PlanBuffers:
                 raise ValueError("Plan: master weights are needed exactly where the mode keeps them")
             # Compressed state is float32 state compressed: float32 parameters or masters.
             computes_in_float32 = code == FA_FLOAT32 or mastered
-            if self.state_kind == FA_STATE_BF16 and not computes_in_float32:
+            if self.storage == FA_STORAGE_BF16 and not computes_in_float32:
                 raise ValueError("Plan: bfloat16 state needs float32 parameters or master weights")
-            self.items[k].state = (FA_STATE_INT8 if self.absmaxes[k] is not None
-                                   else self.state_kind)
-            if self.items[k].state == FA_STATE_INT8 and not computes_in_float32:
+            self.items[k].storage = (FA_STORAGE_INT8 if self.absmaxes[k] is not None
+                                     else self.storage)
+            if self.items[k].storage == FA_STORAGE_INT8 and not computes_in_float32:
                 raise ValueError("Plan: 8-bit state needs float32 parameters or master weights")
-            self.state_typenums[k] = (cnp.NPY_UINT16 if self.items[k].state == FA_STATE_BF16
-                                      else cnp.NPY_UINT8 if self.items[k].state == FA_STATE_INT8
+            self.state_typenums[k] = (cnp.NPY_UINT16 if self.items[k].storage == FA_STORAGE_BF16
+                                      else cnp.NPY_UINT8 if self.items[k].storage == FA_STORAGE_INT8
                                       else cnp.NPY_FLOAT32 if mastered
                                       else self.typenums[k])
             # Gradients from a low-precision backward for float32 parameters, and

@@ -47,7 +47,7 @@ cdef extern from "adam_kernel.hpp" nogil:
         void *master
         int variant
         double grad_scale
-        int state
+        int storage
         uint32_t keys[4]
         float *absmax[3]
         double max_update
@@ -55,7 +55,7 @@ cdef extern from "adam_kernel.hpp" nogil:
         FA_WD_NONE, FA_WD_L2, FA_WD_DECOUPLED, FA_FLOAT32, FA_BFLOAT16, FA_N_DTYPES
         FA_PARAM_NEAREST, FA_PARAM_STOCHASTIC, FA_PARAM_SPLIT, FA_PARAM_MASTER
         FA_WD_MASK, FA_AMSGRAD, FA_MAXIMIZE, FA_N_FLAGS, FA_N_STEP_SCALARS
-        FA_STATE_NATIVE, FA_STATE_BF16, FA_STATE_INT8
+        FA_STORAGE_NATIVE, FA_STORAGE_BF16, FA_STORAGE_INT8
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512

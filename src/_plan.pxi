@@ -45,7 +45,7 @@ cdef class Plan(PlanBuffers):
         cdef fa_item *it = &self.items[k]
         it.variant = variant
         fa_set_step(it, lr, beta1, beta2, eps, weight_decay, step, _int8_max_update)
-        if self.state_kind == FA_STATE_BF16:
+        if self.storage == FA_STORAGE_BF16:
             it.keys[0] = rounding_key(self.seed, k, step, 0)
             it.keys[1] = rounding_key(self.seed, k, step, 1)
             it.keys[2] = rounding_key(self.seed, k, step, 2)
@@ -184,7 +184,7 @@ cdef class Plan(PlanBuffers):
                         and (not amsgrad or self.same_memory(
                             <cnp.ndarray>self.max_exp_avg_sqs[k], it.max_exp_avg_sq, k, st_type))):
                     return False
-                if it.state == FA_STATE_INT8 and not self.absmax_unchanged(st, k, amsgrad):
+                if it.storage == FA_STORAGE_INT8 and not self.absmax_unchanged(st, k, amsgrad):
                     return False
                 if it.master != NULL and not (
                         PyDict_GetItem(st, self.master_key) == <PyObject *>self.masters[k]

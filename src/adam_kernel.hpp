@@ -232,7 +232,7 @@ static inline __attribute__((always_inline)) void fa_f32_to_f16(const float *x, 
     else fa_f16_encode(x, out, n);
 }
 
-template <typename P, typename G, int VARIANT, int STATE, int ISA>
+template <typename P, typename G, int VARIANT, int STORAGE, int ISA>
 static inline __attribute__((always_inline)) void fa_adam_loop(const fa_item &it, int64_t start, int64_t stop);
 
 // A float16 tensor in torch's semantics, block by block: p, m, v (v^) and a float16
@@ -260,7 +260,7 @@ static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_it
         } else {
             block.grad = (const float *)it.grad + b0;
         }
-        fa_adam_loop<fa_param_torch_f32, fa_f32, VARIANT, FA_STATE_NATIVE, ISA>(block, 0, n);
+        fa_adam_loop<fa_param_torch_f32, fa_f32, VARIANT, FA_STORAGE_NATIVE, ISA>(block, 0, n);
         fa_f32_to_f16<ISA>(bp, (uint16_t *)it.param + b0, n);
         fa_f32_to_f16<ISA>(bm, (uint16_t *)it.exp_avg + b0, n);
         fa_f32_to_f16<ISA>(bv, (uint16_t *)it.exp_avg_sq + b0, n);
@@ -270,12 +270,12 @@ static inline __attribute__((always_inline)) void fa_adam_f16_staged(const fa_it
 #endif
 
 // The loop over [start, stop) of one tensor, for one variant: parameter policy
-// P, gradient format G, state storage STATE.
-template <typename P, typename G, int VARIANT, int STATE, int ISA>
+// P, gradient format G, state storage STORAGE.
+template <typename P, typename G, int VARIANT, int STORAGE, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
-    if constexpr (STATE == FA_STATE_INT8) {
+    if constexpr (STORAGE == FA_STORAGE_INT8) {
         fa_adam_int8_loop<P, G, VARIANT, ISA>(it, start, stop);
 #if defined(__x86_64__) && defined(__GNUC__)
     } else if constexpr (ISA != FA_ISA_BASELINE && std::is_same<P, fa_param_plain<fa_f16>>::value) {
@@ -286,7 +286,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     // Low-precision parameters updated in place keep the state in their own
     // format, rounded to nearest (torch's semantics).
     typedef typename std::conditional<P::torch_order, fa_storage_in<typename P::format>,
-                                      fa_storage<T, STATE>>::type S;
+                                      fa_storage<T, STORAGE>>::type S;
     const fa_scalars<T> s(it);
     P p(it);
     const typename G::held *__restrict__ g = (const typename G::held *)it.grad;
@@ -301,14 +301,14 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi, key_p = it.keys[3] ^ hi;
     int64_t i = chunk;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (ISA == FA_ISA_AVX512 && STATE == FA_STATE_BF16 && fa_plain_float32<P, G>::value) {
+    if constexpr (ISA == FA_ISA_AVX512 && STORAGE == FA_STORAGE_BF16 && fa_plain_float32<P, G>::value) {
         const int64_t whole = chunk + (chunk_stop - chunk) / 32 * 32;
         fa_bf16_range_avx512<VARIANT>(it, s, chunk, whole, key_mv, key_vmax);
         i = whole;
     }
 #endif
     for (; i < chunk_stop; ++i) {
-        const uint32_t r = STATE == FA_STATE_BF16 && !P::torch_order
+        const uint32_t r = STORAGE == FA_STORAGE_BF16 && !P::torch_order
                                ? ((uint32_t)i ^ key_mv) * FA_ROUNDING_MULTIPLIER : 0u;
         const uint32_t rp = P::stochastic ? (((uint32_t)i ^ key_p) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u;
         T gi, pi, mi, vi, term;
@@ -326,7 +326,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
             const T old = fa_abs(stored) < fa_min_normal<T>::value ? fa_signed_zero(stored) : stored;
             vd = fa_amsgrad_max(old, vi);
             S::store(vmax, i, vd,
-                     STATE == FA_STATE_BF16 && !P::torch_order
+                     STORAGE == FA_STORAGE_BF16 && !P::torch_order
                          ? (((uint32_t)i ^ key_vmax) * FA_ROUNDING_MULTIPLIER) & 0xffffu : 0u);
         }
         if constexpr (P::torch_order) fa_rule::adam_term_div<VARIANT>(s, gi, mi, vd, term);

@@ -192,12 +192,12 @@ FA_AVX512_TARGET static void fa_int8_blocks_avx512(const fa_item &it, const fa_s
     }
 }
 
-// fa_storage<float, FA_STATE_BF16>::load of 16 values.
+// fa_storage<float, FA_STORAGE_BF16>::load of 16 values.
 FA_AVX512_INLINE __m512 fa_bf16_load16(const uint16_t *a) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)a)), 16));
 }
 
-// fa_storage<float, FA_STATE_BF16>::store of 16 values, in the top words: the
+// fa_storage<float, FA_STORAGE_BF16>::store of 16 values, in the top words: the
 // random bits added, or a NaN's quiet bit set.
 FA_AVX512_INLINE __m512i fa_bf16_round16(__m512 x, __m512i random16) {
     const __m512i bits = _mm512_castps_si512(x);

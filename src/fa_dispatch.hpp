@@ -3,7 +3,7 @@
 #pragma once
 
 // The kernel's table: one row per (parameter policy, gradient format, state
-// storage) it is built for, X(P, G, STATE) (fa_params.hpp, fa_formats.hpp).  A
+// storage) it is built for, X(P, G, STORAGE) (fa_params.hpp, fa_formats.hpp).  A
 // new parameter dtype is a format and, if it needs one, a policy in
 // fa_params.hpp, its code in fa_step.hpp's enum, and its rows here.
 typedef fa_param_plain<fa_f32> fa_p_f32;
@@ -13,18 +13,18 @@ typedef fa_param_plain<fa_bf16, true> fa_p_bf16_stochastic;
 typedef fa_param_plain<fa_f16> fa_p_f16;
 typedef fa_param_master<fa_bf16> fa_p_bf16_master;
 typedef fa_param_master<fa_f16> fa_p_f16_master;
-#define FA_EVERY_STATE(X, P, G) X(P, G, FA_STATE_NATIVE) X(P, G, FA_STATE_BF16) X(P, G, FA_STATE_INT8)
-#define FA_KERNELS(X)                                                            \
-    FA_EVERY_STATE(X, fa_p_f32, fa_f32)                                          \
-    X(fa_p_f64, fa_f64, FA_STATE_NATIVE)                                         \
-    FA_EVERY_STATE(X, fa_p_f32, fa_bf16)                                         \
-    X(fa_p_bf16, fa_bf16, FA_STATE_NATIVE) X(fa_p_bf16, fa_f32, FA_STATE_NATIVE) \
-    X(fa_p_bf16_stochastic, fa_bf16, FA_STATE_NATIVE)                            \
-    X(fa_p_bf16_stochastic, fa_f32, FA_STATE_NATIVE)                             \
-    X(fa_p_f16, fa_f16, FA_STATE_NATIVE) X(fa_p_f16, fa_f32, FA_STATE_NATIVE)    \
-    X(fa_param_split, fa_bf16, FA_STATE_NATIVE) X(fa_param_split, fa_bf16, FA_STATE_BF16) \
-    X(fa_p_bf16_master, fa_bf16, FA_STATE_NATIVE) X(fa_p_bf16_master, fa_bf16, FA_STATE_BF16) \
-    X(fa_p_f16_master, fa_f16, FA_STATE_NATIVE) X(fa_p_f16_master, fa_f16, FA_STATE_BF16)
+#define FA_EVERY_STORAGE(X, P, G) X(P, G, FA_STORAGE_NATIVE) X(P, G, FA_STORAGE_BF16) X(P, G, FA_STORAGE_INT8)
+#define FA_KERNELS(X)                                                                             \
+    FA_EVERY_STORAGE(X, fa_p_f32, fa_f32)                                                         \
+    X(fa_p_f64, fa_f64, FA_STORAGE_NATIVE)                                                        \
+    FA_EVERY_STORAGE(X, fa_p_f32, fa_bf16)                                                        \
+    X(fa_p_bf16, fa_bf16, FA_STORAGE_NATIVE) X(fa_p_bf16, fa_f32, FA_STORAGE_NATIVE)              \
+    X(fa_p_bf16_stochastic, fa_bf16, FA_STORAGE_NATIVE)                                           \
+    X(fa_p_bf16_stochastic, fa_f32, FA_STORAGE_NATIVE)                                            \
+    X(fa_p_f16, fa_f16, FA_STORAGE_NATIVE) X(fa_p_f16, fa_f32, FA_STORAGE_NATIVE)                 \
+    X(fa_param_split, fa_bf16, FA_STORAGE_NATIVE) X(fa_param_split, fa_bf16, FA_STORAGE_BF16)     \
+    X(fa_p_bf16_master, fa_bf16, FA_STORAGE_NATIVE) X(fa_p_bf16_master, fa_bf16, FA_STORAGE_BF16) \
+    X(fa_p_f16_master, fa_f16, FA_STORAGE_NATIVE) X(fa_p_f16_master, fa_f16, FA_STORAGE_BF16)
 
 // The gradients' formats, for the read-only passes.
 #define FA_GRADIENT_FORMATS(X) X(fa_f32) X(fa_f64) X(fa_bf16) X(fa_f16)
@@ -41,28 +41,28 @@ struct fa_every_flag {
 };
 
 // Runs the loop of code VARIANT if it is `code` and the row is built for it.
-template <typename P, typename G, int STATE, int ISA, int VARIANT>
+template <typename P, typename G, int STORAGE, int ISA, int VARIANT>
 static inline __attribute__((always_inline)) bool fa_adam_if(const fa_item &it, int code, int64_t a, int64_t b) {
     constexpr bool at_run_time = !fa_every_flag<P, G>::value;
     if constexpr ((VARIANT & FA_WD_MASK) > FA_WD_DECOUPLED || (at_run_time && fa_has(VARIANT, FA_MAXIMIZE))) {
         return false;  // not a weight-decay mode; or a code this row reads maximize of at run time
     } else {
         if (code != VARIANT) return false;
-        fa_adam_loop<P, G, at_run_time ? VARIANT | FA_MAXIMIZE_AT_RUN_TIME : VARIANT, STATE, ISA>(it, a, b);
+        fa_adam_loop<P, G, at_run_time ? VARIANT | FA_MAXIMIZE_AT_RUN_TIME : VARIANT, STORAGE, ISA>(it, a, b);
         return true;
     }
 }
 
-template <typename P, typename G, int STATE, int ISA, int... VARIANTS>
+template <typename P, typename G, int STORAGE, int ISA, int... VARIANTS>
 static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b,
                                                                   std::integer_sequence<int, VARIANTS...>) {
     const int code = fa_every_flag<P, G>::value ? it.variant : it.variant & ~FA_MAXIMIZE;
-    (void)(fa_adam_if<P, G, STATE, ISA, VARIANTS>(it, code, a, b) || ...);
+    (void)(fa_adam_if<P, G, STORAGE, ISA, VARIANTS>(it, code, a, b) || ...);
 }
 
-#define FA_ADAM_ROW(P, G, STATE)                                                              \
-    if (it.dtype == P::dtype && it.param_mode == P::mode && it.grad_dtype == G::code && it.state == STATE) \
-        return fa_adam_variants<P, G, STATE, ISA>(it, a, b, std::make_integer_sequence<int, FA_N_VARIANTS>());
+#define FA_ADAM_ROW(P, G, STORAGE)                                                              \
+    if (it.dtype == P::dtype && it.param_mode == P::mode && it.grad_dtype == G::code && it.storage == STORAGE) \
+        return fa_adam_variants<P, G, STORAGE, ISA>(it, a, b, std::make_integer_sequence<int, FA_N_VARIANTS>());
 #define FA_FINITE_ROW(G) \
     if (it.grad_dtype == G::code) return fa_all_finite_loop<G>((const typename G::held *)it.grad, a, b);
 #define FA_SUMSQ_ROW(G) \

@@ -29,13 +29,13 @@ static inline __attribute__((always_inline)) uint32_t fa_mix32(uint32_t x) {
 #define FA_INDEX_HI_MULTIPLIER 0x9e3779b9u
 #define FA_ROUNDING_MULTIPLIER 0x9e3779b1u
 
-template <typename T, int STATE> struct fa_storage {
+template <typename T, int STORAGE> struct fa_storage {
     typedef T stored;
     static inline __attribute__((always_inline)) T load(const stored *a, int64_t i) { return a[i]; }
     static inline __attribute__((always_inline)) void store(stored *a, int64_t i, T x, uint32_t) { a[i] = x; }
 };
 
-template <> struct fa_storage<float, FA_STATE_BF16> {
+template <> struct fa_storage<float, FA_STORAGE_BF16> {
     typedef uint16_t stored;
     static inline __attribute__((always_inline)) float load(const stored *a, int64_t i) {
         const uint32_t bits = (uint32_t)a[i] << 16;

@@ -42,7 +42,7 @@ static inline int fa_is_low_precision(int code) {
 enum fa_param_mode { FA_PARAM_NEAREST = 0, FA_PARAM_STOCHASTIC = 1, FA_PARAM_SPLIT = 2, FA_PARAM_MASTER = 3 };
 // How m, v (and v^) are stored: in the parameter's dtype, as bfloat16 bits, or
 // as 8-bit codes with a float32 absmax per block.
-enum fa_state { FA_STATE_NATIVE = 0, FA_STATE_BF16 = 1, FA_STATE_INT8 = 2 };
+enum fa_storage_kind { FA_STORAGE_NATIVE = 0, FA_STORAGE_BF16 = 1, FA_STORAGE_INT8 = 2 };
 
 // A variant's code: bits 0-1 its weight-decay mode (enum fa_weight_decay), then
 // one bit per option flag, in the order of FA_FLAGS: the parameter groups' keys,
@@ -94,7 +94,7 @@ typedef struct {
 #define FA_DOUBLE_FIELD(name) double name;
     FA_STEP_SCALARS(FA_DOUBLE_FIELD)
 #undef FA_DOUBLE_FIELD
-    int state;             // enum fa_state
+    int storage;           // enum fa_storage_kind: how m, v (and v^) are stored
     uint32_t keys[4];      // stochastic rounding: the keys of m, v, v^ (bfloat16 state) and p (fastadam._formats)
     float *absmax[3];      // 8-bit state: the per-block absmax of m, v, v^ (NULL if unused)
     double max_update;     // 8-bit state: the clamp on the update's Adam term (10 lr)
