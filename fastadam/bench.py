@@ -4,8 +4,9 @@ Runs every implementation in one process, interleaved (each round visits the
 implementations in a new random order, so machine drift hits all alike), and
 prints per size: the median time per step, ns per parameter, effective GB/s
 (an Adam step moves 28 bytes per float32 parameter: reads p, g, m, v; writes
-p, m, v), percent of the roofline, and the speed-up over the textbook NumPy update
-and over each peer.  Writes a JSON and a PNG.  "numpy-textbook" is the NumPy
+p, m, v), percent of the roofline (the "roofline" row: Adam's memory traffic with
+trivial arithmetic, built from benchmarks/roofline.c of a source checkout), and the
+speed-up over the textbook NumPy update and over each peer.  Writes a JSON and a PNG.  "numpy-textbook" is the NumPy
 baseline: Adam as a NumPy user writes it (TextbookAdam), not the tests' oracle.
 
 Repeating a step on the same buffers measures the same cost every time: the
@@ -14,9 +15,12 @@ work is elementwise and independent of the values (they stay normal numbers).
 The implementations (``IMPLEMENTATIONS``) are shared with benchmarks/ (pytest-benchmark).
 """
 import argparse
+import functools
 import gc
+import importlib.util
 import json
 import math
+import os
 import platform
 import random
 import statistics
@@ -26,7 +30,6 @@ import time
 import numpy as np
 
 import fastadam
-from fastadam import _flat
 
 BYTES_PER_PARAM = 28  # float32: read p, g, m, v (16 B); write p, m, v (12 B)
 SIZES = (4096, 65536, 1 << 20, 1 << 24, 1 << 26)
@@ -99,20 +102,28 @@ def _fastadam(backend, **options):
     return make
 
 
-def _roofline(n, threads):
-    try:
-        from . import _kernel
-    except ImportError as e:
-        raise Unavailable(str(e))
-    p, g = _buffers(n)
-    # m and v placed as fastadam places state: at the page offset of p and g, every
-    # stream would collide in the caches (4K aliasing) and the row would be a slow
-    # placement's limit, not the machine's.
-    m, v = (_flat.state_zeros(p.shape, p.dtype, key, p.ctypes.data) for key in ("exp_avg", "exp_avg_sq"))
+@functools.cache
+def _roofline_module():
+    """benchmarks/roofline.py of the source checkout this package is in, or None."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "roofline.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("fastadam_roofline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def step():
-        _kernel.roofline_step(p, g, m, v, threads)
-    return step
+
+def _roofline(n, threads):
+    """The roofline row: built from benchmarks/roofline.c (not part of the package)."""
+    module = _roofline_module()
+    if module is None:
+        raise Unavailable("the roofline is built from benchmarks/roofline.c of a source checkout")
+    try:
+        return module.make(n, threads, _buffers)
+    except OSError as e:
+        raise Unavailable(str(e))
 
 
 def _torch_stepper(torch, opt, threads):

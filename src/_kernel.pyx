@@ -76,8 +76,6 @@ cdef extern from "adam_kernel.hpp" nogil:
     int fa_prepass_block(const fa_item *items, const int64_t *offsets, int64_t n_items,
                          int64_t block, int want_sum, double *sum)
     int64_t fa_prepass_blocks(const int64_t *offsets, int64_t n_items)
-    void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
-                          int64_t t, int64_t n_threads)
 
 # Declared here without Cython's "except? -1" so that an overflow is a value the
 # fast path can refuse (UNVERIFIED), not an exception it raises.
@@ -231,23 +229,6 @@ cdef inline double clip_coefficient(double max_norm, double norm) noexcept nogil
     """fastadam._reference.clip_coefficient, in C (the same double operations)."""
     cdef double c = max_norm / (norm + 1e-6)
     return 1.0 if c > 1.0 else c
-
-
-def roofline_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, int num_threads=0):
-    """Adam's memory traffic with trivial arithmetic (p += g, m += g, v += g): where the
-    memory wall of an Adam step is (benchmarks only; a plain streaming loop, not a proven bound)."""
-    cdef int64_t n = p.shape[0]
-    cdef int t, nt = resolve_num_threads(num_threads)
-    if g.shape[0] != n or m.shape[0] != n or v.shape[0] != n:
-        raise ValueError("roofline_step: the four arrays must have the same length")
-    if n == 0:
-        return
-    with nogil:
-        if nt <= 1 or n < _parallel_threshold:
-            fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, 0, 1)
-        else:
-            for t in prange(nt, schedule='static', num_threads=nt):
-                fa_traffic_share(&p[0], &g[0], &m[0], &v[0], n, t, nt)
 
 
 # The NumPy type number of each of the kernel's dtype codes (enum fa_dtype), found by

@@ -100,25 +100,3 @@ static inline int fa_prepass_block(const fa_item *items, const int64_t *offsets,
 static inline int64_t fa_prepass_blocks(const int64_t *offsets, int64_t n_items) {
     return (offsets[n_items] + FA_NORM_BLOCK - 1) / FA_NORM_BLOCK;
 }
-
-// The roofline: Adam's memory traffic (read p, g, m, v; write p, m, v) with
-// trivial arithmetic, split between threads as the Adam kernel is.  Its
-// speed marks the memory wall for this access pattern (a plain streaming
-// loop, not a proven bound: docs/speed.md).
-template <typename T>
-static inline void fa_traffic_range(T *__restrict__ p, const T *__restrict__ g, T *__restrict__ m,
-                                    T *__restrict__ v, int64_t start, int64_t stop) {
-    for (int64_t i = start; i < stop; ++i) {
-        const T gi = g[i];
-        p[i] = p[i] + gi;
-        m[i] = m[i] + gi;
-        v[i] = v[i] + gi;
-    }
-}
-
-static inline void fa_traffic_share(float *p, const float *g, float *m, float *v, int64_t n,
-                                    int64_t t, int64_t n_threads) {
-    const int64_t offsets[2] = {0, n};
-    fa_traffic_range<float>(p, g, m, v, fa_boundary(offsets, 1, t, n_threads),
-                            fa_boundary(offsets, 1, t + 1, n_threads));
-}

@@ -170,3 +170,20 @@ def test_a_flag_without_state_is_named_as_a_group_key_only_in_the_flag_table():
     named = sorted({p.name for p in source_files() if p.suffix in (".py", ".pyx", ".pxi")
                     for name in stateless if re.search(rf"[\"']{name}[\"']", p.read_text())})
     assert named == ["_step.py"]
+
+
+def test_the_roofline_is_a_benchmark_not_part_of_the_extension():
+    """The speed report's roofline row is built from benchmarks/roofline.c of a checkout;
+    the installed extension carries no benchmark code."""
+    from fastadam import _backends, bench
+    kernel = _backends.compiled_or_none()
+    if kernel is not None:
+        assert [name for name in dir(kernel) if "roofline" in name.lower()] == []
+    try:
+        step = bench._roofline(1 << 16, 2)  # over the parallel threshold: two threads
+    except bench.Unavailable as e:
+        pytest.skip(str(e))
+    p, g, m, v = step.arrays
+    p0 = p.copy()
+    step()
+    assert np.array_equal(p, p0 + g) and np.array_equal(m, g) and np.array_equal(v, g)
