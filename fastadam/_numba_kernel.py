@@ -4,7 +4,7 @@ The same per-element operations, in the same order and rounding, as the
 compiled kernel (src/adam_kernel.hpp) and the NumPy reference, so all three
 agree bitwise.  The flush-to-zero rule is the hardware's on x86-64, as in the
 compiled kernel: each thread sets the FTZ and DAZ bits of its MXCSR around its
-loop and restores them after (``_enter_ftz``, LLVM's stmxcsr/ldmxcsr
+loop and restores them after (``_numba_intrinsics.enter_ftz``: LLVM's stmxcsr/ldmxcsr
 intrinsics).  Elsewhere, or with FASTADAM_NUMBA_FTZ=software, and for
 ``maximize`` (see ``_kernel``), every operation is followed by the rule in
 software (``_ftz``), at several times the cost.
@@ -25,13 +25,12 @@ import threading
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from . import _threads
+from ._numba_intrinsics import (as_bits, as_float, enter_ftz, launch, leave_ftz,
+                                set_team_size, team_size)
 from ._formats import FlushToZero
 from ._step import WD_DECOUPLED, WD_L2, StepScalars, variant, variant_options
 
@@ -46,67 +45,10 @@ ALIGN = 16  # thread boundaries fall on multiples of 16 elements (a 64-byte line
 
 HARDWARE_FTZ = (platform.machine().lower() in ("x86_64", "amd64")
                 and os.environ.get("FASTADAM_NUMBA_FTZ", "hardware") != "software")
-MXCSR_FTZ_DAZ = 0x8040  # bits 15 and 6, as src/fa_partition.hpp sets them
 
 _compiled = {}
 _compile_lock = threading.Lock()
 _workqueue_lock = threading.Lock()
-
-
-def _mxcsr_call(builder, name, slot):
-    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    builder.call(fn, [builder.bitcast(slot, ir.IntType(8).as_pointer())])
-
-
-@intrinsic
-def _read_mxcsr(typingctx):
-    """This thread's MXCSR (x86-64)."""
-    def codegen(context, builder, signature, args):
-        slot = cgutils.alloca_once(builder, ir.IntType(32))
-        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
-        return builder.load(slot)
-    return types.uint32(), codegen
-
-
-@intrinsic
-def _write_mxcsr(typingctx, value):
-    """Set this thread's MXCSR (x86-64)."""
-    def codegen(context, builder, signature, args):
-        slot = cgutils.alloca_once_value(builder, args[0])
-        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
-        return context.get_dummy_value()
-    return types.void(types.uint32), codegen
-
-
-# The calling thread's team size for parallel regions, through the threading layer's
-# own functions (registered with LLVM by name once its threads are launched:
-# ``_launch``).  numba.get/set_num_threads cost a few us from Python, and inside a
-# jitted function they embed ctypes pointers, which keep it out of the disk cache.
-@intrinsic
-def _team_size(typingctx):
-    def codegen(context, builder, signature, args):
-        # Declared as Numba's own lowering declares it (intp); the C function returns
-        # an int, so only the low 32 bits are read.
-        fnty = ir.FunctionType(cgutils.intp_t, [])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
-        return builder.trunc(builder.call(fn, []), ir.IntType(32))
-    return types.int32(), codegen
-
-
-@intrinsic
-def _set_team_size(typingctx, n):
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.VoidType(), [cgutils.intp_t])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "set_num_threads")
-        builder.call(fn, [context.cast(builder, args[0], signature.args[0], types.intp)])
-        return context.get_dummy_value()
-    return types.void(n), codegen
-
-
-def _launch():
-    """Start Numba's threading layer (which registers its functions by name)."""
-    numba.get_num_threads()
 
 
 # A subnormal read with no arithmetic (AMSGrad's old max) is flushed by a compare and
@@ -114,29 +56,6 @@ def _launch():
 @njit(inline="always", error_model="numpy")
 def _flush(x, c):
     return x * c[3] if abs(x) < c[0] else x
-
-
-if platform.machine().lower() in ("x86_64", "amd64"):
-    @njit(inline="always", error_model="numpy")
-    def _enter_ftz(hw):
-        """Set FTZ and DAZ on this thread (with ``hw``); returns what to restore."""
-        saved = _read_mxcsr()
-        if hw:
-            _write_mxcsr(saved | numba.uint32(MXCSR_FTZ_DAZ))
-        return saved
-
-    @njit(inline="always", error_model="numpy")
-    def _leave_ftz(saved, hw):
-        if hw:
-            _write_mxcsr(saved)
-else:
-    @njit(inline="always", error_model="numpy")
-    def _enter_ftz(hw):
-        return numba.uint32(0)
-
-    @njit(inline="always", error_model="numpy")
-    def _leave_ftz(saved, hw):
-        pass
 
 
 # The flush-to-zero rule of fastadam/_formats.py.  With ``hw`` (a compile-time
@@ -223,29 +142,15 @@ def _update_element(p, g, m, v, vmax, i, index, keys, wd_mode, amsgrad, maximize
 # float32 values, decoded by a shift and stored rounded stochastically, with the
 # random bits of element ``index`` of the streams keys[0] (m: low half, v: high)
 # and keys[1] (v^: low half).
-@intrinsic
-def _as_bits(typingctx, x):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _as_float(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
 @njit(inline="always", error_model="numpy")
 def _bf16_decode(half):
-    return _as_float(numba.uint32(half) << numba.uint32(16))
+    return as_float(numba.uint32(half) << numba.uint32(16))
 
 
 @njit(inline="always", error_model="numpy")
 def _bf16_round(x, random16):
     """bf16_round_stochastic of one float32: ``random16`` added below the kept bits."""
-    b = _as_bits(x)
+    b = as_bits(x)
     if (b & numba.uint32(0x7FFFFFFF)) > numba.uint32(0x7F800000):  # NaN stays NaN
         return numba.uint16((b >> numba.uint32(16)) | numba.uint32(0x0040))
     return numba.uint16(numba.uint32(b + random16) >> numba.uint32(16))
@@ -309,7 +214,7 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
         # so Numba emits no wraparound select per access and LLVM vectorises.
         p, g, m, v = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         vmax = vmax[start:stop] if amsgrad else vmax
-        saved = _enter_ftz(hw)
+        saved = enter_ftz(hw)
         for i in range(p.shape[0]):
             if bf16:  # a closure constant: Numba prunes the other branch before typing
                 _update_element_bf16(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad,
@@ -317,20 +222,20 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
             else:
                 _update_element(p, g, m, v, vmax, i, start + i, keys, wd_mode, amsgrad, maximize,
                                 s, c, hw)
-        _leave_ftz(saved, hw)
+        leave_ftz(saved, hw)
 
     def update_parallel(p, g, m, v, vmax, n_threads, rows, k, rule):
         s, c = _scalars(rows, k, rule), (rule[0], rule[1], rule[2], rule[3])
         keys = (numba.uint32(rows[k, KEY_COLUMNS[0]]), numba.uint32(rows[k, KEY_COLUMNS[1]]))
         n = p.shape[0]
-        previous = _team_size()  # the team for this call (thread-local in Numba)
-        _set_team_size(n_threads)
+        previous = team_size()  # the team for this call (thread-local in Numba)
+        set_team_size(n_threads)
         for t in prange(n_threads):
             start = (n * t // n_threads) // ALIGN * ALIGN
             stop = n if t == n_threads - 1 else (n * (t + 1) // n_threads) // ALIGN * ALIGN
             ps, gs, ms, vs = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
             vmaxs = vmax[start:stop] if amsgrad else vmax
-            saved = _enter_ftz(hw)  # on the thread that runs this chunk
+            saved = enter_ftz(hw)  # on the thread that runs this chunk
             for i in range(ps.shape[0]):
                 if bf16:
                     _update_element_bf16(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode,
@@ -338,13 +243,13 @@ def _make_variant(wd_mode, amsgrad, maximize, hw, bf16):
                 else:
                     _update_element(ps, gs, ms, vs, vmaxs, i, start + i, keys, wd_mode, amsgrad,
                                     maximize, s, c, hw)
-            _leave_ftz(saved, hw)
-        _set_team_size(previous)
+            leave_ftz(saved, hw)
+        set_team_size(previous)
 
     serial = njit(_signatures(3, bf16), cache=True, nogil=True, error_model="numpy")(update_range)
 
     def make_parallel():  # compiled (or loaded from the cache) on first use only
-        _launch()
+        launch()
         return njit(_signatures(2, bf16), cache=True, nogil=True, parallel=True,
                     error_model="numpy")(update_parallel)
 
