@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _formats, _interrupts, _threads
 from ._formats import rounding_key
-from ._step import (clip_coefficient, flag_values, grad_norm, step_scalars,
+from ._step import (FLAGS, clip_coefficient, flag_bits, flag_values, grad_norm, step_scalars,
                     weight_decay_mode)
 
 BACKENDS = ("cython", "numba", "numpy")
@@ -79,6 +79,7 @@ class Buffers(NamedTuple):
     param_rounding: str = "nearest"  # low-precision parameters updated in place
     master_weights: str = None       # None, "split" or "float32" (fastadam._rules.MASTER_KEYS)
     masters: list = None    # per tensor: None, or its master weights' array
+    unsupported_flags: int = 0  # option bits the backend lacks: a step that sets one is not verified
 
 
 class _CheckedOnlyPlan:
@@ -237,10 +238,16 @@ class _NumbaPlan:
         self._checks.release()
 
 
+# What a backend offers, besides new_plan: ``state_dtypes``; ``low_precision``
+# (bfloat16 and float16 parameters and gradients); ``flags``, the option flags
+# (fastadam._step.FLAGS) it implements, the others refused by the optimizer's
+# checked path and never verified by its plans.
+
 class CompiledBackend:
     name = "cython"
     state_dtypes = ("float32", "bfloat16", "int8")
-    low_precision = True  # bfloat16 and float16 parameters and gradients
+    low_precision = True
+    flags = FLAGS  # the kernel is built with FA_FLAGS, compared with FLAGS at import
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -259,12 +266,14 @@ class NumbaBackend:
 
     def __init__(self, module, compiled):
         self.module = module
+        self.flags = module.FLAGS  # those its rule takes
         self._compiled = compiled
 
     def default_num_threads(self):
         return _threads.default_num_threads(self._compiled)
 
     def new_plan(self, buffers):
+        buffers = buffers._replace(unsupported_flags=flag_bits(FLAGS) & ~flag_bits(self.flags))
         if self._compiled is None:
             from ._checks import Checks
             checks = Checks(buffers, self.module, forked=self.module.in_forked_child)
@@ -277,6 +286,7 @@ class ReferenceBackend:
     name = "numpy"
     state_dtypes = ("float32", "bfloat16", "int8")
     low_precision = True
+    flags = FLAGS  # the oracle states every flag's math
 
     def __init__(self, module):
         self.module = module

@@ -46,6 +46,7 @@ class Checks:
         self._addresses = kernel.addresses
         self._forked = forked
         self._decoupled = buffers.decoupled
+        self._unsupported_flags = buffers.unsupported_flags
         self._bf16 = buffers.state_dtype == "bfloat16"
         self._seed = buffers.seed
         self._group_sizes = list(buffers.group_sizes)
@@ -100,6 +101,8 @@ class Checks:
             if type(group) is not dict:
                 return False
             lr, beta1, beta2, eps, weight_decay, flags = _rules.hyperparameters(group)
+            if flags & self._unsupported_flags:
+                return False
             code = weight_decay_mode(weight_decay, self._decoupled) | flags
             amsgrad = bool(flags & AMSGRAD)
             params = group["params"]

@@ -18,6 +18,7 @@ compiling.
 
 Only imported when the backend is used: ``import fastadam`` does not import numba.
 """
+import inspect
 import math
 import os
 import platform
@@ -32,7 +33,8 @@ from . import _threads
 from ._numba_intrinsics import (as_bits, as_float, enter_ftz, launch, leave_ftz,
                                 set_team_size, team_size)
 from ._formats import FlushToZero
-from ._step import WD_DECOUPLED, WD_L2, StepScalars, variant, variant_options
+from ._step import FLAGS as ALL_FLAGS
+from ._step import WD_DECOUPLED, WD_L2, WD_MASK, StepScalars, flag_values, variant
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -126,6 +128,12 @@ def _rule(p, g, m, v, vmax, wd_mode, amsgrad, maximize, s, c, hw):
     # The sqrt of a normal or zero v is never tiny.
     denom = _add(_mul(math.sqrt(vd), s.inv_sqrt_bc2, c, hw), s.eps, c, hw)
     return _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw), mi, vi, vd
+
+
+# The option flags this kernel implements: those its rule takes by name.  The
+# backend refuses a group that sets another (fastadam._backends.NumbaBackend), so a
+# new flag of fastadam._step.FLAGS works on the other backends before its math is here.
+FLAGS = tuple(name for name in inspect.signature(_rule.py_func).parameters if name in ALL_FLAGS)
 
 
 @njit(inline="always", error_model="numpy")
@@ -271,12 +279,21 @@ def _signatures(n_ints, bf16):
     return sigs
 
 
-def _kernel(wd_mode, amsgrad, maximize, parallel, bf16=False):
-    """The serial or parallel kernel of a variant, made on first use (thread-safe)."""
+def _kernel(code, parallel, bf16=False):
+    """The serial or parallel kernel of variant ``code`` (fastadam._step.variant)."""
+    flags = flag_values(code)
+    missing = [name for name, on in flags.items() if on and name not in FLAGS]
+    if missing:  # the backend refuses such a group before its step: this is a guard
+        raise ValueError(f"the Numba kernel does not implement {missing[0]}")
+    return _made(code & WD_MASK, parallel, bf16, **{name: flags[name] for name in FLAGS})
+
+
+def _made(wd_mode, parallel, bf16, amsgrad=False, maximize=False):
+    """The kernel of a variant, by its rule's flags, made on first use (thread-safe)."""
     # maximize keeps the software rule: under the hardware's, LLVM folds -(g * c) and
     # m + (1 - b1) * -g into forms that keep a NaN gradient's sign where the reference
     # flips it, and a fence against that costs the loop its vectorisation (10x slower).
-    key = (wd_mode, bool(amsgrad), bool(maximize), HARDWARE_FTZ and not maximize, bool(bf16))
+    key = (wd_mode, amsgrad, maximize, HARDWARE_FTZ and not maximize, bool(bf16))
     with _compile_lock:
         kernels = _compiled.get(key)
         if kernels is None:
@@ -366,8 +383,7 @@ def update(p, g, m, v, vmax, rows, k, code, rule, num_threads, bf16=False):
     parallel = threads > 1
     kernel = _BY_VARIANT.get((code, parallel, bf16))
     if kernel is None:
-        kernel = _BY_VARIANT[(code, parallel, bf16)] = _kernel(*variant_options(int(code)),
-                                                              parallel, bf16)
+        kernel = _BY_VARIANT[(code, parallel, bf16)] = _kernel(int(code), parallel, bf16)
     if not parallel:
         kernel(p, g, m, v, vmax, 0, n, rows, k, rule)
         return

@@ -30,6 +30,11 @@ def flag_values(flags):
     return {name: bool(flags & bit) for name, bit in zip(FLAGS, FLAG_BITS)}
 
 
+def flag_bits(names):
+    """The bits of the flags named in ``names``."""
+    return sum(bit for name, bit in zip(FLAGS, FLAG_BITS) if name in names)
+
+
 def variant(weight_decay_mode, *flags):
     """The variant code of a weight-decay mode and the flags' bools, in FLAGS' order."""
     return weight_decay_mode | sum(bit for bit, on in zip(FLAG_BITS, flags) if on)

@@ -26,6 +26,7 @@ cdef class PlanBuffers:
     cdef list masters          # per tensor: None, or its master weights' array in the state
     cdef str master_key        # their key in a state entry (fastadam._rules.MASTER_KEYS)
     cdef int wd_mode_if_nonzero
+    cdef int unsupported_flags  # option bits its backend lacks: a step setting one is not verified
     # Held from verify/load until release: the gradients (another thread cannot free
     # memory the kernel reads), the state entries a commit sets, and the new counts.
     cdef tuple held_grads
@@ -40,7 +41,7 @@ cdef class PlanBuffers:
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
                   list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0,
                   list absmaxes=None, str param_rounding="nearest", object master_weights=None,
-                  list masters=None):
+                  list masters=None, int unsupported_flags=0):
         cdef Py_ssize_t k, j, n_dims = 0
         cdef cnp.ndarray buf, p
         self.n = len(params)
@@ -57,6 +58,7 @@ cdef class PlanBuffers:
         self.held_entries = [None] * self.n
         self.new_steps = [None] * self.n
         self.wd_mode_if_nonzero = FA_WD_DECOUPLED if decoupled else FA_WD_L2
+        self.unsupported_flags = unsupported_flags
         if state_dtype not in _STATE_DTYPES:
             raise ValueError(f"Plan: state_dtype {state_dtype!r}")
         self.absmaxes = list(absmaxes) if absmaxes is not None else [None] * self.n

@@ -7,7 +7,9 @@ cdef class Plan(PlanBuffers):
     Built by the checked path (fastadam/_optimizer.py) from buffers it has
     validated: ``params``, ``exp_avgs``, ``exp_avg_sqs`` (one array each per
     tensor), ``max_exp_avg_sqs`` (an array or None per tensor), ``group_sizes``
-    (tensors per parameter group) and ``decoupled`` (AdamW).  The plan holds a
+    (tensors per parameter group), ``decoupled`` (AdamW), and the rest of
+    ``fastadam._backends.Buffers``' fields (``unsupported_flags``: option bits its
+    backend lacks, so a step whose groups set one is not verified).  The plan holds a
     reference to every array, so none can be freed while it lives, and records
     each one's data pointer, dtype and shape.
 
@@ -143,6 +145,8 @@ cdef class Plan(PlanBuffers):
                     return False
                 if <object>ptr is True:
                     variant |= fa_flag_bits[j]
+            if variant & self.unsupported_flags:
+                return False
             amsgrad = (variant & FA_AMSGRAD) != 0
             ptr = PyDict_GetItem(<dict>group, "params")
             if ptr == NULL or type(<object>ptr) is not list:
