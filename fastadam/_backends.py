@@ -295,6 +295,15 @@ class ReferenceBackend:
         return _CheckedOnlyPlan(buffers, self.module)
 
 
+def refuse_unimplemented_flags(backend, flags, where=""):
+    """Raise, naming it, for the first option flag on in ``flags`` (bits) that ``backend``
+    does not implement."""
+    for name, on in flag_values(flags).items():
+        if on and name not in backend.flags:
+            raise ValueError(f"backend {backend.name!r} does not implement {name}=True{where}; "
+                             "use backend='cython' (or 'numpy')")
+
+
 @functools.cache
 def _load_cython():
     try:

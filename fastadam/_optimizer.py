@@ -223,7 +223,8 @@ class Adam:
             for key in _rules.HYPERPARAMETERS:
                 group[key] = param_group.get(key, self.defaults[key])
             group.update({k: v for k, v in param_group.items() if k not in group})
-            self._backend_implements(_rules.hyperparameters(group, where)[5], where)
+            _backends.refuse_unimplemented_flags(self._backend, _rules.hyperparameters(group, where)[5],
+                                                 where)
             existing = self._parameters()
             for j, p in enumerate(params):
                 name = f"param_groups[{len(self.param_groups)}]['params'][{j}]"
@@ -275,7 +276,7 @@ class Adam:
         k = 0
         for i, group in enumerate(self.param_groups):
             hyper = _rules.hyperparameters(group, f" (param_groups[{i}])")
-            self._backend_implements(hyper[5], f" (param_groups[{i}])")
+            _backends.refuse_unimplemented_flags(self._backend, hyper[5], f" (param_groups[{i}])")
             hypers.append(hyper)
             raw = (group["lr"], group["betas"][0], group["betas"][1], group["eps"],
                    group["weight_decay"])
@@ -356,12 +357,6 @@ class Adam:
         if dtype not in _rules.FLOAT_DTYPES and not self._backend.low_precision:
             raise TypeError(f"{name}: backend {self.backend!r} updates float32 and float64 "
                             f"arrays, not {dtype}; use backend='cython' (or 'numpy')")
-
-    def _backend_implements(self, flags, where):
-        for name, on in _step.flag_values(flags).items():
-            if on and name not in self._backend.flags:
-                raise ValueError(f"backend {self.backend!r} does not implement {name}=True{where};"
-                                 " use backend='cython' (or 'numpy')")
 
     def _new_state_buffers(self, p, key):
         """{key: zeros} for parameter p's state buffer ``key``, with its absmax for

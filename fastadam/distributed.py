@@ -148,7 +148,11 @@ class ZeroAdam:
             self._gathered = _flat._aligned_zeros(L.padded, self.dtype, SHARD_ALIGN)
         self._group_of = [i for i, g in enumerate(self.param_groups) for _ in g["params"]]
         self._group_sizes = [len(g["params"]) for g in self.param_groups]
-        self.backend = _backends.load(backend).name  # the shard's kernel
+        self._shard_backend = _backends.load(backend)
+        self.backend = self._shard_backend.name
+        for i, g in enumerate(self.param_groups):  # the same groups on every rank
+            _backends.refuse_unimplemented_flags(self._shard_backend, _rules.hyperparameters(g)[5],
+                                                 f" (param_groups[{i}])")
         self._shard = None
         if self._pieces:
             groups = [dict(self._group_hypers(self._group_of[k]),
@@ -227,7 +231,9 @@ class ZeroAdam:
             for k, p in enumerate(params):
                 _rules.gradient(grads[k], p, k)
             for i, g in enumerate(self.param_groups):
-                _rules.hyperparameters(g, f" (param_groups[{i}])")
+                where = f" (param_groups[{i}])"
+                flags = _rules.hyperparameters(g, where)[5]
+                _backends.refuse_unimplemented_flags(self._shard_backend, flags, where)
 
         error = self._capture(check)
         self._agree(error, self._hyper_signature() if error is None else None)

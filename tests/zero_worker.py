@@ -185,6 +185,35 @@ def scenario_bad_rank():
     assert zero.step(local_grads(2, rank)) is True
 
 
+def scenario_unimplemented_flag():
+    """A flag the shards' backend lacks (the Numba kernel made to lack maximize): refused
+    on every rank when built and on a later step, nothing changed, and the job goes on."""
+    from fastadam import _numba_kernel
+    _numba_kernel.FLAGS = tuple(f for f in _numba_kernel.FLAGS if f != "maximize")
+    ours = model()
+    words = "backend 'numba' does not implement maximize=True (param_groups[0])"
+    try:
+        ZeroAdam(ours, comm=comm, backend="numba", maximize=True)
+    except ValueError as e:
+        assert words in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    zero = ZeroAdam(ours, comm=comm, backend="numba")
+    zero.step(local_grads(0, rank))
+    before, state = snapshot(zero, ours)
+    zero.param_groups[0]["maximize"] = True
+    try:
+        zero.step(local_grads(1, rank))
+    except ValueError as e:
+        assert words in str(e), str(e)
+    else:
+        raise AssertionError("no error")
+    zero.param_groups[0]["maximize"] = False
+    assert all(np.array_equal(p, q) for p, q in zip(ours, before))
+    assert same_state(zero.state_dict(), state)
+    assert zero.step(local_grads(1, rank)) is True
+
+
 def scenario_save(path):
     ours = model()
     zero = ZeroAdamW(groups(ours), comm=comm, amsgrad=True)
