@@ -4,10 +4,11 @@ Runs every implementation in one process, interleaved (each round visits the
 implementations in a new random order, so machine drift hits all alike), and
 prints per size: the median time per step, ns per parameter, effective GB/s
 (an Adam step moves 28 bytes per float32 parameter: reads p, g, m, v; writes
-p, m, v), percent of the roofline (the "roofline" row: Adam's memory traffic with
-trivial arithmetic, built from benchmarks/roofline.c of a source checkout), and the
-speed-up over the textbook NumPy update and over each peer.  Writes a JSON and a PNG.  "numpy-textbook" is the NumPy
-baseline: Adam as a NumPy user writes it (TextbookAdam), not the tests' oracle.
+p, m, v), percent of the roofline (the "roofline" row: Adam's memory traffic
+with trivial arithmetic, built from benchmarks/roofline.c of a source
+checkout), and the speed-up over the textbook NumPy update and over each peer.
+Writes a JSON and a PNG.  "numpy-textbook" is the NumPy baseline: Adam as a
+NumPy user writes it (TextbookAdam), not the tests' oracle.
 
 Repeating a step on the same buffers measures the same cost every time: the
 work is elementwise and independent of the values (they stay normal numbers).
