@@ -53,7 +53,11 @@ def step_over(p, g, m, v, threads):
     threads = 1 if n < _threads.PARALLEL_THRESHOLD else max(1, int(threads))
     args = (p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, n, threads,
             _formats.INT8_BLOCK)
-    return lambda: step(*args)
+
+    def run():
+        step(*args)
+    run.arrays = (p, g, m, v)  # the memory it writes lives as long as the function
+    return run
 
 
 def make(n, threads, buffers):
@@ -64,6 +68,4 @@ def make(n, threads, buffers):
     p, g = buffers(n)
     m, v = (_flat.state_zeros(p.shape, p.dtype, key, p.ctypes.data)
             for key in ("exp_avg", "exp_avg_sq"))
-    run = step_over(p, g, m, v, threads)
-    run.arrays = (p, g, m, v)  # kept alive with the function
-    return run
+    return step_over(p, g, m, v, threads)
