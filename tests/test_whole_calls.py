@@ -211,6 +211,9 @@ def test_ctrl_c_during_steps_never_leaves_a_half_step(backend):
     arrives between steps, never inside one (all step counts equal, all tensors alike)."""
     out = run_child(f"""
         import os, random, signal, threading, time, numpy as np, fastadam
+        # Python's own handler, whatever this child inherited: a shell starts a
+        # background job (nohup, &) with SIGINT ignored, and Python then keeps it so.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ps = [np.zeros(20000, np.float32) for _ in range(60)]
         grads = [np.full(20000, 0.5, np.float32) for _ in range(60)]
         opt = fastadam.Adam(ps, backend={backend!r}, num_threads=1)
@@ -264,6 +267,7 @@ def test_ctrl_c_is_deferred_in_a_child_forked_from_another_thread():
     out = run_child("""
         import os, signal, threading
         from fastadam import _interrupts
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # not an inherited SIG_IGN
         def fork_and_interrupt():
             pid = os.fork()
             if pid:
