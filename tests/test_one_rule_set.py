@@ -73,6 +73,7 @@ class Twins(RuleBasedStateMachine):
     backend = "cython"
     state_dtype = "float32"
     shapes = SHAPES
+    checked = 0  # invariant checks made (a subclass's count: run_twins asserts there were some)
 
     def __init__(self):
         super().__init__()
@@ -94,6 +95,7 @@ class Twins(RuleBasedStateMachine):
 
     @invariant()
     def same_bits(self):
+        type(self).checked += 1
         assert_same(buffers(self.opts["fast"]), buffers(self.opts["ref"]))
         assert self.opts["fast"].skipped_steps == self.opts["ref"].skipped_steps
         assert repr(self.opts["fast"].last_grad_norm) == repr(self.opts["ref"].last_grad_norm)
@@ -245,3 +247,4 @@ def run_twins(backend, state_dtype):
     runner.settings = settings(max_examples=int(os.environ.get("FASTADAM_STATEFUL_EXAMPLES", 80)), stateful_step_count=30, deadline=None,
                                suppress_health_check=list(HealthCheck))
     runner().runTest()
+    assert machine.checked > 0, "the state machine compared nothing"
