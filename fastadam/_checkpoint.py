@@ -15,7 +15,6 @@ string) and ``state/{index}/{buffer}.npy`` per parameter.
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -238,9 +237,9 @@ def write(path, snapshot, meta):
     path = os.fspath(path)
     _paths.check_replaceable(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastadam-", suffix=".npz.tmp", dir=directory)
+    f, tmp = _paths.create_beside(path, ".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

@@ -7,6 +7,7 @@ and a file about to be replaced must be a regular file or absent.
 """
 import errno
 import os
+import secrets
 import stat
 
 
@@ -63,3 +64,21 @@ def check_replaceable(path):
         raise
     if not stat.S_ISREG(mode):
         raise ValueError(f"{path}: {_kind(mode)}, not a regular file; not replaced")
+
+
+def create_beside(path, suffix):
+    """A new file in ``path``'s directory, to be renamed over ``path`` once written:
+    (its file object opened for binary writing, its name).  It is created with mode
+    0o666, so that the user's umask decides its permissions as it does for every file
+    that open() creates (NumPy's np.save, torch.save); tempfile.mkstemp's 0o600 would
+    make a checkpoint or a download unreadable to the user's group."""
+    directory = os.path.dirname(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(name, flags, 0o666)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), name
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", directory)

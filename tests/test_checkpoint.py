@@ -1,4 +1,7 @@
 """state_dict / load_state_dict / save / load: bitwise resume, and refusal of what does not fit."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -276,3 +279,24 @@ def test_torch_state_dict_marks_the_optimizer_kind(rng):
     assert all(g["decoupled_weight_decay"] is True for g in sd["param_groups"])
     opt.load_state_dict(sd)
     assert all("decoupled_weight_decay" not in g for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_saved_checkpoint_gets_the_permissions_the_umask_gives(tmp_path, umask):
+    """As every file open() creates, and as np.save's (the oracle): mode 0o666 less the umask,
+    whether the file is new or replaces one."""
+    opt = fastadam.Adam([np.ones(5, np.float32)])
+    opt.step([np.ones(5, np.float32)])
+    previous = os.umask(umask)
+    try:
+        np.save(tmp_path / "oracle.npy", np.ones(3))
+        opt.save(tmp_path / "opt.npz")
+        new_mode = stat.S_IMODE(os.stat(tmp_path / "opt.npz").st_mode)
+        opt.save(tmp_path / "opt.npz")  # replacing it
+        replaced_mode = stat.S_IMODE(os.stat(tmp_path / "opt.npz").st_mode)
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(os.stat(tmp_path / "oracle.npy").st_mode)
+    assert expected == 0o666 & ~umask
+    assert new_mode == replaced_mode == expected, (oct(new_mode), oct(replaced_mode), oct(expected))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left

@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -228,9 +227,10 @@ def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
         errors = []
         for mirror in mirrors:
             url = mirror + stem + ".gz"
+            tmp = None
             try:
-                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                out, tmp = _paths.create_beside(target, ".part")
+                with out, urllib.request.urlopen(url, timeout=timeout) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
                     with tqdm(total=total, unit="B", unit_scale=True, desc=stem, disable=progress is False) as bar:
                         while chunk := response.read(1 << 16):
@@ -243,7 +243,7 @@ def download_mnist(directory, progress=None, mirrors=MIRRORS, timeout=10):
                 break
             except (OSError, urllib.error.URLError, IDXError) as e:
                 errors.append(f"{url}: {e}")
-                if os.path.exists(tmp):
+                if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
         else:
             raise FileNotFoundError(_where_to_put_files() + ". Download failed: " + "; ".join(errors))
