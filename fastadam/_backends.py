@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _formats, _interrupts, _threads
+from ._rules import plain
 from ._formats import rounding_key
 from ._step import (FLAGS, clip_coefficient, flag_bits, flag_values, grad_norm, step_scalars,
                     weight_decay_mode)
@@ -108,7 +109,7 @@ class _CheckedOnlyPlan:
             wd_mode = weight_decay_mode(weight_decay, self._buffers.decoupled)
             options = flag_values(flags)  # the update functions' keywords, shared by the group
             for _ in range(size):
-                work.append([grads[k], step_scalars(lr, beta1, beta2, eps, weight_decay,
+                work.append([plain(grads[k]), step_scalars(lr, beta1, beta2, eps, weight_decay,
                                                     steps[k] + 1), wd_mode, options, lr])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
@@ -131,7 +132,7 @@ class _CheckedOnlyPlan:
         threads = num_threads or 1
         steps = self._work[2]
         for k, (grad, scalars, wd_mode, flags, lr) in enumerate(self._work[0]):
-            p, m, v, vmax = L.params[k], L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k]
+            p, m, v, vmax = plain(L.params[k]), L.exp_avgs[k], L.exp_avg_sqs[k], L.max_exp_avg_sqs[k]
             master = L.masters[k] if L.masters is not None else None
             if _formats.is_low_precision(p.dtype) and master is None:  # torch's semantics
                 key = (rounding_key(L.seed, k, steps[k], 3) if L.param_rounding == "stochastic"
@@ -178,7 +179,7 @@ class _NumbaPlan:
     def __init__(self, checks, buffers, kernel):
         self._checks = checks
         self._kernel = kernel
-        flat = [[a.reshape(-1) for a in arrays] for arrays in
+        flat = [[plain(a).reshape(-1) for a in arrays] for arrays in
                 (buffers.params, buffers.exp_avgs, buffers.exp_avg_sqs)]
         vmax = [v.reshape(-1) if v is not None else flat[2][k]
                 for k, v in enumerate(buffers.max_exp_avg_sqs)]
@@ -227,6 +228,7 @@ class _NumbaPlan:
         bf16 = self._bf16
         for (k, p, m, v, vmax, rule), g, code in zip(self._tensors, checks.gradients(),
                                                     rows[:, self._variant_column].tolist()):
+            g = g if type(g) is np.ndarray else plain(g)  # an ndarray subclass: its memory alone
             update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, code, rule,
                    threads, bf16)
         checks.record_step(threads, time.perf_counter() - started)

@@ -274,6 +274,14 @@ def parameter(p, name):
         raise ValueError(f"{name} is read-only")
 
 
+def plain(a):
+    """``a`` as a plain numpy.ndarray over the same memory (no copy).  An ndarray
+    subclass keeps its memory and its dtype, but its operators and methods may mean
+    something else (np.matrix's ``*`` is a matrix product, and its reshape(-1) stays
+    2-D): code that computes with operators or flattens an array works on this view."""
+    return a if type(a) is np.ndarray else np.asarray(a)
+
+
 def not_masked(a, name):
     """A masked array is refused: the kernel reads and writes its data, mask or not."""
     if isinstance(a, np.ma.MaskedArray):

@@ -123,7 +123,10 @@ class ZeroAdam:
         self.max_grad_norm = self._whole.max_grad_norm
         self.skipped_steps = 0
         self.last_grad_norm = None
-        self._params = self._whole._parameters()
+        self._params = self._whole._parameters()  # the caller's arrays: param_groups must keep them
+        # Their memory as flat plain arrays, which the shards and collectives address (an ndarray
+        # subclass's reshape or slicing may mean something else: _rules.plain).
+        self._flat = [_rules.plain(p).reshape(-1) for p in self._params]
         dtypes = {p.dtype for p in self._params}
         if len(dtypes) > 1:
             raise TypeError(f"ZeroAdam needs one dtype for all parameters, got {sorted(map(str, dtypes))}")
@@ -142,7 +145,7 @@ class ZeroAdam:
         self._pieces = L.pieces(self.rank)
         self._grad_shard = _flat._aligned_zeros(L.shard, self.dtype, SHARD_ALIGN)
         flat = len(self._params) == 1 and self._params[0].size == L.padded
-        self._flat_params = self._params[0].reshape(-1) if flat else None
+        self._flat_params = self._flat[0] if flat else None
         if not flat:
             self._send = _flat._aligned_zeros(L.padded, self.dtype, SHARD_ALIGN)
             self._gathered = _flat._aligned_zeros(L.padded, self.dtype, SHARD_ALIGN)
@@ -156,7 +159,7 @@ class ZeroAdam:
         self._shard = None
         if self._pieces:
             groups = [dict(self._group_hypers(self._group_of[k]),
-                           params=[self._params[k].reshape(-1)[a:b]])
+                           params=[self._flat[k][a:b]])
                       for k, a, b, _ in self._pieces]
             self._shard = self._optimizer_class(
                 groups, backend=backend, num_threads=num_threads, state_dtype=state_dtype,
@@ -238,11 +241,11 @@ class ZeroAdam:
         error = self._capture(check)
         self._agree(error, self._hyper_signature() if error is None else None)
         if self._flat_params is not None:
-            send = grads[0].reshape(-1)
+            send = _rules.plain(grads[0]).reshape(-1)
         else:
             send = self._send
             for k, (start, g) in enumerate(zip(self._shards.starts, grads)):
-                send[start:start + g.size] = g.reshape(-1)
+                send[start:start + g.size] = _rules.plain(g).reshape(-1)
         self.comm.Reduce_scatter_block(send, self._grad_shard, op=MPI.SUM)
         scale = 1.0 / self.world_size
         clip = self.max_grad_norm is not None
@@ -278,10 +281,10 @@ class ZeroAdam:
             gathered = self._gathered
             lo = self.rank * self._shards.shard
             for k, a, b, s in self._pieces:
-                gathered[lo + s:lo + s + b - a] = params[k].reshape(-1)[a:b]
+                gathered[lo + s:lo + s + b - a] = self._flat[k][a:b]
             self.comm.Allgather(MPI.IN_PLACE, gathered)
-            for p, start in zip(params, self._shards.starts):
-                p.reshape(-1)[...] = gathered[start:start + p.size]
+            for p, start in zip(self._flat, self._shards.starts):
+                p[...] = gathered[start:start + p.size]
         return True
 
     # -- state and checkpoints ------------------------------------------------

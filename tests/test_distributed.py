@@ -41,7 +41,7 @@ def mpirun(n, *args, timeout=240, check=True):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("scenario", ["equal", "flat", "bad_rank"])
+@pytest.mark.parametrize("scenario", ["equal", "flat", "bad_rank", "subclasses"])
 def test_zero_adam(scenario, n):
     mpirun(n, "-m", "mpi4py", str(WORKER), scenario)
 

@@ -18,6 +18,8 @@ import pytest
 import fastadam
 from fastadam.mnist import main
 
+from conftest import backend_params
+
 SCALARS = {
     "float16": np.float16, "float32": np.float32, "float64": np.float64,
     "longdouble": np.longdouble, "int64": np.int64, "uint64": np.uint64, "uint8": np.uint8,
@@ -91,13 +93,26 @@ def test_numpy_scalars_as_arguments(argument, scalar, tmp_path):
 
 @pytest.mark.parametrize("scalar", ["float32", "float64", "int64"])
 def test_numpy_scalars_set_in_a_group_after_construction(scalar, tmp_path):
-    opt = fastadam.Adam([np.ones(10, np.float32)])
-    opt.step(grads(1))
-    opt.param_groups[0]["lr"] = SCALARS[scalar](1)
-    opt.step(grads(1))
-    opt.save(tmp_path / "opt.npz")
-    opt.load(tmp_path / "opt.npz")
-    copy.deepcopy(opt).step(grads(1))
+    """A NumPy scalar set as lr after construction steps, saves, loads and copies as the
+    Python number it holds (oracle: the same steps with that number)."""
+    def run(lr):
+        p = np.ones(10, np.float32)
+        opt = fastadam.Adam([p])
+        opt.step(grads(1))
+        opt.param_groups[0]["lr"] = lr
+        opt.step(grads(1))
+        opt.save(tmp_path / "opt.npz")
+        opt.load(tmp_path / "opt.npz")
+        twin = copy.deepcopy(opt)
+        twin.step(grads(1))
+        return p, twin
+    value = SCALARS[scalar](1)
+    p, twin = run(value)
+    q, oracle = run(value.item() if hasattr(value, "item") else value)
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(twin.param_groups[0]["params"][0], oracle.param_groups[0]["params"][0])
+    np.testing.assert_array_equal(twin.state[0]["exp_avg"], oracle.state[0]["exp_avg"])
+    assert twin.state[0]["step"] == oracle.state[0]["step"] == 3
 
 
 def test_numpy_scalars_through_the_other_entry_points(tmp_path):
@@ -157,34 +172,68 @@ def test_paths_that_are_not_regular_files(operation, tmp_path):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
+class Contrary(np.ndarray):
+    """An ndarray subclass whose arithmetic means something else: every ufunc's result
+    comes back negated, and reshape reverses the elements.  Code that computes with a
+    parameter's or gradient's own operators gets wrong numbers from it."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, Contrary) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) if isinstance(x, Contrary) else x for x in kwargs["out"])
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        return np.negative(result) if isinstance(result, np.ndarray) and result.dtype.kind == "f" else result
+
+    def reshape(self, *shape, **kwargs):
+        return np.asarray(self).reshape(*shape, **kwargs)[::-1]
+
+
 def subclasses(tmp_path):
     mm = np.memmap(tmp_path / "m", np.float32, "w+", shape=(12,))
     mm[:] = 1
     return {
-        "matrix": np.matrix(np.ones((3, 4), np.float32)),
+        "matrix": np.matrix(np.ones((3, 4), np.float32)),  # * is a matrix product; reshape(-1) stays 2-D
+        "contrary": np.ones((3, 4), np.float32).view(Contrary),
         "memmap": mm,
         "recarray": np.ones(12, np.float32).view(np.recarray),
         "structured view": np.zeros(12, dtype=[("a", np.float32)]).view(np.float32) + 1,
     }
 
 
+SUBCLASS_OPTIONS = [dict(), dict(amsgrad=True, weight_decay=0.1, maximize=True),
+                    dict(state_dtype="bfloat16", weight_decay=0.1)]
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("role", ["parameter", "gradient"])
-def test_ndarray_subclasses_step_as_plain_arrays(role, tmp_path):
-    for name, a in subclasses(tmp_path).items():
-        plain = np.ones(a.shape, np.float32)
-        if role == "parameter":
-            ours, mine = a, fastadam.Adam([a])
-            theirs, ref = plain, fastadam.Adam([plain])
+def test_ndarray_subclasses_step_as_plain_arrays(role, backend, tmp_path):
+    """On every backend (the NumPy reference's arithmetic included), a subclass is
+    stepped as the plain array over its memory: the parameters and state are those of
+    the reference stepped with plain arrays."""
+    for options in SUBCLASS_OPTIONS:
+        for name, a in subclasses(tmp_path).items():
+            a = a.copy() if name != "memmap" else a
+            a[...] = np.asarray(np.linspace(-1, 1, a.size, dtype=np.float32).reshape(a.shape))
+            plain = np.asarray(a).copy()
+            g_plain = np.asarray(np.linspace(0.5, -0.25, a.size, dtype=np.float32).reshape(a.shape))
+            if role == "parameter":
+                ours, grad = a, g_plain
+            else:
+                ours, grad = plain.copy(), np.asarray(g_plain).copy().view(type(a)) if name != "memmap" else a
+                if name == "memmap":
+                    grad[...] = g_plain
+            theirs = plain.copy()
+            mine = fastadam.Adam([ours], backend=backend, **options)
+            ref = fastadam.Adam([theirs], backend="numpy", **options)
             for _ in range(3):
-                mine.step([np.full(a.shape, 0.5, np.float32)])
-                ref.step([np.full(a.shape, 0.5, np.float32)])
-        else:
-            ours, theirs = np.ones(a.shape, np.float32), np.ones(a.shape, np.float32)
-            mine, ref = fastadam.Adam([ours]), fastadam.Adam([theirs])
-            for _ in range(3):
-                mine.step([a])
-                ref.step([plain])
-        np.testing.assert_array_equal(np.asarray(ours), theirs, err_msg=name)
+                assert mine.step([grad]) is True
+                ref.step([g_plain.copy()])
+            where = f"{name} as {role}, {options}"
+            np.testing.assert_array_equal(np.asarray(ours), theirs, err_msg=where)
+            for key, value in ref.state[0].items():
+                if isinstance(value, np.ndarray):
+                    assert type(mine.state[0][key]) is np.ndarray, where  # a subclass's is p's own business
+                    np.testing.assert_array_equal(mine.state[0][key], value, err_msg=f"{key}: {where}")
 
 
 def test_masked_and_read_only_arrays_are_refused_with_nothing_changed(tmp_path):

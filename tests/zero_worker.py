@@ -95,6 +95,36 @@ def scenario_flat():
     assert np.shares_memory(flat.params["W"], flat.data)
 
 
+class Contrary(np.ndarray):
+    """An ndarray subclass whose ufuncs' results come back negated and whose reshape
+    reverses the elements (tests/test_hostile_inputs.py has the same)."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = [np.asarray(x) if isinstance(x, Contrary) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) if isinstance(x, Contrary) else x for x in kwargs["out"])
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        return np.negative(result) if isinstance(result, np.ndarray) and result.dtype.kind == "f" else result
+
+    def reshape(self, *shape, **kwargs):
+        return np.asarray(self).reshape(*shape, **kwargs)[::-1]
+
+
+def scenario_subclasses():
+    """np.matrix parameters and Contrary gradients: sharded, reduced and gathered as the
+    plain arrays over their memory (oracle: Adam on plain arrays and the mean gradient)."""
+    shapes = [(5, 7), (64, 33), (3, 4)]
+    ours = [np.matrix(p) for p in model(shapes=shapes)]
+    theirs = model(shapes=shapes)
+    zero = ZeroAdam(groups(ours), comm=comm, amsgrad=True)
+    ref = fastadam.Adam(groups(theirs), amsgrad=True)
+    for t in range(10):
+        assert zero.step([g.view(Contrary) for g in local_grads(t, rank, shapes)]) is True
+        ref.step(mean_grads(t, shapes))
+    close([np.asarray(p) for p in ours], theirs, "subclasses")
+    assert all(type(p) is np.matrix for p in ours)
+
+
 def scenario_tiny():
     """More ranks than work: 10 elements, 16-element shards; ranks past the first own nothing."""
     shapes = [(7,), (3,)]
