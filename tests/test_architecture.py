@@ -187,3 +187,37 @@ def test_the_roofline_is_a_benchmark_not_part_of_the_extension():
     p0 = p.copy()
     step()
     assert np.array_equal(p, p0 + g) and np.array_equal(m, g) and np.array_equal(v, g)
+
+
+def asserts_something(node, helpers, seen=()):
+    """Whether a function asserts: an assert statement, raise AssertionError, pytest.raises,
+    warns or fail, an assert_* call (np.testing's, torch.testing's), or a call of a helper
+    of the same module that does."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Assert):
+            return True
+        if isinstance(n, ast.Raise) and n.exc is not None and "AssertionError" in ast.unparse(n.exc):
+            return True
+        if isinstance(n, ast.Call):
+            f = n.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name.startswith("assert") or name in ("raises", "warns", "fail"):
+                return True
+            if name in helpers and name not in seen and asserts_something(helpers[name], helpers, seen + (name,)):
+                return True
+    return False
+
+
+def test_every_test_asserts_something():
+    """A test that asserts nothing cannot fail: each test function of tests/ (and the
+    benchmarks' pytest cases do not count) asserts, itself or through a helper."""
+    silent = []
+    for path in sorted(pathlib.Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        helpers = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        silent += [f"{path.name}::{n.name}" for n in tree.body
+                   if isinstance(n, ast.FunctionDef) and n.name.startswith("test")
+                   and not asserts_something(n, helpers)]
+    assert len(silent) == 0, f"tests that assert nothing: {silent}"
+    assert asserts_something(ast.parse("def t():\n    x = 1\n    assert x"), {})  # the check itself
+    assert not asserts_something(ast.parse("def t():\n    print(1)"), {})
