@@ -59,6 +59,8 @@ cdef extern from "adam_kernel.hpp" nogil:
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
         FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
+        FA_COMPILED_BITS, FA_ROW_FIELDS, FA_N_KERNEL_ROWS
+    const int *fa_kernel_rows
     const char *FA_STEP_SCALAR_NAMES
     const char *FA_DTYPE_NAMES
     const char *FA_FLAG_KEYS
@@ -164,6 +166,19 @@ STEP_SCALAR_NAMES = tuple(FA_STEP_SCALAR_NAMES.decode().split())
 FLAG_KEYS = tuple(_sys.intern(key) for key in FA_FLAG_KEYS.decode().split())
 VARIANT_BITS = (FA_WD_MASK, *[(key, fa_flag_bits[j]) for j, key in enumerate(FLAG_KEYS)])
 cdef tuple _FLAG_KEYS = FLAG_KEYS  # read by the plan: the groups' keys of the option flags
+# The element dtypes' names, by their codes (enum fa_dtype).
+DTYPE_NAMES = tuple(FA_DTYPE_NAMES.decode().split())
+# The flags compiled into the loops (each code its own loop); the others are read at run time.
+COMPILED_FLAGS = tuple(key for j, key in enumerate(FLAG_KEYS) if fa_flag_bits[j] & FA_COMPILED_BITS)
+# The kernel's table (fa_dispatch.hpp's FA_KERNELS), a row each: (parameter dtype, parameter
+# mode, gradient dtype, state storage, torch's order), as names.
+PARAM_MODES = ("nearest", "stochastic", "split", "master")      # enum fa_param_mode
+STORAGE_KINDS = ("native", "bfloat16", "int8")                  # enum fa_storage_kind
+KERNEL_ROWS = tuple(
+    (DTYPE_NAMES[fa_kernel_rows[r * FA_ROW_FIELDS]], PARAM_MODES[fa_kernel_rows[r * FA_ROW_FIELDS + 1]],
+     DTYPE_NAMES[fa_kernel_rows[r * FA_ROW_FIELDS + 2]], STORAGE_KINDS[fa_kernel_rows[r * FA_ROW_FIELDS + 3]],
+     bool(fa_kernel_rows[r * FA_ROW_FIELDS + 4]))
+    for r in range(FA_N_KERNEL_ROWS))
 # The 8-bit codes' formats (fastadam._reference states them; checked at import).
 INT8_FORMAT = (FA_INT8_BLOCK, FA_INT8_FRACTION_BITS, FA_INT8_SIGNED_EXPONENT_OFFSET,
                FA_INT8_UNSIGNED_EXPONENT_OFFSET)
@@ -235,7 +250,6 @@ cdef inline double clip_coefficient(double max_norm, double norm) noexcept nogil
 # the names the kernel states; -1 while a dtype's NumPy type is unknown (ml_dtypes'
 # bfloat16 is a user type, known once ml_dtypes is imported, which a bfloat16 array
 # implies).
-DTYPE_NAMES = tuple(FA_DTYPE_NAMES.decode().split())
 cdef int _typenums[FA_N_DTYPES]
 for _code in range(FA_N_DTYPES):
     _typenums[_code] = -1

@@ -74,19 +74,10 @@ static inline __attribute__((always_inline)) float fa_abs(float x) { return __bu
 static inline __attribute__((always_inline)) double fa_abs(double x) { return __builtin_fabs(x); }
 static inline __attribute__((always_inline)) float fa_signed_zero(float x) { return __builtin_copysignf(0.0f, x); }
 static inline __attribute__((always_inline)) double fa_signed_zero(double x) { return __builtin_copysign(0.0, x); }
-// -x as the reference computes it: the sign bit flipped, a NaN's too.  GCC
-// treats a NaN's sign as unspecified and folds -(g * c) into g * -c, which
-// keeps the gradient NaN's sign; an integer XOR it leaves alone.
-template <typename T>
-static inline __attribute__((always_inline)) T fa_flip_sign(T x) {
-    typedef typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type Bits;
-    Bits bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits ^= (Bits)1 << (8 * sizeof(Bits) - 1);
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-// x with the bits of `mask` flipped (maximize's sign at run time).
+// x with the bits of `mask` flipped: maximize's sign at run time (the sign bit,
+// or nothing).  -x as the reference computes it, a NaN's sign flipped too: GCC
+// treats a NaN's sign as unspecified and folds -(g * c) into g * -c, which keeps
+// the gradient NaN's sign; an integer XOR it leaves alone.
 template <typename T, typename B>
 static inline __attribute__((always_inline)) T fa_xor_bits(T x, B mask) {
     static_assert(sizeof(T) == sizeof(B), "a mask of the value's size");

@@ -18,11 +18,14 @@ FA_AVX512_INLINE void fa_broadcast(const fa_scalars<float> &s, fa_scalars<fa_flo
 #define FA_SPLAT(name) c.name = _mm512_set1_ps(s.name);
     FA_STEP_SCALARS(FA_SPLAT)
 #undef FA_SPLAT
+    c.variant = s.variant;
+    c.maximize = s.maximize;
 }
 
 // The rule's own operations on 16 floats (the scalar ones are in adam_kernel.hpp).
-FA_AVX512_INLINE __m512 fa_flip_sign(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int32_t)0x80000000u)));
+// x with the bits of `mask` flipped in every lane (maximize's sign at run time).
+FA_AVX512_INLINE __m512 fa_xor_bits(__m512 x, uint32_t mask) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int32_t)mask)));
 }
 FA_AVX512_INLINE __m512 fa_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
 // old > v || old != old ? old : v (a NaN wins, a tie takes v).

@@ -26,38 +26,48 @@ typedef fa_param_master<fa_f16> fa_p_f16_master;
     X(fa_p_bf16_master, fa_bf16, FA_STORAGE_NATIVE) X(fa_p_bf16_master, fa_bf16, FA_STORAGE_BF16) \
     X(fa_p_f16_master, fa_f16, FA_STORAGE_NATIVE) X(fa_p_f16_master, fa_f16, FA_STORAGE_BF16)
 
+// The table's rows as numbers, for the test that runs every flag on every row
+// (tests/test_every_row.py): each row's parameter dtype, parameter policy's mode,
+// gradient dtype, state storage and whether it follows torch's order.
+#define FA_ROW_NUMBERS(P, G, STORAGE) P::dtype, P::mode, G::code, STORAGE, (int)P::torch_order,
+static const int fa_kernel_rows[] = {FA_KERNELS(FA_ROW_NUMBERS)};
+#undef FA_ROW_NUMBERS
+enum { FA_ROW_FIELDS = 5, FA_N_KERNEL_ROWS = sizeof(fa_kernel_rows) / sizeof(int) / FA_ROW_FIELDS };
+
 // The gradients' formats, for the read-only passes.
 #define FA_GRADIENT_FORMATS(X) X(fa_f32) X(fa_f64) X(fa_bf16) X(fa_f16)
 
-// Every variant of one table row: each variant code (fa_step.hpp) its own loop
-// with no branch inside, chosen by a chain of compares outside the loop.
-// Inlined into each ISA's function below, so every loop is compiled for that ISA.
-// The float32 and float64 rows compile each maximize flag into its own loop;
-// the others read it at run time (half the loops: the build's time grows with
-// their number).
-template <typename P, typename G>
-struct fa_every_flag {
-    static constexpr bool value = fa_plain_float32<P, G>::value || std::is_same<P, fa_p_f64>::value;
+// The flags a row's loops compile: FA_COMPILED_BITS, and maximize on the
+// compressed-state rows of float32 parameters, whose AVX-512 paths
+// (fa_avx512.hpp) were 2-5% slower reading it at run time
+// (benchmarks/results/run-time-flags-ab.txt); every other row reads it at run time.
+template <typename P, typename G, int STORAGE>
+struct fa_row {
+    static constexpr int compiled =
+        FA_COMPILED_BITS | (fa_plain_float32<P, G>::value && STORAGE != FA_STORAGE_NATIVE ? FA_MAXIMIZE : 0);
 };
 
-// Runs the loop of code VARIANT if it is `code` and the row is built for it.
-template <typename P, typename G, int STORAGE, int ISA, int VARIANT>
+// Every variant of one table row: each code of the flags the row compiles its
+// own loop with no branch inside, chosen by a chain of compares outside the
+// loop; the other flags are read by the loops.  Inlined into each ISA's
+// function below, so every loop is compiled for that ISA.
+template <typename P, typename G, int STORAGE, int ISA, int CODE>
 static inline __attribute__((always_inline)) bool fa_adam_if(const fa_item &it, int code, int64_t a, int64_t b) {
-    constexpr bool at_run_time = !fa_every_flag<P, G>::value;
-    if constexpr ((VARIANT & FA_WD_MASK) > FA_WD_DECOUPLED || (at_run_time && fa_has(VARIANT, FA_MAXIMIZE))) {
-        return false;  // not a weight-decay mode; or a code this row reads maximize of at run time
+    constexpr int compiled = fa_row<P, G, STORAGE>::compiled;
+    if constexpr ((CODE & FA_WD_MASK) > FA_WD_DECOUPLED || (CODE & ~compiled) != 0) {
+        return false;  // not a weight-decay mode; or a run-time flag's bit, which no loop is built for
     } else {
-        if (code != VARIANT) return false;
-        fa_adam_loop<P, G, at_run_time ? VARIANT | FA_MAXIMIZE_AT_RUN_TIME : VARIANT, STORAGE, ISA>(it, a, b);
+        if (code != CODE) return false;
+        fa_adam_loop<P, G, fa_loop_code(CODE, compiled), STORAGE, ISA>(it, a, b);
         return true;
     }
 }
 
-template <typename P, typename G, int STORAGE, int ISA, int... VARIANTS>
+template <typename P, typename G, int STORAGE, int ISA, int... CODES>
 static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item &it, int64_t a, int64_t b,
-                                                                  std::integer_sequence<int, VARIANTS...>) {
-    const int code = fa_every_flag<P, G>::value ? it.variant : it.variant & ~FA_MAXIMIZE;
-    (void)(fa_adam_if<P, G, STORAGE, ISA, VARIANTS>(it, code, a, b) || ...);
+                                                                  std::integer_sequence<int, CODES...>) {
+    const int code = it.variant & fa_row<P, G, STORAGE>::compiled;
+    (void)(fa_adam_if<P, G, STORAGE, ISA, CODES>(it, code, a, b) || ...);
 }
 
 #define FA_ADAM_ROW(P, G, STORAGE)                                                              \

@@ -6,7 +6,7 @@
 // the AVX-512 target attribute (GCC will not inline a function of a wider
 // target into one of a narrower, so the vector instance needs its own
 // definition).  V is the value type, S its fa_scalars, VARIANT the variant's
-// code (fa_step.hpp: a flag's math tests it with fa_has, in the step it
+// code (fa_step.hpp: a flag's math tests it with fa_on, in the step it
 // changes, and every loop passes it); the operators are GCC's
 // vector extensions for __m512, so the text is the same for both.  The type's
 // own operations (fa_flip_sign, fa_sqrt) are declared before the include.
@@ -24,15 +24,17 @@
 //   p  = p - (lr / bc1) * (m / d)         (bc1 = 1 - beta1^step)
 
 // The gradient as the moments read it, and p after decoupled weight decay, for
-// variant code VARIANT (fa_step.hpp).  With FA_MAXIMIZE_AT_RUN_TIME in it the sign of
-// s.maximize (all zero bits, or the sign bit) is XORed in, so that one loop
-// serves both (the kernel's rarer rows use it to halve their number of loops).
+// loop VARIANT (fa_step.hpp).  maximize flips the gradient's sign bit (a NaN's
+// too, as the reference does): a constant XOR where the loop compiles the flag,
+// else the XOR of s.maximize (all zero bits, or the sign bit), branch-free.  A
+// flag's math tests it with fa_on<FA_FLAG, VARIANT>(s), compiled or not.
 template <int VARIANT, typename V, typename S>
 FA_RULE_INLINE void gradient(const S &s, const V &g, const V &p, V &gi, V &pi) {
     constexpr int WD = VARIANT & FA_WD_MASK;
+    typedef decltype(s.maximize) Mask;
     gi = g * s.grad_scale;
-    if constexpr (fa_has(VARIANT, FA_MAXIMIZE_AT_RUN_TIME)) gi = fa_xor_bits(gi, s.maximize);
-    else if constexpr (fa_has(VARIANT, FA_MAXIMIZE)) gi = fa_flip_sign(gi);
+    if constexpr (!fa_compiles(VARIANT, FA_MAXIMIZE)) gi = fa_xor_bits(gi, s.maximize);
+    else if constexpr (fa_has(VARIANT, FA_MAXIMIZE)) gi = fa_xor_bits(gi, (Mask)((Mask)1 << (8 * sizeof(Mask) - 1)));
     pi = p;
     if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;
     if (WD == FA_WD_DECOUPLED) pi = pi * s.decay;

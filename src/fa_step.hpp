@@ -46,23 +46,28 @@ enum fa_storage_kind { FA_STORAGE_NATIVE = 0, FA_STORAGE_BF16 = 1, FA_STORAGE_IN
 
 // A variant's code: bits 0-1 its weight-decay mode (enum fa_weight_decay), then
 // one bit per option flag, in the order of FA_FLAGS: the parameter groups' keys,
-// fastadam._step.FLAGS (checked at import).  A new flag is a row here and its
-// math in fa_rule.hpp; the kernel is built for every code (fa_dispatch.hpp).
-#define FA_FLAGS(X) X(AMSGRAD, amsgrad) X(MAXIMIZE, maximize)
-#define FA_FLAG_POSITION(NAME, key) FA_POSITION_##NAME,
+// fastadam._step.FLAGS (checked at import).  X(NAME, key, COMPILED): a flag the
+// loops read at run time (COMPILED 0, a new flag's default) is a branch-free or
+// loop-invariant test in fa_rule.hpp and adds no loop to the build; a compiled
+// one (COMPILED 1) is a template argument, each of its codes its own loop, which
+// doubles the loops and the build's time.  amsgrad is compiled: it adds a state
+// buffer, so its loops read and write other memory (a run-time test there would
+// stop GCC vectorising them).  A new flag is a row here and its math in fa_rule.hpp.
+#define FA_FLAGS(X) X(AMSGRAD, amsgrad, 1) X(MAXIMIZE, maximize, 0)
+#define FA_FLAG_POSITION(NAME, key, compiled) FA_POSITION_##NAME,
 enum { FA_FLAGS(FA_FLAG_POSITION) FA_N_FLAGS };
 #undef FA_FLAG_POSITION
-#define FA_FLAG_BIT(NAME, key) FA_##NAME = 4 << FA_POSITION_##NAME,
-// FA_N_VARIANTS: the number of codes.  FA_MAXIMIZE_AT_RUN_TIME marks a loop's
-// template argument (never a step's code): the loop reads maximize from the
-// scalars, so that one loop serves both (fa_rule.hpp).
-enum fa_option_bits { FA_WD_MASK = 3, FA_FLAGS(FA_FLAG_BIT) FA_N_VARIANTS = 4 << FA_N_FLAGS,
-                      FA_MAXIMIZE_AT_RUN_TIME = FA_N_VARIANTS };
+#define FA_FLAG_BIT(NAME, key, compiled) FA_##NAME = 4 << FA_POSITION_##NAME,
+// FA_N_VARIANTS: the number of codes; FA_COMPILED_BITS: the bits every row compiles.
+enum fa_option_bits { FA_WD_MASK = 3, FA_FLAGS(FA_FLAG_BIT) FA_N_VARIANTS = 4 << FA_N_FLAGS };
 #undef FA_FLAG_BIT
-#define FA_FLAG_KEY(NAME, key) #key " "
+#define FA_FLAG_IF_COMPILED(NAME, key, compiled) | ((compiled) ? FA_##NAME : 0)
+enum { FA_COMPILED_BITS = FA_WD_MASK FA_FLAGS(FA_FLAG_IF_COMPILED) };
+#undef FA_FLAG_IF_COMPILED
+#define FA_FLAG_KEY(NAME, key, compiled) #key " "
 static const char FA_FLAG_KEYS[] = FA_FLAGS(FA_FLAG_KEY);
 #undef FA_FLAG_KEY
-#define FA_FLAG_VALUE(NAME, key) FA_##NAME,
+#define FA_FLAG_VALUE(NAME, key, compiled) FA_##NAME,
 static const int fa_flag_bits[FA_N_FLAGS] = {FA_FLAGS(FA_FLAG_VALUE)};
 #undef FA_FLAG_VALUE
 // Whether variant code V has flag F (a template argument's test).
@@ -135,12 +140,31 @@ struct fa_scalars {
     FA_STEP_SCALARS(FA_T_FIELD)
 #undef FA_T_FIELD
     fa_scalars() = default;
-    // maximize's sign bit, or zero: for loops that take it at run time (fa_rule.hpp).
+    // The step's variant code, for the flags the loops read at run time (fa_on);
+    // maximize as a mask: its sign bit, or zero, XORed into the gradient (fa_rule.hpp).
+    int variant;
     typename std::conditional<sizeof(T) == 8, uint64_t, uint32_t>::type maximize;
 #define FA_ROUND(name) name = (T)it.name;
     explicit fa_scalars(const fa_item &it) {
         FA_STEP_SCALARS(FA_ROUND)
+        variant = it.variant;
         maximize = (it.variant & FA_MAXIMIZE) ? (decltype(maximize))1 << (8 * sizeof(maximize) - 1) : 0;
     }
 #undef FA_ROUND
 };
+
+// A loop's template argument VARIANT: the code of the flags it compiles (the bits
+// below FA_N_VARIANTS), and, above them, which flags those are (fa_loop_code): the
+// loops of a table row compile FA_COMPILED_BITS and may compile more
+// (fa_dispatch.hpp's fa_row).
+static constexpr int fa_loop_code(int code, int compiled) { return code | compiled * FA_N_VARIANTS; }
+static constexpr bool fa_compiles(int loop, int f) { return ((loop / FA_N_VARIANTS) & f) != 0; }
+
+// Whether flag F is on in a step run by loop VARIANT: a constant where the loop
+// compiles F, else the step's own bit (the same in every element, so the test
+// is loop-invariant).
+template <int F, int VARIANT, typename S>
+static inline __attribute__((always_inline)) bool fa_on(const S &s) {
+    if constexpr (fa_compiles(VARIANT, F)) return fa_has(VARIANT, F);
+    else return (s.variant & F) != 0;
+}
