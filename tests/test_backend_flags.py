@@ -10,6 +10,8 @@ import pytest
 import fastadam
 from fastadam import _backends, _step
 
+pytestmark = pytest.mark.slow  # the Numba backend's JIT compiles
+
 numba = pytest.importorskip("numba")
 
 

@@ -103,6 +103,7 @@ print(numba.threading_layer(), float(ps[0][0]) == float(ps[3][0]))
 
 
 
+@pytest.mark.slow  # a fresh interpreter compiles the kernels
 def test_numba_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
     """A second process finds every kernel the first compiled (float32 and bfloat16
     state): Numba's cache key must be the same in every process (a jitted function
@@ -306,6 +307,7 @@ def test_thread_planner_results_are_the_reference_bits(rng):
     np.testing.assert_array_equal(p, q)
 
 
+@pytest.mark.slow  # the software rule's kernels are compiled for it alone
 def test_numba_software_flush_to_zero_is_the_reference():
     """FASTADAM_NUMBA_FTZ=software (what non-x86 machines run): the same bits as the
     reference on subnormal inputs, as the hardware path gives."""

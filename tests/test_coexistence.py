@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fresh interpreters that import torch and scikit-learn
+
 PROBE = textwrap.dedent("""
     import json, sys
     order = sys.argv[1].split(",")

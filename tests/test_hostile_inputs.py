@@ -204,6 +204,7 @@ SUBCLASS_OPTIONS = [dict(), dict(amsgrad=True, weight_decay=0.1, maximize=True),
                     dict(state_dtype="bfloat16", weight_decay=0.1)]
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("role", ["parameter", "gradient"])
 def test_ndarray_subclasses_step_as_plain_arrays(role, backend, tmp_path):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # valgrind
+
 pytest.importorskip("fastadam._kernel")
 SCRIPT = Path(__file__).parent / "memcheck" / "exercise_kernel.py"
 OURS = re.compile(r"_kernel\.cpython|adam_kernel|fa_adam|fa_run_share|fa_finite|fa_traffic|__pyx_")

@@ -230,6 +230,7 @@ def test_compiled_and_reference_agree_under_mutation(backend, state_dtype):
     run_twins(backend, state_dtype)
 
 
+@pytest.mark.slow  # the Numba backend's JIT compiles
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
 def test_numba_without_the_extension_and_reference_agree_under_mutation(state_dtype, monkeypatch):
     """The same for the Numba backend's checks in Python (fastadam/_checks.py), as an

@@ -7,6 +7,8 @@ import pytest
 import fastadam
 from fastadam import _backends, _checks, _threads
 
+pytestmark = pytest.mark.slow  # the Numba backend's JIT compiles
+
 numba = pytest.importorskip("numba")
 
 

@@ -131,6 +131,7 @@ def test_import_fastadam_does_not_import_torch():
     assert out.stdout.strip() == "[]", f"import fastadam imported {out.stdout}"
 
 
+@pytest.mark.slow  # a training run
 def test_the_docs_example_trains_mnist():
     script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "torch_mnist.py"
     if not script.exists():

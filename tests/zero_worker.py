@@ -4,6 +4,7 @@ single-process fastadam.Adam stepped with the averaged gradient (every rank
 computes the reference itself from the same seeds); rank 0 prints "OK" last."""
 import os
 import sys
+import warnings
 
 import numpy as np
 from mpi4py import MPI
@@ -114,6 +115,7 @@ def scenario_subclasses():
     """np.matrix parameters and Contrary gradients: sharded, reduced and gathered as the
     plain arrays over their memory (oracle: Adam on plain arrays and the mean gradient)."""
     shapes = [(5, 7), (64, 33), (3, 4)]
+    warnings.filterwarnings("ignore", "the matrix subclass", PendingDeprecationWarning)
     ours = [np.matrix(p) for p in model(shapes=shapes)]
     theirs = model(shapes=shapes)
     zero = ZeroAdam(groups(ours), comm=comm, amsgrad=True)
