@@ -4,6 +4,7 @@ These read the package's source (imports and definitions), so a change that
 breaks the layering fails here rather than in a review.
 """
 import ast
+import itertools
 import pathlib
 
 import numpy as np
@@ -60,13 +61,15 @@ def test_the_oracle_defines_no_format_of_its_own():
 
 
 def test_option_bits_pack_and_unpack():
+    """Every weight-decay mode with every combination of _step.FLAGS (today's and any new
+    one) packs into its own code and unpacks to itself."""
+    combinations = list(itertools.product((False, True), repeat=len(_step.FLAGS)))
     for wd in (_step.WD_NONE, _step.WD_L2, _step.WD_DECOUPLED):
-        for amsgrad in (False, True):
-            for maximize in (False, True):
-                code = _step.variant(wd, amsgrad, maximize)
-                assert _step.variant_options(code) == (wd, amsgrad, maximize)
-    codes = {_step.variant(wd, a, m) for wd in range(3) for a in (0, 1) for m in (0, 1)}
-    assert len(codes) == 12
+        for flags in combinations:
+            code = _step.variant(wd, *flags)
+            assert _step.variant_options(code) == (wd, *flags)
+    codes = {_step.variant(wd, *flags) for wd in range(3) for flags in combinations}
+    assert len(codes) == 3 * 2 ** len(_step.FLAGS) >= 12
 
 
 def test_a_kernel_built_with_other_definitions_is_refused():

@@ -219,8 +219,9 @@ def test_ctrl_c_during_steps_never_leaves_a_half_step(backend):
         grads = [np.full(20000, 0.5, np.float32) for _ in range(60)]
         opt = fastadam.Adam(ps, backend={backend!r}, num_threads=1)
         opt.step(grads)
-        stop = threading.Event()
-        def interrupt():
+        stop, go = threading.Event(), threading.Event()
+        def interrupt():  # from the moment the harness below can take a KeyboardInterrupt
+            go.wait()
             rnd = random.Random(1)
             while not stop.is_set():
                 time.sleep(rnd.uniform(0.0005, 0.004))
@@ -236,6 +237,7 @@ def test_ctrl_c_during_steps_never_leaves_a_half_step(backend):
         deadline = time.time() + 4
         while True:
             try:  # a signal may land in the harness itself (the loop's own lines): go on
+                go.set()
                 if time.time() >= deadline:
                     break
                 try:
