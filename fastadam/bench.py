@@ -348,6 +348,11 @@ def table(results, log=print, title="{label} float32 parameters ({n})", baseline
             log(" ".join(cells))
 
 
+def _has_matplotlib():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -434,8 +439,15 @@ def main(argv=None):
     p.add_argument("--context-rounds", type=int, default=200,
                    help="steps per cell of the step-in-context table (0: leave it out)")
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--plot", default="bench.png")
+    p.add_argument("--plot", default=None,
+                   help="the PNG to draw (default bench.png where matplotlib is installed)")
     args = p.parse_args(argv)
+    if not _has_matplotlib():  # said before the measuring, not after it
+        if args.plot is not None:
+            p.error('--plot needs matplotlib (pip install "fastadam[bench]")')
+        print('no plot: matplotlib is not installed (pip install "fastadam[bench]")', file=sys.stderr)
+    elif args.plot is None:
+        args.plot = "bench.png"
     inverse = {v: k for k, v in LABELS.items()}
     sizes = [inverse[s] if s in inverse else int(s) for s in args.sizes.split(",")]
     impls = [s for s in args.impls.split(",") if s]
@@ -458,8 +470,9 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump({"machine": info, "command": " ".join(sys.argv), "results": results,
                    "model_shaped": model_shaped, "step_in_context": context}, f, indent=1)
-    plot(results, args.plot)
-    print(f"\nwrote {args.json} and {args.plot}")
+    if args.plot is not None:
+        plot(results, args.plot)
+    print(f"\nwrote {args.json}" + (f" and {args.plot}" if args.plot is not None else ""))
     return 0
 
 
