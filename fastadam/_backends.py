@@ -29,8 +29,8 @@ import numpy as np
 from . import _formats, _interrupts, _threads
 from ._rules import plain
 from ._formats import rounding_key
-from ._step import (FLAGS, clip_coefficient, flag_bits, flag_values, grad_norm, step_scalars,
-                    weight_decay_mode)
+from ._step import (FLAGS, clip_coefficient, flag_bits, flag_values, grad_norm, rule_flag_values,
+                    step_scalars, weight_decay_mode)
 
 BACKENDS = ("cython", "numba", "numpy")
 _PREFERENCE = BACKENDS  # what "auto" tries, in order
@@ -107,10 +107,10 @@ class _CheckedOnlyPlan:
         for (lr, beta1, beta2, eps, weight_decay, flags), size in zip(
                 hypers, self._buffers.group_sizes):
             wd_mode = weight_decay_mode(weight_decay, self._buffers.decoupled)
-            options = flag_values(flags)  # the update functions' keywords, shared by the group
+            options = rule_flag_values(flags)  # the update functions' keywords, shared by the group
             for _ in range(size):
                 work.append([plain(grads[k]), step_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                    steps[k] + 1), wd_mode, options, lr])
+                                                    steps[k] + 1, flags), wd_mode, options, lr])
                 k += 1
         self._work = (work, list(entries), [s + 1 for s in steps])
 

@@ -134,7 +134,7 @@ class Checks:
                 _rules.gradient_not_written(g, k, spans, start=found[4])
                 s = by_step.get(step)
                 if s is None:
-                    s = by_step[step] = step_scalars(lr, beta1, beta2, eps, weight_decay, step + 1)
+                    s = by_step[step] = step_scalars(lr, beta1, beta2, eps, weight_decay, step + 1, flags)
                 scalars.append((s, code))
                 entries.append(entry)
                 steps.append(step + 1)
@@ -151,8 +151,8 @@ class Checks:
         for (lr, beta1, beta2, eps, weight_decay, flags), size in zip(hypers, self._group_sizes):
             code = weight_decay_mode(weight_decay, self._decoupled) | flags
             for _ in range(size):
-                scalars.append((step_scalars(lr, beta1, beta2, eps, weight_decay, steps[k] + 1),
-                                code))
+                scalars.append((step_scalars(lr, beta1, beta2, eps, weight_decay, steps[k] + 1,
+                                             flags), code))
                 k += 1
         # np.asarray: an ndarray subclass the rules accept is read through its base class
         self._held = (tuple(np.asarray(g) for g in grads), list(entries),

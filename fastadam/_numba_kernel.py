@@ -34,7 +34,8 @@ from ._numba_intrinsics import (as_bits, as_float, enter_ftz, launch, leave_ftz,
                                 set_team_size, team_size)
 from ._formats import FlushToZero
 from ._step import FLAGS as ALL_FLAGS
-from ._step import WD_DECOUPLED, WD_L2, WD_MASK, StepScalars, flag_values, variant
+from ._step import SCALAR_FLAGS
+from ._step import WD_DECOUPLED, WD_L2, WD_MASK, StepScalars, rule_flag_values, variant
 
 # Numba's default "workqueue" layer aborts the process when two threads enter
 # a parallel function at once.  Prefer a thread-safe layer (OpenMP or TBB)
@@ -130,10 +131,12 @@ def _rule(p, g, m, v, vmax, wd_mode, amsgrad, maximize, s, c, hw):
     return _sub(pi, _mul(s.step_size, _div(mi, denom, c, hw), c, hw), c, hw), mi, vi, vd
 
 
-# The option flags this kernel implements: those its rule takes by name.  The
-# backend refuses a group that sets another (fastadam._backends.NumbaBackend), so a
-# new flag of fastadam._step.FLAGS works on the other backends before its math is here.
-FLAGS = tuple(name for name in inspect.signature(_rule.py_func).parameters if name in ALL_FLAGS)
+# The option flags this kernel implements: those its rule takes by name, and those
+# whose effect is all in the scalars it is given.  The backend refuses a group that
+# sets another (fastadam._backends.NumbaBackend), so a new flag of
+# fastadam._step.FLAGS works on the other backends before its math is here.
+_RULE_FLAGS = tuple(name for name in inspect.signature(_rule.py_func).parameters if name in ALL_FLAGS)
+FLAGS = _RULE_FLAGS + SCALAR_FLAGS
 
 
 @njit(inline="always", error_model="numpy")
@@ -281,11 +284,11 @@ def _signatures(n_ints, bf16):
 
 def _kernel(code, parallel, bf16=False):
     """The serial or parallel kernel of variant ``code`` (fastadam._step.variant)."""
-    flags = flag_values(code)
-    missing = [name for name, on in flags.items() if on and name not in FLAGS]
+    flags = rule_flag_values(code)
+    missing = [name for name, on in flags.items() if on and name not in _RULE_FLAGS]
     if missing:  # the backend refuses such a group before its step: this is a guard
         raise ValueError(f"the Numba kernel does not implement {missing[0]}")
-    return _made(code & WD_MASK, parallel, bf16, **{name: flags[name] for name in FLAGS})
+    return _made(code & WD_MASK, parallel, bf16, **{name: flags[name] for name in _RULE_FLAGS})
 
 
 def _made(wd_mode, parallel, bf16, amsgrad=False, maximize=False):

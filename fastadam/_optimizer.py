@@ -33,7 +33,10 @@ class Adam:
              \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
 
     with ``amsgrad`` using :math:`\hat v = \max(\hat v, v)` in the denominator and
-    ``maximize`` negating :math:`g`.  The exact order of operations and rounding
+    ``maximize`` negating :math:`g`, and ``eps_hat`` placing :math:`\epsilon` as
+    Keras's and TensorFlow's Adam do (the paper's :math:`\hat\epsilon`):
+    :math:`p \leftarrow p - \frac{\gamma\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
+    \frac{m}{\sqrt{v} + \epsilon}`.  The exact order of operations and rounding
     is that of :mod:`fastadam._reference`.
 
     Args:
@@ -41,6 +44,8 @@ class Adam:
             list of dicts (parameter groups) with ``"params"`` and any
             hyperparameter to override.  They are updated in place.
         lr, betas, eps, weight_decay, amsgrad, maximize: as in torch.
+        eps_hat: ``eps`` added to :math:`\sqrt{v}` before the bias correction (Keras's
+            ``epsilon``) rather than after it (torch's ``eps``); a group key.
         backend: ``"cython"``, ``"numba"``, ``"numpy"`` (the reference) or
             ``"auto"`` (the first available of those; a warning below cython).
         num_threads: threads for a step, 1 to 1024; None (the default) honours
@@ -84,11 +89,11 @@ class Adam:
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, *, backend="auto", num_threads=None,
+                 amsgrad=False, maximize=False, *, eps_hat=False, backend="auto", num_threads=None,
                  skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32", seed=0,
                  param_rounding="nearest", master_weights=None):
         self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             amsgrad=amsgrad, maximize=maximize)
+                             amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat)
         _rules.hyperparameters(self.defaults)
         self.state_dtype = _rules.state_dtype(state_dtype)
         self.seed = _rules.seed(seed)

@@ -19,15 +19,24 @@ import numpy as np
 # FA_FLAGS is checked against them at import.
 WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
 WD_MASK = 3
-FLAGS = ("amsgrad", "maximize")
+FLAGS = ("amsgrad", "maximize", "eps_hat")
 FLAG_BITS = tuple(4 << j for j in range(len(FLAGS)))
 AMSGRAD = FLAG_BITS[FLAGS.index("amsgrad")]    # its state (max_exp_avg_sq) is checked by name
+EPS_HAT = FLAG_BITS[FLAGS.index("eps_hat")]
+# The flags whose whole effect is in the step's scalars (step_scalars here, fa_set_step in
+# src/fa_step.hpp): every rule has them, as it takes its scalars from there.
+SCALAR_FLAGS = ("eps_hat",)
 
 
 def flag_values(flags):
-    """Each flag's name and bool in ``flags`` (its bits): the keyword arguments of
-    the backends' update functions."""
+    """Each flag's name and bool in ``flags`` (its bits)."""
     return {name: bool(flags & bit) for name, bit in zip(FLAGS, FLAG_BITS)}
+
+
+def rule_flag_values(flags):
+    """The keyword arguments of the backends' update functions: flag_values but the
+    SCALAR_FLAGS, which are in the scalars they are given."""
+    return {name: on for name, on in flag_values(flags).items() if name not in SCALAR_FLAGS}
 
 
 def flag_bits(names):
@@ -66,14 +75,23 @@ class StepScalars(NamedTuple):
     grad_scale: float = 1.0  # gradient clipping's coefficient (clip_coefficient)
 
 
-def step_scalars(lr, beta1, beta2, eps, weight_decay, step):
-    """The scalars for ``step`` (the step being taken, counting from 1)."""
+def step_scalars(lr, beta1, beta2, eps, weight_decay, step, flags=0):
+    """The scalars for ``step`` (the step being taken, counting from 1) of a group whose
+    option flags are ``flags`` (its bits).  With eps_hat, eps is the paper's epsilon-hat
+    (Kingma & Ba, end of section 2; Keras's and TensorFlow's Adam): added to sqrt(v)
+    itself, the bias correction of v moved into the step size,
+    lr * sqrt(1 - beta2^t) / (1 - beta1^t), so the rules' divisions by it become exact
+    divisions by 1."""
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
+    if flags & EPS_HAT:
+        step_size, inv_sqrt_bc2, sqrt_bc2 = lr * math.sqrt(bias_correction2) / bias_correction1, 1.0, 1.0
+    else:
+        step_size = lr / bias_correction1
+        inv_sqrt_bc2, sqrt_bc2 = 1.0 / math.sqrt(bias_correction2), math.sqrt(bias_correction2)
     return StepScalars(
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
-        1.0 - lr * weight_decay, lr / bias_correction1, 1.0 / math.sqrt(bias_correction2),
-        math.sqrt(bias_correction2),
+        1.0 - lr * weight_decay, step_size, inv_sqrt_bc2, sqrt_bc2,
     )
 
 

@@ -53,7 +53,7 @@ enum fa_storage_kind { FA_STORAGE_NATIVE = 0, FA_STORAGE_BF16 = 1, FA_STORAGE_IN
 // doubles the loops and the build's time.  amsgrad is compiled: it adds a state
 // buffer, so its loops read and write other memory (a run-time test there would
 // stop GCC vectorising them).  A new flag is a row here and its math in fa_rule.hpp.
-#define FA_FLAGS(X) X(AMSGRAD, amsgrad, 1) X(MAXIMIZE, maximize, 0)
+#define FA_FLAGS(X) X(AMSGRAD, amsgrad, 1) X(MAXIMIZE, maximize, 0) X(EPS_HAT, eps_hat, 0)
 #define FA_FLAG_POSITION(NAME, key, compiled) FA_POSITION_##NAME,
 enum { FA_FLAGS(FA_FLAG_POSITION) FA_N_FLAGS };
 #undef FA_FLAG_POSITION
@@ -106,7 +106,9 @@ typedef struct {
 } fa_item;
 
 // The scalars of fastadam._step.step_scalars for taking step number `step`
-// (counting from 1), and the 8-bit guard's clamp (max_update_in_lr * lr).
+// (counting from 1) with the item's variant (set first), and the 8-bit guard's
+// clamp (max_update_in_lr * lr).  eps_hat is all here: the bias correction of v
+// moves into the step size, and the rules divide by 1.
 static inline void fa_set_step(fa_item *it, double lr, double beta1, double beta2, double eps,
                                double weight_decay, int64_t step, double max_update_in_lr) {
     const double bc1 = 1.0 - pow(beta1, (double)step);
@@ -118,9 +120,10 @@ static inline void fa_set_step(fa_item *it, double lr, double beta1, double beta
     it->eps = eps;
     it->weight_decay = weight_decay;
     it->decay = 1.0 - lr * weight_decay;
-    it->step_size = lr / bc1;
-    it->inv_sqrt_bc2 = 1.0 / sqrt(bc2);
-    it->sqrt_bc2 = sqrt(bc2);
+    const bool eps_hat = (it->variant & FA_EPS_HAT) != 0;
+    it->step_size = eps_hat ? lr * sqrt(bc2) / bc1 : lr / bc1;
+    it->inv_sqrt_bc2 = eps_hat ? 1.0 : 1.0 / sqrt(bc2);
+    it->sqrt_bc2 = eps_hat ? 1.0 : sqrt(bc2);
     it->grad_scale = 1.0;
     it->max_update = max_update_in_lr * lr;
 }
