@@ -16,20 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fastadam.keras  # noqa: E402
-
-
-def cnn():
-    """The tutorial's CNN (fastadam.mnist.keras builds the same)."""
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, (3, 3), activation="relu"),
-        keras.layers.MaxPooling2D((2, 2)),
-        keras.layers.Dropout(0.25),
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dropout(0.5),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+from fastadam.mnist.keras import cnn  # noqa: E402
 
 
 def main():
@@ -49,7 +36,7 @@ def main():
     runs = {}
     for name, make in makers.items():
         keras.utils.set_random_seed(0)
-        variables = cnn().trainable_variables
+        variables = cnn(keras, (28, 28, 1)).trainable_variables
         grads = [keras.ops.convert_to_tensor(rng.standard_normal(v.shape).astype(np.float32) * 1e-3)
                  for v in variables]
         opt = make()

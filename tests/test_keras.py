@@ -133,18 +133,21 @@ def test_bfloat16_variables_are_updated_as_fastadam_updates_bfloat16_parameters(
     assert len(state) == 4 and all(v.dtype == "bfloat16" for v in state)  # fastadam's: the parameters' dtype
 
 
-def test_a_bfloat16_policy_model_learns_as_the_float32_model_does():
-    """bfloat16 variables, the math in float32 rounded once (Keras's own Adam computes in
-    bfloat16 and, here, its loss does not move)."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_low_precision_policy_model_learns_as_the_float32_model_does(dtype):
+    """bfloat16 or float16 variables, the math in float32 rounded once (Keras's own Adam
+    computes in the variables' dtype: benchmarks/keras_low_precision.py)."""
     _, float32_loss = train(keras.optimizers.Adam(1e-2), epochs=3)
-    ours, our_loss = train(fk.Adam(1e-2), epochs=3, dtype="bfloat16")
-    assert all(w.dtype == "bfloat16" for w in ours.weights)
+    ours, our_loss = train(fk.Adam(1e-2), epochs=3, dtype=dtype)
+    assert all(w.dtype == dtype for w in ours.weights)
     assert our_loss[0] > our_loss[1] > our_loss[2]
     np.testing.assert_allclose(our_loss, float32_loss, rtol=0.05)
 
 
-def test_mixed_bfloat16_policy_follows_kerass_adam():
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_policies_follow_kerass_adam(policy):
+    """float32 variables; under mixed_float16 Keras wraps the optimizer in its LossScaleOptimizer."""
+    keras.mixed_precision.set_dtype_policy(policy)
     try:
         theirs, their_loss = train(keras.optimizers.Adam(1e-2))
         ours, our_loss = train(fk.Adam(1e-2))

@@ -162,11 +162,18 @@ def plot_runs(runs, path, title=""):
                          label=f"{label} {key}", **style)
             ax_acc.plot(epochs, [100 * r[f"{key}_acc"] for r in history], color=color,
                         label=f"{label} {key}", **style)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    finish_figure(fig, (ax_loss, ax_acc), path, title, "cross-entropy loss", legend_size=8)
+
+
+def finish_figure(fig, axes, path, title, loss_label, legend_size):
+    """Label the loss and accuracy panels of ``fig``, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    axes[0].set(xlabel="epoch", ylabel=loss_label, title="loss")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_size)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -20,7 +20,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 
-from . import _positive  # noqa: E402
+from . import _positive, finish_figure  # noqa: E402
 from .data import locate, load_dataset  # noqa: E402
 
 OPTIMIZERS = ("adagrad", "adam", "sgd", "fastadam")
@@ -136,17 +136,9 @@ def plot(histories, path, title=""):
                 ax.plot(epochs, [scale * r[f"{split}_{key}"] for r in history], style, color=color,
                         marker="o" if name == "fastadam" else None, markersize=3,
                         label=f"{LABELS[name]} ({split})", **wide)
-    axes[0].set(xlabel="epoch", ylabel="categorical cross-entropy", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, axes, path, title, "categorical cross-entropy", legend_size=7)
 
 
 def main(argv=None):
