@@ -80,8 +80,13 @@ class _Fused:
     def _apply_weight_decay(self, variables):
         """Fused into the step (the kernel's decoupled weight decay, Keras's rule)."""
 
+    def _fused_clipnorm(self):
+        """global_clipnorm where Keras applies it (a positive number; Keras allows one kind of
+        clipping), else None."""
+        return self.global_clipnorm if self.global_clipnorm and self.global_clipnorm > 0 else None
+
     def _clip_gradients(self, grads):
-        if self.global_clipnorm and self.global_clipnorm > 0:  # Keras allows one kind of clipping
+        if self._fused_clipnorm() is not None:
             return grads  # fused into the step (the kernel's max_grad_norm)
         return super()._clip_gradients(grads)
 
@@ -89,7 +94,7 @@ class _Fused:
         tt = _torch_tensors()
         lr = float(_number(learning_rate))
         step = int(_number(self.iterations))
-        core, decays = self._core(trainable_variables)
+        core, decays, order = self._core(trainable_variables)
         views = []
         for v, g in zip(trainable_variables, grads):
             g = g.value if isinstance(g, keras.Variable) else g
@@ -101,21 +106,22 @@ class _Fused:
             group.update(lr=lr, betas=betas, eps=eps)
         if decays:  # the first group
             core.param_groups[0]["weight_decay"] = _number(self.weight_decay)
+        core.max_grad_norm = self._fused_clipnorm()
         for entry in core.state.values():
             entry["step"] = step
-        core.step(views)
+        core.step([views[i] for i in order])
 
     def _core(self, variables):
         """(the fastadam.AdamW stepping ``variables``, whether its first group is the decayed
-        variables'): made again where a variable's tensor, or one of its state variables',
-        is no longer the memory it views."""
+        variables', the variables' order in it): made again where a variable's tensor, or one
+        of its state variables', is no longer the memory it views."""
         tt = _torch_tensors()
-        key = tuple(self._get_variable_index(v) for v in variables)
+        key = (bool(self.weight_decay), *(self._get_variable_index(v) for v in variables))
         tensors = [self._tensors(v) for v in variables]
         memory = [tuple(_memory(t) for t in ts) for ts in tensors]
         found = self._cores.get(key)
         if found is not None and found[1] == memory:
-            return found[0], found[2]
+            return found[0], found[2], found[3]
         decay = self.weight_decay or 0.0
         decayed = [i for i, v in enumerate(variables) if decay and self._use_weight_decay(v)]
         order = decayed + [i for i in range(len(variables)) if i not in set(decayed)]
@@ -124,33 +130,20 @@ class _Fused:
                   if members]
         core = _optimizer.AdamW(groups, lr=0.0, betas=(self.beta_1, self.beta_2), eps=self.epsilon,
                                 amsgrad=self.amsgrad, eps_hat=True, num_threads=self.num_threads,
-                                max_grad_norm=self.global_clipnorm or None)
+                                max_grad_norm=self._fused_clipnorm())
         for k, i in enumerate(order):
             _, m, s, h = tensors[i]
             core.state[k] = {"step": 0, "exp_avg": tt.view(m), "exp_avg_sq": tt.view(s)}
             if h is not None:
                 core.state[k]["max_exp_avg_sq"] = tt.view(h)
-        if order != sorted(order):  # the decayed variables come first in the core
-            core = _Reordered(core, order)
-        self._cores[key] = (core, memory, bool(decayed))
-        return core, bool(decayed)
+        self._cores[key] = (core, memory, bool(decayed), order)  # decayed variables first
+        return core, bool(decayed), order
 
     def _tensors(self, v):
         """(the variable's tensor, its m, v and v^ tensors (v^ None without amsgrad))."""
         index = self._get_variable_index(v)
         hat = self._velocity_hats[index].value if self.amsgrad else None
         return v.value, self._momentums[index].value, self._velocities[index].value, hat
-
-
-class _Reordered:
-    """A core whose parameters are the variables in another order (decayed ones first)."""
-
-    def __init__(self, core, order):
-        self.core, self.order = core, order
-        self.param_groups, self.state = core.param_groups, core.state
-
-    def step(self, views):
-        return self.core.step([views[i] for i in self.order])
 
 
 def _number(x):

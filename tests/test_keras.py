@@ -75,6 +75,7 @@ def test_hyperparameters_set_between_steps_take_effect_as_in_keras():
         m, _ = train(cls(learning_rate=0.01, weight_decay=0.1), epochs=1)
         m.optimizer.learning_rate = 0.002
         m.optimizer.beta_1, m.optimizer.epsilon, m.optimizer.weight_decay = 0.5, 1e-3, 0.3
+        m.optimizer.global_clipnorm = 0.01
         m.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
         results.append(numbers(m.weights) + numbers(m.optimizer.variables))
     for a, b in zip(*results, strict=True):
