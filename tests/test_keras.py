@@ -94,20 +94,24 @@ def test_exclude_from_weight_decay_is_honoured():
 
 
 def steps_through_keras(opt, params, grads_per_step):
-    variables = [keras.Variable(p.copy()) for p in params]
+    variables = [keras.Variable(p.copy(), dtype=str(p.dtype)) for p in params]
     for grads in grads_per_step:
-        opt.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
-    return numbers(variables)
+        opt.apply([keras.ops.convert_to_tensor(g, dtype=str(g.dtype)) for g in grads], variables)
+    assert all(v.dtype == str(p.dtype) for v, p in zip(variables, params))
+    return [keras.ops.convert_to_numpy(v.value) for v in variables]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("options", [{}, dict(amsgrad=True), dict(weight_decay=0.01)])
-def test_a_step_is_fastadams_kernel_bit_for_bit(options):
-    params = [RNG.standard_normal(s).astype(np.float32) for s in ((7, 5), (5,), (300,))]
-    grads = [[RNG.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(5)]
+def test_a_step_is_fastadams_kernel_bit_for_bit(options, dtype):
+    params = [RNG.standard_normal(s).astype(dtype) for s in ((7, 5), (5,), (300,))]
+    grads = [[RNG.standard_normal(p.shape).astype(dtype) for p in params] for _ in range(5)]
     got = steps_through_keras(fk.AdamW(learning_rate=0.01, **{"weight_decay": 0.0, **options}), params, grads)
     mine = [p.copy() for p in params]
-    ref = fastadam.AdamW(mine, lr=0.01, betas=(0.9, 0.999), eps=1e-7, eps_hat=True, backend="numpy",
-                         amsgrad=options.get("amsgrad", False), weight_decay=options.get("weight_decay", 0.0))
+    # Keras keeps the learning rate in a float32 variable: 0.01 is read as float32(0.01)
+    ref = fastadam.AdamW(mine, lr=float(np.float32(0.01)), betas=(0.9, 0.999), eps=1e-7, eps_hat=True,
+                         backend="numpy", amsgrad=options.get("amsgrad", False),
+                         weight_decay=options.get("weight_decay", 0.0))
     for g in grads:
         ref.step(g)
     for a, b in zip(got, mine):
