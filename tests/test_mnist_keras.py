@@ -42,3 +42,14 @@ def test_bad_options_are_refused_naming_them(argv, message, capsys):
         experiment.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_and_missing_data_are_refused_before_training(tmp_path, capsys):
+    assert experiment.main(["--json", str(tmp_path / "no" / "r.json"), "--epochs", "1"]) == 2
+    assert "--json:" in capsys.readouterr().err
+    assert experiment.main(["--plot", str(tmp_path), "--epochs", "1"]) == 2  # a directory
+    assert "--plot:" in capsys.readouterr().err
+    assert experiment.main(["--data", str(tmp_path), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {tmp_path}: expected the four MNIST-format files" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

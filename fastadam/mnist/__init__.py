@@ -227,15 +227,25 @@ def main(argv=None):
         raise
 
 
+def unwritable_output(*options):
+    """The outputs' paths, checked before any training: "OPTION: why" for the first of the
+    (option, path) pairs whose path is not absent or a regular file in an existing
+    directory (a FIFO or a directory), else None."""
+    for option, path in options:
+        if path:
+            try:
+                _paths.check_replaceable(path)
+            except (OSError, ValueError) as e:
+                return f"{option}: {e}"
+    return None
+
+
 def _main(args, comm):
     root = comm is None or comm.Get_rank() == 0
     print = builtins.print if root else (lambda *a, **k: None)  # noqa: A001 - rank 0 reports
-    try:  # the outputs' paths first: a FIFO or a directory is refused before any training
-        for option, path in (("--json", args.json), ("--plot", args.plot)):
-            if path:
-                _paths.check_replaceable(path)
-    except (OSError, ValueError) as e:
-        print(f"fastadam-mnist: {option}: {e}", file=sys.stderr)
+    refused = unwritable_output(("--json", args.json), ("--plot", args.plot))
+    if refused:
+        print(f"fastadam-mnist: {refused}", file=sys.stderr)
         return 2
     try:
         directory = mnist_data.locate(args.data, download=not args.no_download, progress=args.progress)

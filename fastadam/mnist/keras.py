@@ -20,8 +20,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 
-from . import _positive, finish_figure  # noqa: E402
-from .data import locate, load_dataset  # noqa: E402
+from . import _positive, finish_figure, unwritable_output  # noqa: E402
+from .data import IDXError, load_dataset, locate  # noqa: E402
 
 OPTIMIZERS = ("adagrad", "adam", "sgd", "fastadam")
 LABELS = {"adagrad": "Keras Adagrad", "adam": "Keras Adam", "sgd": "Keras SGD",
@@ -143,7 +143,15 @@ def plot(histories, path, title=""):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    histories, facts = run(args)
+    refused = unwritable_output(("--json", args.json), ("--plot", args.plot))
+    if refused:
+        print(f"python -m fastadam.mnist.keras: {refused}", file=sys.stderr)
+        return 2
+    try:
+        histories, facts = run(args)
+    except (FileNotFoundError, IDXError) as e:  # the data: said before any training
+        print(f"python -m fastadam.mnist.keras: {e}", file=sys.stderr)
+        return 2
     table(histories)
     if args.json:
         with open(args.json, "w") as f:
