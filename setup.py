@@ -13,6 +13,9 @@ Build-time switches (environment variables):
                           link that OpenMP runtime (libgomp's ABI) instead of the
                           compiler's own: the wheels link Debian 11's libgomp,
                           which needs only glibc 2.17 (docs/building.md)
+  FASTADAM_JAX=0          do not build fastadam.jax's XLA FFI handler, which is
+                          built by default where jaxlib (its headers) is installed;
+                          FASTADAM_JAX=1 makes a missing jaxlib an error
   FASTADAM_CYTHON_DEBUG=1 bounds checks on, -O0 -g: for debugging and sanitizers
   FASTADAM_LIMITED_API=1  build against CPython's stable ABI (the limited API of
                           3.11): one build, a cp311-abi3 wheel, serves CPython 3.11
@@ -79,6 +82,36 @@ torch_plan = Extension(
     extra_compile_args=["-O2"],
 )
 
+
+
+def jaxlib_include():
+    """jaxlib's headers (jax.ffi.include_dir(), found without importing jax), or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("jaxlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        include = os.path.join(root, "include")
+        if os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+            return include
+    return None
+
+
+jax_wanted = os.environ.get("FASTADAM_JAX", "")
+jax_include = jaxlib_include() if jax_wanted != "0" else None
+if jax_wanted == "1" and jax_include is None:
+    sys.exit("FASTADAM_JAX=1: jaxlib's XLA FFI headers were not found; pip install jax")
+# fastadam.jax's XLA FFI handler: calls the kernel above through its capsule
+# (src/fa_kernel_api.h), so it is small and compiles no kernel of its own.
+jax_ffi = [Extension(
+    "fastadam._jax_ffi",
+    sources=["src/jax_ffi.cpp"],
+    depends=["src/fa_kernel_api.h", "src/fa_step.hpp"],
+    include_dirs=["src"],
+    define_macros=macros,
+    py_limited_api=limited,
+    extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", "-isystem", jax_include],
+    language="c++",
+)] if jax_include else []
+
 extensions = cythonize(
     [kernel, torch_plan],
     compiler_directives={
@@ -90,6 +123,7 @@ extensions = cythonize(
     },
     compile_time_env={},
 )
+extensions += jax_ffi
 for extension in extensions:  # after cythonize, which makes new Extension objects
     extension.optional = optional
 

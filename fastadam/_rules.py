@@ -299,6 +299,41 @@ def gradient_list(grads, n_params):
                          f"{n_params} parameters (one gradient per parameter)")
 
 
+def gradient_dtype(g_dtype, p_dtype, name, param_name, master=None):
+    """A gradient's dtype against its parameter's: the parameter's, or float32 for a
+    low-precision parameter updated in place (no ``master``), or bfloat16 for a
+    float32 parameter."""
+    fits = g_dtype == p_dtype or (
+        g_dtype == np.float32 and is_low_precision(p_dtype) and not master) or (
+        p_dtype == np.float32 and is_bfloat16(g_dtype))
+    if not fits or not g_dtype.isnative:
+        also = (" (or float32)" if is_low_precision(p_dtype) and not master
+                else " (or bfloat16)" if p_dtype == np.float32 else "")
+        raise TypeError(f"{name}: dtype {g_dtype} does not match {param_name} dtype "
+                        f"{p_dtype}{also}")
+
+
+def param_mode(dtype, rounding, master):
+    """How a parameter of ``dtype`` is updated under the options: "nearest",
+    "stochastic", "split" or "master" (the kernel's enum fa_param_mode, whose
+    plan reads the same options in src/_kernel.pyx's param_mode)."""
+    if not is_low_precision(dtype):
+        return "nearest"
+    if master is not None:
+        return {"split": "split", "float32": "master"}[master]
+    return rounding
+
+
+def bounded(value, name, below=None):
+    """A hyperparameter given as a number (optax's names, fastadam.jax): a finite
+    real >= 0, and < ``below`` where given."""
+    value = real(value, name)
+    if not (0.0 <= value < (below if below is not None else float("inf"))):
+        raise ValueError(f"{name} must be a finite number >= 0"
+                         + (f" and < {below}" if below is not None else "") + f", got {value}")
+    return value
+
+
 def gradient(g, p, k, master=None):
     """``grads[k]`` against ``params[k]``: read only, so read-only arrays are fine.  Its
     dtype is the parameter's, or float32 for a low-precision parameter updated in
@@ -306,14 +341,7 @@ def gradient(g, p, k, master=None):
     if not isinstance(g, np.ndarray):
         raise TypeError(f"grads[{k}]: expected a numpy.ndarray, got {describe(g)}")
     not_masked(g, f"grads[{k}]")
-    fits = g.dtype == p.dtype or (
-        g.dtype == np.float32 and is_low_precision(p.dtype) and not master) or (
-        p.dtype == np.float32 and is_bfloat16(g.dtype))
-    if not fits or not g.dtype.isnative:
-        also = (" (or float32)" if is_low_precision(p.dtype) and not master
-                else " (or bfloat16)" if p.dtype == np.float32 else "")
-        raise TypeError(f"grads[{k}]: dtype {g.dtype} does not match params[{k}] dtype "
-                        f"{p.dtype}{also}")
+    gradient_dtype(g.dtype, p.dtype, f"grads[{k}]", f"params[{k}]", master)
     if g.shape != p.shape:
         raise ValueError(f"grads[{k}]: shape {g.shape} does not match params[{k}] shape {p.shape}")
     if not g.flags.c_contiguous or not g.flags.aligned:

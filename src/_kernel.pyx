@@ -234,6 +234,21 @@ cdef inline uint32_t rounding_key(uint64_t seed, uint64_t tensor, uint64_t step,
     return fa_mix32(key ^ moment)
 
 
+cdef void set_item_step(fa_item *it, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, int variant, int64_t step, uint64_t seed,
+                        int64_t k) noexcept nogil:
+    """Item k's scalars for taking step number ``step`` (counting from 1), in double, and
+    its stochastic-rounding keys: one home for the plan and the JAX handler."""
+    it.variant = variant
+    fa_set_step(it, lr, beta1, beta2, eps, weight_decay, step, _int8_max_update)
+    if it.storage == FA_STORAGE_BF16:
+        it.keys[0] = rounding_key(seed, k, step, 0)
+        it.keys[1] = rounding_key(seed, k, step, 1)
+        it.keys[2] = rounding_key(seed, k, step, 2)
+    if it.param_mode == FA_PARAM_STOCHASTIC:
+        it.keys[3] = rounding_key(seed, k, step, 3)
+
+
 cdef inline double monotonic_seconds() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -369,6 +384,7 @@ cdef class Lock:
 include "_checks.pxi"
 include "_buffers.pxi"
 include "_plan.pxi"
+include "_kernel_api.pxi"
 
 
 def _select_isa_from_environment():

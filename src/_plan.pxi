@@ -44,15 +44,8 @@ cdef class Plan(PlanBuffers):
                                  double eps, double weight_decay, int variant,
                                  long long step) noexcept:
         """Tensor k's scalars for taking step number ``step`` (counting from 1), in double."""
-        cdef fa_item *it = &self.items[k]
-        it.variant = variant
-        fa_set_step(it, lr, beta1, beta2, eps, weight_decay, step, _int8_max_update)
-        if self.storage == FA_STORAGE_BF16:
-            it.keys[0] = rounding_key(self.seed, k, step, 0)
-            it.keys[1] = rounding_key(self.seed, k, step, 1)
-            it.keys[2] = rounding_key(self.seed, k, step, 2)
-        if it.param_mode == FA_PARAM_STOCHASTIC:
-            it.keys[3] = rounding_key(self.seed, k, step, 3)
+        set_item_step(&self.items[k], lr, beta1, beta2, eps, weight_decay, variant, step,
+                      self.seed, k)
 
     cdef int threads_for(self, int requested) except -1:
         """The thread count for a step (``requested`` > 0 is taken as it is); sets
