@@ -80,8 +80,10 @@ def call(layout, count, dynamic, tensors):
     (per tensor its written buffers, applied (int32: 0 where the step was skipped),
     the gradients' global norm (float32; NaN without clipping))."""
     flat = [buf for t in tensors for buf in t]
-    dyn = jnp.stack([jnp.asarray(d, jnp.float32) for d in dynamic]) if dynamic else \
-        jnp.zeros((0,), jnp.float32)
+    # the traced scalars in float64 where one is (x64 enabled), else float32
+    values = [jnp.asarray(d) for d in dynamic]
+    dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
+    dyn = jnp.stack([v.astype(dtype) for v in values]) if values else jnp.zeros((0,), dtype)
     written = _step(layout, jnp.asarray(count, jnp.int32), dyn, *flat)
     out, i = [], 0
     for k in range(len(tensors)):
