@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadam import _optimizer, _rules
+from fastadam import _optimizer, _rules, _step
 
 
 def _opts(tx):
@@ -65,8 +65,7 @@ def state_dict(tx, state, params):
              "betas": (_float(values["b1"], "b1"), _float(values["b2"], "b2")),
              "eps": _float(values["eps"], "eps"),
              "weight_decay": _float(values["weight_decay"], "weight_decay"),
-             "amsgrad": opts.amsgrad, "maximize": bool(opts.flags & fj.FLAG_BITS["maximize"]),
-             "eps_hat": bool(opts.flags & fj.FLAG_BITS["eps_hat"]),
+             **{name: bool(opts.flags & fj.FLAG_BITS[name]) for name in _step.FLAGS},
              "params": list(range(len(leaves)))}
     if opts.decoupled:
         group["decoupled_weight_decay"] = True

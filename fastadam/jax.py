@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastadam import _formats, _rules
+from fastadam import _formats, _rules, _step
 from fastadam._jax_call import FLAG_BITS, HYPERS, PARAM_MODES, STORAGES, Layout, call
 
 __all__ = ["FusedAdamState", "adam", "adamw", "step", "state_dict", "load_state_dict"]
@@ -100,8 +100,9 @@ def _options(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov, weight_de
     seed, num_threads = _static(seed, "seed"), _static(num_threads, "num_threads")
     max_grad_norm = _static(max_grad_norm, "max_grad_norm")
     flags = 0
-    for name, value in (("amsgrad", amsgrad), ("maximize", maximize), ("eps_hat", eps_hat)):
-        if _rules.flag(value, name):
+    given = dict(amsgrad=amsgrad, maximize=maximize, eps_hat=eps_hat)
+    for name in _step.FLAGS:  # the kernel's option flags, each a keyword here
+        if _rules.flag(given[name], name):
             flags |= FLAG_BITS[name]
     return _Options(
         learning_rate=_hyper(learning_rate, "learning_rate"), b1=_hyper(b1, "b1", 1.0),
