@@ -123,15 +123,17 @@ _FASTADAM_DOC = """
     fastadam's options (keyword-only): ``amsgrad``, ``maximize``, ``eps_hat`` (Keras's
     placement of eps), ``skip_if_nonfinite``, ``max_grad_norm`` (fused global-norm
     clipping), ``state_dtype`` ("float32", "bfloat16", "int8"), ``param_rounding``,
-    ``master_weights``, ``seed`` (None: 0), ``num_threads`` and ``thread_pool`` ("openmp": the
-    kernel's team; "xla": XLA's intra-op pool), as in ``fastadam.Adam``.  ``eps_root``
+    ``master_weights``, ``seed`` (None: 0) and ``num_threads`` as in ``fastadam.Adam``, and
+    ``thread_pool``: "xla" (the default: the step's shares run on XLA's own intra-op
+    pool, so it never competes with XLA's threads) or "openmp" (the kernel's team;
+    slower inside a jitted step here, benchmarks/results/jax-step.txt).  ``eps_root``
     must be 0, ``mu_dtype`` None and ``nesterov`` False (the kernel has neither)."""
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
          nesterov=False, amsgrad=False, maximize=False, eps_hat=False, skip_if_nonfinite=False,
          max_grad_norm=None, state_dtype="float32", param_rounding="nearest",
-         master_weights=None, seed=None, num_threads=None, thread_pool="openmp"):
+         master_weights=None, seed=None, num_threads=None, thread_pool="xla"):
     """Adam as ``optax.adam``: ``learning_rate`` a float, an array or a schedule."""
     return _transformation(_options(
         learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov, 0.0, None, False, amsgrad,
@@ -143,7 +145,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
           weight_decay=1e-4, mask=None, *, nesterov=False, amsgrad=False, maximize=False,
           eps_hat=False, skip_if_nonfinite=False, max_grad_norm=None, state_dtype="float32",
           param_rounding="nearest", master_weights=None, seed=None, num_threads=None,
-          thread_pool="openmp"):
+          thread_pool="xla"):
     """AdamW as ``optax.adamw``: decoupled weight decay, where ``mask`` (a pytree of
     bools, or a function of the params giving one) is True."""
     return _transformation(_options(

@@ -291,3 +291,22 @@ def test_sharded_arrays_are_refused_naming_the_devices():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert "params['w'] is sharded over 2 devices" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_mnist_example_learns_in_one_epoch():
+    """docs/examples/jax_mnist.py on the bundled data: one epoch of the NumPy trainer's MLP
+    recipe reaches the accuracy that epoch reaches there (96.8%; 95.5% allows the shuffle)."""
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "jax_mnist.py"
+    out = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    accuracy = float(out.stdout.split("test accuracy")[1].split("%")[0])
+    assert accuracy > 95.5
+
+
+def test_import_fastadam_does_not_import_jax():
+    code = "import sys, fastadam; print('jax' in sys.modules, 'optax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
