@@ -108,7 +108,10 @@ jax_ffi = [Extension(
     include_dirs=["src"],
     define_macros=macros,
     py_limited_api=limited,
-    extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", "-isystem", jax_include],
+    # no C++ runtime: the handler uses C's library only (src/jax_ffi.cpp), as the wheels need
+    extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", "-fno-exceptions", "-fno-rtti",
+                        "-fno-threadsafe-statics", "-isystem", jax_include],
+    extra_link_args=["-Wl,--as-needed"],
     language="c++",
 )] if jax_include else []
 

@@ -32,9 +32,9 @@ def _load():
     try:
         from fastadam import _jax_ffi, _kernel
     except ImportError as e:
-        raise ImportError("fastadam.jax needs fastadam's XLA FFI handler, which the wheels do "
-                          "not carry: install fastadam from source with FASTADAM_JAX=1 "
-                          f"(pip install jax first) ({e})") from e
+        raise ImportError("fastadam.jax needs fastadam's XLA FFI handler, which this build of "
+                          "fastadam lacks: install a wheel, or build from source with "
+                          f"FASTADAM_JAX=1 ({e})") from e
     _jax_ffi.bind(_kernel.KERNEL_API)
     jax.ffi.register_ffi_target(TARGET, _jax_ffi.handler(), platform="cpu")
     return _kernel

@@ -3,6 +3,10 @@
 // reached through its capsule (fa_kernel_api.h), so every dtype row, state
 // storage and option is the NumPy API's, bit for bit.
 //
+// Written against the FFI's stable C API (xla/ffi/api/c_api.h) and C's library
+// only, with no C++ runtime (no exceptions, no std::): the module needs nothing
+// beyond what the wheels' manylinux policy allows (docs/building.md).
+//
 // Operands: the steps taken so far (s32 scalar), the traced hyperparameters
 // (a float vector, one per entry of the attribute dyn_slots), then per tensor
 // its param, grad, exp_avg, exp_avg_sq, [max_exp_avg_sq], [master], [absmaxes].
@@ -10,160 +14,294 @@
 // operand (fastadam/_jax_call.py), then `applied` (s32) and the gradients'
 // global norm (f32; NaN without clipping).  Nothing is written before every
 // buffer has been checked against what the attributes say it must be.
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <vector>
-
 #include <Python.h>
+#include <math.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "fa_kernel_api.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "xla/ffi/api/c_api.h"
 
 namespace {
 
-const fa_kernel_api *api = nullptr;  // set by fastadam._jax_ffi.bind before any call
+const fa_kernel_api *kernel = nullptr;  // set by fastadam._jax_ffi.bind before any call
 
 // The hyperparameters' order in the attribute `hypers` and in dyn_slots.
 enum { LR, BETA1, BETA2, EPS, WEIGHT_DECAY, EPS_ROOT, N_HYPERS };
 
-int dtype_code(ffi::DataType t) {
+XLA_FFI_Error *fail(const XLA_FFI_Api *api, const char *format, ...) {
+    char message[512];
+    int used = snprintf(message, sizeof message, "fastadam.jax step: ");
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message + used, sizeof message - used, format, args);
+    va_end(args);
+    XLA_FFI_Error_Create_Args create;
+    memset(&create, 0, sizeof create);
+    create.struct_size = XLA_FFI_Error_Create_Args_STRUCT_SIZE;
+    create.message = message;
+    create.errc = XLA_FFI_Error_Code_INVALID_ARGUMENT;
+    return api->XLA_FFI_Error_Create(&create);
+}
+
+int dtype_code(XLA_FFI_DataType t) {
     switch (t) {
-        case ffi::DataType::F32: return FA_FLOAT32;
-        case ffi::DataType::F64: return FA_FLOAT64;
-        case ffi::DataType::BF16: return FA_BFLOAT16;
-        case ffi::DataType::F16: return FA_FLOAT16;
+        case XLA_FFI_DataType_F32: return FA_FLOAT32;
+        case XLA_FFI_DataType_F64: return FA_FLOAT64;
+        case XLA_FFI_DataType_BF16: return FA_BFLOAT16;
+        case XLA_FFI_DataType_F16: return FA_FLOAT16;
         default: return -1;
     }
 }
 
-ffi::Error invalid(const std::string &what) {
-    return ffi::Error::InvalidArgument("fastadam.jax step: " + what);
+int byte_width(XLA_FFI_DataType t) {
+    switch (t) {
+        case XLA_FFI_DataType_S8: case XLA_FFI_DataType_U8: case XLA_FFI_DataType_PRED: return 1;
+        case XLA_FFI_DataType_S16: case XLA_FFI_DataType_U16: case XLA_FFI_DataType_F16:
+        case XLA_FFI_DataType_BF16: return 2;
+        case XLA_FFI_DataType_S32: case XLA_FFI_DataType_U32: case XLA_FFI_DataType_F32: return 4;
+        case XLA_FFI_DataType_S64: case XLA_FFI_DataType_U64: case XLA_FFI_DataType_F64: return 8;
+        default: return 0;
+    }
 }
 
-// Runs every item's work as `shares` shares on XLA's intra-op pool, the calling
-// thread taking shares too, so that the call finishes even when no pool thread
-// is free.  Shares are claimed from a counter; a task that starts after all are
-// claimed does nothing, and the shared record outlives the call for it.
-void run_on_pool(ffi::ThreadPool &pool, const fa_item *items, const int64_t *offsets,
+int64_t element_count(const XLA_FFI_Buffer *b) {
+    int64_t n = 1;
+    for (int64_t d = 0; d < b->rank; ++d) n *= b->dims[d];
+    return n;
+}
+
+// An attribute by name and kind (XLA sorts them by name; there are few).
+const void *attribute(const XLA_FFI_Attrs *attrs, const char *name, XLA_FFI_AttrType type) {
+    const size_t len = strlen(name);
+    for (int64_t i = 0; i < attrs->size; ++i)
+        if (attrs->types[i] == type && attrs->names[i]->len == len &&
+            memcmp(attrs->names[i]->ptr, name, len) == 0)
+            return attrs->attrs[i];
+    return nullptr;
+}
+
+bool scalar(const XLA_FFI_Attrs *attrs, const char *name, XLA_FFI_DataType dtype, void *out) {
+    auto *s = static_cast<const XLA_FFI_Scalar *>(attribute(attrs, name, XLA_FFI_AttrType_SCALAR));
+    if (s == nullptr || s->dtype != dtype) return false;
+    memcpy(out, s->value, byte_width(dtype));
+    return true;
+}
+
+const XLA_FFI_Array *array(const XLA_FFI_Attrs *attrs, const char *name, XLA_FFI_DataType dtype) {
+    auto *a = static_cast<const XLA_FFI_Array *>(attribute(attrs, name, XLA_FFI_AttrType_ARRAY));
+    return a != nullptr && (a->dtype == dtype || a->size == 0) ? a : nullptr;
+}
+
+// Shares of the items' work claimed from a counter by the calling thread and by
+// tasks on XLA's intra-op pool, so the call finishes even when no pool thread is
+// free (XLA may run it on a pool thread itself).  A task that starts after every
+// share is claimed does nothing; the record is freed by whoever leaves it last.
+struct Work {
+    const fa_item *items;
+    const int64_t *offsets;
+    int64_t n_items, shares, next, done;
+    int refs;
+};
+
+void run_claimed(Work *w) {
+    for (int64_t t; (t = __atomic_fetch_add(&w->next, 1, __ATOMIC_ACQ_REL)) < w->shares;) {
+        kernel->run_share(w->items, w->offsets, w->n_items, t, w->shares);
+        __atomic_fetch_add(&w->done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+void leave(Work *w) {
+    if (__atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL) == 0) free(w);
+}
+
+void pool_task(void *data) {
+    run_claimed(static_cast<Work *>(data));
+    leave(static_cast<Work *>(data));
+}
+
+bool has_pool(const XLA_FFI_Api *api) {
+    return api->struct_size >= offsetof(XLA_FFI_Api, XLA_FFI_ThreadPool_NumThreads) +
+                               sizeof(api->XLA_FFI_ThreadPool_NumThreads);
+}
+
+// The pool's size, or 0 where this XLA offers none.
+int64_t pool_threads(XLA_FFI_CallFrame *frame) {
+    const XLA_FFI_Api *api = frame->api;
+    if (!has_pool(api)) return 0;
+    int64_t n = 0;
+    XLA_FFI_ThreadPool_NumThreads_Args args;
+    memset(&args, 0, sizeof args);
+    args.struct_size = XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE;
+    args.ctx = frame->ctx;
+    args.num_threads = &n;
+    if (XLA_FFI_Error *e = api->XLA_FFI_ThreadPool_NumThreads(&args)) {
+        XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, e};
+        api->XLA_FFI_Error_Destroy(&destroy);
+        return 0;
+    }
+    return n;
+}
+
+// Runs every item as `shares` shares on the pool and the calling thread; false
+// (nothing run) if the record cannot be allocated.
+bool run_on_pool(XLA_FFI_CallFrame *frame, const fa_item *items, const int64_t *offsets,
                  int64_t n_items, int64_t shares) {
-    struct Work {
-        std::atomic<int64_t> next{0};
-        int64_t done = 0;
-        std::mutex mutex;
-        std::condition_variable finished;
-    };
-    auto work = std::make_shared<Work>();
-    auto run_claimed = [=]() {
-        for (int64_t t; (t = work->next.fetch_add(1)) < shares;) {
-            api->run_share(items, offsets, n_items, t, shares);
-            std::lock_guard<std::mutex> lock(work->mutex);
-            if (++work->done == shares) work->finished.notify_all();
+    const XLA_FFI_Api *api = frame->api;
+    Work *w = static_cast<Work *>(calloc(1, sizeof(Work)));
+    if (w == nullptr) return false;
+    *w = Work{items, offsets, n_items, shares, 0, 0, static_cast<int>(shares)};
+    for (int64_t t = 1; t < shares; ++t) {
+        XLA_FFI_ThreadPool_Schedule_Args args;
+        memset(&args, 0, sizeof args);
+        args.struct_size = XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE;
+        args.ctx = frame->ctx;
+        args.task = pool_task;
+        args.data = w;
+        if (XLA_FFI_Error *e = api->XLA_FFI_ThreadPool_Schedule(&args)) {  // not run: its share is ours
+            XLA_FFI_Error_Destroy_Args destroy = {XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, e};
+            api->XLA_FFI_Error_Destroy(&destroy);
+            leave(w);
         }
-    };
-    for (int64_t t = 1; t < shares; ++t) pool.Schedule(decltype(run_claimed)(run_claimed));
-    run_claimed();
-    std::unique_lock<std::mutex> lock(work->mutex);
-    work->finished.wait(lock, [&] { return work->done == shares; });
+    }
+    run_claimed(w);
+    while (__atomic_load_n(&w->done, __ATOMIC_ACQUIRE) < shares) sched_yield();  // claimed: running
+    leave(w);
+    return true;
 }
 
-ffi::Error fastadam_step(ffi::ThreadPool pool, ffi::AnyBuffer count, ffi::AnyBuffer dyn,
-                         ffi::RemainingArgs args, ffi::RemainingRets rets,
-                         ffi::Span<const double> hypers, ffi::Span<const int64_t> dyn_slots,
-                         ffi::Span<const int64_t> modes, ffi::Span<const int64_t> storages,
-                         ffi::Span<const int64_t> decayed, int64_t decoupled, int64_t flags, uint64_t seed,
-                         int64_t skip_if_nonfinite, double max_grad_norm, int64_t num_threads,
-                         int64_t xla_pool) {
-    if (api == nullptr) return invalid("the kernel is not bound (import fastadam.jax)");
-    const size_t n = modes.size();
-    if (storages.size() != n || decayed.size() != n || hypers.size() != N_HYPERS)
-        return invalid("attributes of different lengths");
+XLA_FFI_Error *metadata(const XLA_FFI_Api *api, XLA_FFI_Metadata_Extension *extension) {
+    if (extension->extension_base.struct_size < XLA_FFI_Metadata_Extension_STRUCT_SIZE ||
+        extension->metadata->struct_size < XLA_FFI_Metadata_STRUCT_SIZE)
+        return fail(api, "this XLA's FFI metadata is older than the handler's headers");
+    extension->metadata->api_version = XLA_FFI_Api_Version{XLA_FFI_Api_Version_STRUCT_SIZE, nullptr,
+                                                           XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR};
+    extension->metadata->traits = 0;
+    return nullptr;
+}
+
+struct Scratch {  // the call's own memory, freed on every return
+    fa_item *items = nullptr;
+    int64_t *offsets = nullptr;
+    double *partial = nullptr;
+    ~Scratch() { free(items); free(offsets); free(partial); }
+};
+
+XLA_FFI_Error *step(XLA_FFI_CallFrame *frame) {
+    const XLA_FFI_Api *api = frame->api;
+    const XLA_FFI_Attrs *attrs = &frame->attrs;
+    if (kernel == nullptr) return fail(api, "the kernel is not bound (import fastadam.jax)");
+    const XLA_FFI_Array *hypers = array(attrs, "hypers", XLA_FFI_DataType_F64);
+    const XLA_FFI_Array *dyn_slots = array(attrs, "dyn_slots", XLA_FFI_DataType_S64);
+    const XLA_FFI_Array *modes = array(attrs, "modes", XLA_FFI_DataType_S64);
+    const XLA_FFI_Array *storages = array(attrs, "storages", XLA_FFI_DataType_S64);
+    const XLA_FFI_Array *decayed = array(attrs, "decayed", XLA_FFI_DataType_S64);
+    int64_t decoupled, flags, skip_if_nonfinite, num_threads, xla_pool;
+    uint64_t seed;
+    double max_grad_norm;
+    if (!hypers || !dyn_slots || !modes || !storages || !decayed ||
+        !scalar(attrs, "decoupled", XLA_FFI_DataType_S64, &decoupled) ||
+        !scalar(attrs, "flags", XLA_FFI_DataType_S64, &flags) ||
+        !scalar(attrs, "seed", XLA_FFI_DataType_U64, &seed) ||
+        !scalar(attrs, "skip_if_nonfinite", XLA_FFI_DataType_S64, &skip_if_nonfinite) ||
+        !scalar(attrs, "max_grad_norm", XLA_FFI_DataType_F64, &max_grad_norm) ||
+        !scalar(attrs, "num_threads", XLA_FFI_DataType_S64, &num_threads) ||
+        !scalar(attrs, "xla_pool", XLA_FFI_DataType_S64, &xla_pool))
+        return fail(api, "an attribute is missing or of another type");
+    const size_t n = modes->size;
+    const int64_t *mode = static_cast<const int64_t *>(modes->data);
+    const int64_t *storage_of = static_cast<const int64_t *>(storages->data);
+    const int64_t *decayed_of = static_cast<const int64_t *>(decayed->data);
+    if (storages->size != n || decayed->size != n || hypers->size != N_HYPERS)
+        return fail(api, "attributes of different lengths");
+    const int64_t n_args = frame->args.size, n_rets = frame->rets.size;
+    for (int64_t i = 0; i < n_args; ++i)
+        if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return fail(api, "operand %lld", (long long)i);
+    for (int64_t i = 0; i < n_rets; ++i)
+        if (frame->rets.types[i] != XLA_FFI_RetType_BUFFER) return fail(api, "result %lld", (long long)i);
+    auto arg = [&](int64_t i) { return static_cast<XLA_FFI_Buffer *>(frame->args.args[i]); };
+    auto ret = [&](int64_t i) { return static_cast<XLA_FFI_Buffer *>(frame->rets.rets[i]); };
+    if (n_args < 2) return fail(api, "fewer buffers than the attributes describe");
+
     // The scalars: the attributes' doubles, where traced the operand's values.
     double h[N_HYPERS];
-    for (int j = 0; j < N_HYPERS; ++j) h[j] = hypers[j];
-    if (dyn.element_count() != dyn_slots.size()) return invalid("dyn holds one value per slot");
-    for (size_t j = 0; j < dyn_slots.size(); ++j) {
-        if (dyn_slots[j] < 0 || dyn_slots[j] >= N_HYPERS) return invalid("dyn_slots");
-        if (dyn.element_type() == ffi::DataType::F32)
-            h[dyn_slots[j]] = static_cast<const float *>(dyn.untyped_data())[j];
-        else if (dyn.element_type() == ffi::DataType::F64)
-            h[dyn_slots[j]] = static_cast<const double *>(dyn.untyped_data())[j];
-        else
-            return invalid("traced hyperparameters must be float32 or float64");
+    memcpy(h, hypers->data, sizeof h);
+    const XLA_FFI_Buffer *count = arg(0), *dyn = arg(1);
+    if (element_count(dyn) != static_cast<int64_t>(dyn_slots->size))
+        return fail(api, "dyn holds one value per slot");
+    for (size_t j = 0; j < dyn_slots->size; ++j) {
+        const int64_t slot = static_cast<const int64_t *>(dyn_slots->data)[j];
+        if (slot < 0 || slot >= N_HYPERS) return fail(api, "dyn_slots");
+        if (dyn->dtype == XLA_FFI_DataType_F32) h[slot] = static_cast<const float *>(dyn->data)[j];
+        else if (dyn->dtype == XLA_FFI_DataType_F64) h[slot] = static_cast<const double *>(dyn->data)[j];
+        else return fail(api, "traced hyperparameters must be float32 or float64");
     }
-    if (!(h[LR] >= 0 && std::isfinite(h[LR]) && h[EPS] >= 0 && std::isfinite(h[EPS]) &&
-          h[BETA1] >= 0 && h[BETA1] < 1 && h[BETA2] >= 0 && h[BETA2] < 1 &&
-          h[WEIGHT_DECAY] >= 0 && std::isfinite(h[WEIGHT_DECAY])))
-        return invalid("a traced hyperparameter is out of range (learning_rate, eps and "
-                       "weight_decay must be finite and >= 0, b1 and b2 in [0, 1))");
-    if (h[EPS_ROOT] != 0.0) return invalid("eps_root must be 0 (the kernel has no eps_root)");
-    if (count.element_type() != ffi::DataType::S32 || count.element_count() != 1)
-        return invalid("count must be an int32 scalar");
-    const int64_t taken = *static_cast<const int32_t *>(count.untyped_data());
-    if (taken < 0) return invalid("count must be >= 0");
+    if (!(h[LR] >= 0 && isfinite(h[LR]) && h[EPS] >= 0 && isfinite(h[EPS]) && h[BETA1] >= 0 &&
+          h[BETA1] < 1 && h[BETA2] >= 0 && h[BETA2] < 1 && h[WEIGHT_DECAY] >= 0 &&
+          isfinite(h[WEIGHT_DECAY])))
+        return fail(api, "a traced hyperparameter is out of range (learning_rate, eps and "
+                         "weight_decay must be finite and >= 0, b1 and b2 in [0, 1))");
+    if (h[EPS_ROOT] != 0.0) return fail(api, "eps_root must be 0 (the kernel has no eps_root)");
+    if (count->dtype != XLA_FFI_DataType_S32 || element_count(count) != 1)
+        return fail(api, "count must be an int32 scalar");
+    const int64_t taken = *static_cast<const int32_t *>(count->data);
+    if (taken < 0) return fail(api, "count must be >= 0");
     const int flag_bits = static_cast<int>(flags) & ~FA_WD_MASK;
     const bool amsgrad = (flag_bits & FA_AMSGRAD) != 0;
 
-    std::vector<fa_item> items(n);
-    std::vector<int64_t> offsets(n + 1, 0);
-    struct Copy { void *to; const void *from; size_t bytes; };
-    std::vector<Copy> copies;  // results XLA did not alias to their operands
-    size_t a = 0, r = 0;
+    Scratch s;
+    s.items = static_cast<fa_item *>(calloc(n ? n : 1, sizeof(fa_item)));
+    s.offsets = static_cast<int64_t *>(calloc(n + 1, sizeof(int64_t)));
+    if (!s.items || !s.offsets) return fail(api, "out of memory");
+    int64_t a = 2, r = 0;
     for (size_t k = 0; k < n; ++k) {
-        const std::string at = "tensor " + std::to_string(k) + ": ";
-        const bool mastered = modes[k] == FA_PARAM_SPLIT || modes[k] == FA_PARAM_MASTER;
-        const int storage = static_cast<int>(storages[k]);
-        const size_t n_written = 3 + amsgrad + mastered + (storage == FA_STORAGE_INT8 ? 2 + amsgrad : 0);
-        if (a + n_written + 1 > args.size() || r + n_written > rets.size())
-            return invalid("fewer buffers than the attributes describe");
-        auto p = args.get<ffi::AnyBuffer>(a).value();
-        auto g = args.get<ffi::AnyBuffer>(a + 1).value();
-        const int code = dtype_code(p.element_type());
-        const int grad_code = dtype_code(g.element_type());
-        const int64_t numel = static_cast<int64_t>(p.element_count());
-        if (code < 0 || grad_code < 0) return invalid(at + "parameters and gradients are floats");
-        if (static_cast<int64_t>(g.element_count()) != numel)
-            return invalid(at + "the gradient's size differs from the parameter's");
-        fa_item &it = items[k];
-        std::memset(&it, 0, sizeof it);
+        const bool mastered = mode[k] == FA_PARAM_SPLIT || mode[k] == FA_PARAM_MASTER;
+        const int storage = static_cast<int>(storage_of[k]);
+        const int64_t n_written = 3 + amsgrad + mastered + (storage == FA_STORAGE_INT8 ? 2 + amsgrad : 0);
+        if (a + n_written + 1 > n_args || r + n_written > n_rets)
+            return fail(api, "fewer buffers than the attributes describe");
+        const XLA_FFI_Buffer *p = arg(a), *g = arg(a + 1);
+        const int code = dtype_code(p->dtype), grad_code = dtype_code(g->dtype);
+        const int64_t numel = element_count(p);
+        if (code < 0 || grad_code < 0)
+            return fail(api, "tensor %zu: parameters and gradients are floats", k);
+        if (element_count(g) != numel)
+            return fail(api, "tensor %zu: the gradient's size differs from the parameter's", k);
+        fa_item &it = s.items[k];
         it.numel = numel;
         it.dtype = code;
         it.grad_dtype = grad_code;
-        it.param_mode = static_cast<int>(modes[k]);
+        it.param_mode = static_cast<int>(mode[k]);
         it.storage = storage;
-        it.grad = g.untyped_data();
-        // The written buffers in order, each checked: its element count and width.
+        it.grad = g->data;
+        // The written buffers in order, each checked (its element count and width)
+        // and, where XLA did not alias it, started from its operand.
         const int state_bytes = storage == FA_STORAGE_BF16 ? 2 : storage == FA_STORAGE_INT8 ? 1
-                                : mastered ? 4 : static_cast<int>(ffi::ByteWidth(p.element_type()));
-        const int64_t blocks = (numel + api->int8_block - 1) / api->int8_block;
+                                : mastered ? 4 : byte_width(p->dtype);
+        const int64_t blocks = (numel + kernel->int8_block - 1) / kernel->int8_block;
         void *out[8];
-        size_t j = 0;
-        for (size_t w = 0; w < n_written; ++w) {
-            auto in = args.get<ffi::AnyBuffer>(w == 0 ? a : a + 1 + w).value();
-            auto res = rets.get<ffi::AnyBuffer>(r + w).value();
+        for (int64_t w = 0; w < n_written; ++w) {
+            const XLA_FFI_Buffer *in = arg(w == 0 ? a : a + 1 + w), *res = ret(r + w);
             int64_t want_count = numel;
-            size_t want_bytes = ffi::ByteWidth(p.element_type());
-            if (w >= 1 && w <= 2u + amsgrad) want_bytes = state_bytes;
-            else if (w == 3u + amsgrad && mastered)
-                want_bytes = modes[k] == FA_PARAM_SPLIT ? 2 : 4;
+            int want_bytes = byte_width(p->dtype);
+            if (w >= 1 && w <= 2 + amsgrad) want_bytes = state_bytes;
+            else if (w == 3 + amsgrad && mastered) want_bytes = mode[k] == FA_PARAM_SPLIT ? 2 : 4;
             else if (w > 0) { want_count = blocks; want_bytes = 4; }
-            if (static_cast<int64_t>(in.element_count()) != want_count ||
-                ffi::ByteWidth(in.element_type()) != want_bytes ||
-                res->element_count() != in.element_count() ||
-                res->element_type() != in.element_type())
-                return invalid(at + "buffer " + std::to_string(w) + " is not of the expected size");
-            if (res->untyped_data() != in.untyped_data())
-                copies.push_back({res->untyped_data(), in.untyped_data(), in.size_bytes()});
-            out[j++] = res->untyped_data();
+            if (element_count(in) != want_count || byte_width(in->dtype) != want_bytes ||
+                element_count(res) != want_count || res->dtype != in->dtype)
+                return fail(api, "tensor %zu: buffer %lld is not of the expected size", k, (long long)w);
+            out[w] = res->data;
         }
-        j = 0;
+        for (int64_t w = 0; w < n_written; ++w) {
+            const XLA_FFI_Buffer *in = arg(w == 0 ? a : a + 1 + w);
+            if (out[w] != in->data) memcpy(out[w], in->data, element_count(in) * byte_width(in->dtype));
+        }
+        int64_t j = 0;
         it.param = out[j++];
         it.exp_avg = out[j++];
         it.exp_avg_sq = out[j++];
@@ -172,73 +310,59 @@ ffi::Error fastadam_step(ffi::ThreadPool pool, ffi::AnyBuffer count, ffi::AnyBuf
         if (storage == FA_STORAGE_INT8)
             for (int m = 0; m < 2 + amsgrad; ++m) it.absmax[m] = static_cast<float *>(out[j++]);
         // Weight decay where the mask has it (a zero decay is no decay, as in the NumPy API).
-        const double wd = decayed[k] ? h[WEIGHT_DECAY] : 0.0;
+        const double wd = decayed_of[k] ? h[WEIGHT_DECAY] : 0.0;
         const int variant = flag_bits | (wd != 0.0 ? (decoupled ? FA_WD_DECOUPLED : FA_WD_L2) : 0);
-        api->set_step(&it, h[LR], h[BETA1], h[BETA2], h[EPS], wd, variant, taken + 1, seed,
-                      static_cast<int64_t>(k));
-        offsets[k + 1] = offsets[k] + numel;
+        kernel->set_step(&it, h[LR], h[BETA1], h[BETA2], h[EPS], wd, variant, taken + 1, seed,
+                         static_cast<int64_t>(k));
+        s.offsets[k + 1] = s.offsets[k] + numel;
         a += n_written + 1;
         r += n_written;
     }
-    if (a != args.size() || r + 2 != rets.size())
-        return invalid("more buffers than the attributes describe");
-    auto applied = rets.get<ffi::AnyBuffer>(r).value();
-    auto norm_out = rets.get<ffi::AnyBuffer>(r + 1).value();
-    if (applied->element_type() != ffi::DataType::S32 || norm_out->element_type() != ffi::DataType::F32)
-        return invalid("applied is int32 and the norm float32");
-    for (auto &c : copies)  // XLA gave a result its own buffer: it starts as the operand
-        std::memcpy(c.to, c.from, c.bytes);
+    if (a != n_args || r + 2 != n_rets) return fail(api, "more buffers than the attributes describe");
+    XLA_FFI_Buffer *applied = ret(r), *norm_out = ret(r + 1);
+    if (applied->dtype != XLA_FFI_DataType_S32 || norm_out->dtype != XLA_FFI_DataType_F32)
+        return fail(api, "applied is int32 and the norm float32");
 
-    const int64_t total = offsets[n];
-    int threads = api->threads_for(static_cast<int>(num_threads), total);
+    const int threads = kernel->threads_for(static_cast<int>(num_threads), s.offsets[n]);
     const bool clip = max_grad_norm >= 0.0;
     bool finite = true;
     double norm = NAN;
     if (skip_if_nonfinite || clip) {
-        std::vector<double> partial(std::max<int64_t>(api->prepass_blocks(offsets.data(), n), 1));
+        const int64_t blocks = kernel->prepass_blocks(s.offsets, n);
+        s.partial = static_cast<double *>(calloc(blocks > 0 ? blocks : 1, sizeof(double)));
+        if (!s.partial) return fail(api, "out of memory");
         double sum_norm = 0.0;
-        finite = api->prepass(items.data(), offsets.data(), n, xla_pool ? 1 : threads, clip,
-                              partial.data(), &sum_norm) != 0;
+        finite = kernel->prepass(s.items, s.offsets, n, xla_pool ? 1 : threads, clip, s.partial,
+                                 &sum_norm) != 0;
         if (clip) {
             norm = sum_norm;
-            const double c = api->clip_coefficient(max_grad_norm, norm);
-            for (auto &it : items) it.grad_scale = c;
+            const double c = kernel->clip_coefficient(max_grad_norm, norm);
+            for (size_t k = 0; k < n; ++k) s.items[k].grad_scale = c;
         }
     }
     const bool apply = finite || !skip_if_nonfinite;
     if (apply) {
-        if (xla_pool && threads > 1)
-            run_on_pool(pool, items.data(), offsets.data(), n,
-                        std::min<int64_t>(threads, pool.num_threads() + 1));
-        else
-            api->run(items.data(), offsets.data(), n, xla_pool ? 1 : threads);
+        const int64_t pool = xla_pool && threads > 1 ? pool_threads(frame) : 0;
+        const int64_t shares = pool + 1 < threads ? pool + 1 : threads;
+        if (!(pool > 0 && run_on_pool(frame, s.items, s.offsets, n, shares)))
+            kernel->run(s.items, s.offsets, n, xla_pool ? 1 : threads);
     }
-    *static_cast<int32_t *>(applied->untyped_data()) = apply ? 1 : 0;
-    *static_cast<float *>(norm_out->untyped_data()) = static_cast<float>(norm);
-    return ffi::Error::Success();
+    *static_cast<int32_t *>(applied->data) = apply ? 1 : 0;
+    *static_cast<float *>(norm_out->data) = static_cast<float>(norm);
+    return nullptr;
+}
+
+XLA_FFI_Error *handler(XLA_FFI_CallFrame *frame) {
+    const XLA_FFI_Api *api = frame->api;
+    if (frame->struct_size < XLA_FFI_CallFrame_STRUCT_SIZE)
+        return fail(api, "this XLA's FFI call frame is older than the handler's headers");
+    if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+        return metadata(api, reinterpret_cast<XLA_FFI_Metadata_Extension *>(frame->extension_start));
+    if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return nullptr;  // nothing to prepare
+    return step(frame);
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fastadam_step_handler, fastadam_step,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // count
-                                  .Arg<ffi::AnyBuffer>()  // dyn
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<ffi::Span<const double>>("hypers")
-                                  .Attr<ffi::Span<const int64_t>>("dyn_slots")
-                                  .Attr<ffi::Span<const int64_t>>("modes")
-                                  .Attr<ffi::Span<const int64_t>>("storages")
-                                  .Attr<ffi::Span<const int64_t>>("decayed")
-                                  .Attr<int64_t>("decoupled")
-                                  .Attr<int64_t>("flags")
-                                  .Attr<uint64_t>("seed")
-                                  .Attr<int64_t>("skip_if_nonfinite")
-                                  .Attr<double>("max_grad_norm")
-                                  .Attr<int64_t>("num_threads")
-                                  .Attr<int64_t>("xla_pool"));
 
 // The Python module: bind(capsule) takes the kernel's entry points once;
 // handler() is the handler's capsule for jax.ffi.register_ffi_target.
@@ -250,17 +374,17 @@ static PyObject *bind(PyObject *, PyObject *capsule) {
                                            "rebuild fastadam");
         return nullptr;
     }
-    api = found;
+    kernel = found;
     Py_RETURN_NONE;
 }
 
-static PyObject *handler(PyObject *, PyObject *) {
-    return PyCapsule_New(reinterpret_cast<void *>(&fastadam_step_handler), nullptr, nullptr);
+static PyObject *handler_capsule(PyObject *, PyObject *) {
+    return PyCapsule_New(reinterpret_cast<void *>(&handler), nullptr, nullptr);
 }
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "Take fastadam._kernel's entry points (its KERNEL_API capsule)."},
-    {"handler", handler, METH_NOARGS, "The step's XLA FFI handler, as a capsule."},
+    {"handler", handler_capsule, METH_NOARGS, "The step's XLA FFI handler, as a capsule."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastadam._jax_ffi",

@@ -44,7 +44,7 @@ def needed_versions(path):
         return {need.name: {aux.name for aux in auxes} for need, auxes in section.iter_versions()}
 
 
-@pytest.fixture(params=["fastadam._kernel", "fastadam._torch_plan"])
+@pytest.fixture(params=["fastadam._kernel", "fastadam._torch_plan", "fastadam._jax_ffi"])
 def extension(request):
     try:
         return importlib.import_module(request.param)
@@ -60,6 +60,8 @@ def test_extensions_need_nothing_newer_than_glibc_2_17(extension):
     assert not newer, f"{extension.__name__} needs {newer}: the wheels' manylinux_2_17 tag would not hold"
     if extension.__name__ == "fastadam._kernel":  # pow, bound at its original version (src/fa_step.hpp)
         assert needs.get("libm.so.6") == {"GLIBC_2.2.5"}, needs
+    if extension.__name__ == "fastadam._jax_ffi":  # C's library only: no C++ runtime (src/jax_ffi.cpp)
+        assert set(needs) == {"libc.so.6"}, needs
 
 
 def test_kernel_needs_only_openmp_versions_the_bundled_libgomp_has():

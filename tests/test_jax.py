@@ -14,7 +14,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 # (ImportError, not only a missing module: a build without the handler says why on import)
 fj = pytest.importorskip("fastadam.jax", reason="fastadam.jax: no XLA FFI handler in this build "
-                         "(built without FASTADAM_JAX=1)", exc_type=ImportError)
+                         "(a source build without FASTADAM_JAX=1)", exc_type=ImportError)
 ml_dtypes = pytest.importorskip("ml_dtypes")
 import jax.numpy as jnp  # noqa: E402
 
