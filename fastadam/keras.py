@@ -1,18 +1,23 @@
 """fastadam for Keras 3: ``fastadam.keras.Adam`` and ``AdamW``, drop-in for
-``keras.optimizers.Adam``/``AdamW`` on Keras's PyTorch backend
-(``KERAS_BACKEND=torch``; ``pip install "fastadam[keras]"``).
+``keras.optimizers.Adam``/``AdamW`` on Keras's PyTorch and JAX backends
+(``KERAS_BACKEND=torch`` or ``jax``; ``pip install "fastadam[keras]"``, and
+``"fastadam[jax]"`` for JAX).
 
 They are subclasses of Keras's own: the same arguments, defaults, variables
 (``momentum``, ``velocity``, ``velocity_hat``), configuration and checkpoints, so a
 ``model.save("m.keras")`` loads with either class, and ``keras.models.load_model``
 brings the optimizer and its state back.  Keras's update rule is kept (``epsilon``
 added to sqrt(v) before the bias correction: fastadam's ``eps_hat``); a step is one
-call of fastadam's kernel over all of a model's variables, in place through
-zero-copy NumPy views of the variables' tensors, with the weight decay (Keras's
+call of fastadam's kernel over all of a model's variables, with the weight decay (Keras's
 ``p * (1 - lr * wd)``, ``exclude_from_weight_decay`` honoured) and
 ``global_clipnorm`` fused into it.  Keras's base optimizer does the rest as it
 does for its own Adam: ``clipnorm``, ``clipvalue``, ``loss_scale_factor``,
 ``gradient_accumulation_steps``, ``use_ema`` and learning-rate schedules.
+
+On PyTorch the kernel updates the variables' tensors in place through zero-copy
+NumPy views; on JAX it is fastadam.jax's XLA FFI call inside Keras's jitted train
+step, the variables' buffers aliased to its results (Keras donates them), with the
+learning rate an operand, so a schedule does not recompile.
 
 Variables are updated where they are: CPU tensors of float32, float64, bfloat16 or
 float16 (Keras's ``bfloat16`` policy: bfloat16 variables, updated as fastadam
@@ -47,11 +52,15 @@ class _Fused:
     state is the views of Keras's own optimizer variables)."""
 
     def _refuse_other_backends(self):
-        """Before anything is built: the kernel updates torch tensors in place."""
-        if keras.backend.backend() != "torch":
-            raise ValueError(f"fastadam.keras.{type(self).__name__} runs on Keras's PyTorch backend "
-                             f"(KERAS_BACKEND=torch); this Keras runs on {keras.backend.backend()!r} "
-                             f"(use keras.optimizers.{type(self).__name__} there)")
+        """Before anything is built: the kernel runs on torch tensors or in JAX's XLA."""
+        if keras.backend.backend() not in ("torch", "jax"):
+            raise ValueError(f"fastadam.keras.{type(self).__name__} runs on Keras's PyTorch and JAX "
+                             f"backends (KERAS_BACKEND=torch or jax); this Keras runs on "
+                             f"{keras.backend.backend()!r} (use keras.optimizers.{type(self).__name__} "
+                             "there)")
+        if keras.backend.backend() == "jax":
+            from . import _keras_jax
+            _keras_jax.refuse_unfit_platform(type(self).__name__)
 
     def _fastadam_init(self, num_threads):
         try:
@@ -74,7 +83,11 @@ class _Fused:
         if self.built:
             return
         for v in variables:
-            _torch_tensors().refuse_unfit(v.value, f"variable {v.path!r}")
+            if keras.backend.backend() == "jax":
+                from . import _keras_jax
+                _keras_jax.refuse_unfit(v, f"variable {v.path!r}")
+            else:
+                _torch_tensors().refuse_unfit(v.value, f"variable {v.path!r}")
         super().build(variables)
 
     def _apply_weight_decay(self, variables):
@@ -91,6 +104,9 @@ class _Fused:
         return super()._clip_gradients(grads)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if keras.backend.backend() == "jax":
+            from . import _keras_jax
+            return _keras_jax.update_step(self, grads, trainable_variables, learning_rate)
         tt = _torch_tensors()
         lr = float(_number(learning_rate))
         step = int(_number(self.iterations))

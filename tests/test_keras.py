@@ -1,6 +1,7 @@
 """fastadam.keras against Keras's own Adam and AdamW (the oracle: the same model, data,
 seed and options trained with each), against fastadam's NumPy API bit for bit, through
-Keras's saving, and on bad input."""
+Keras's saving, and on bad input.  On Keras's PyTorch backend here (KERAS_BACKEND=torch,
+the default of this module); tests/test_keras_jax.py runs this module again on JAX."""
 import os
 
 import numpy as np
@@ -8,10 +9,15 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip(f"Keras runs on {keras.backend.backend()!r} here; these tests are for its PyTorch "
-                "backend", allow_module_level=True)
-pytest.importorskip("torch")
+BACKEND = keras.backend.backend()
+if BACKEND not in ("torch", "jax"):
+    pytest.skip(f"Keras runs on {BACKEND!r} here; these tests are for its PyTorch and JAX "
+                "backends", allow_module_level=True)
+if BACKEND == "torch":
+    pytest.importorskip("torch")
+else:
+    pytest.importorskip("fastadam.jax", reason="fastadam.jax: no XLA FFI handler in this build",
+                        exc_type=ImportError)
 fk = pytest.importorskip("fastadam.keras")  # noqa: E402
 
 import fastadam  # noqa: E402
@@ -93,6 +99,11 @@ def test_exclude_from_weight_decay_is_honoured():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
 
 
+def jax_x64():
+    import jax
+    return jax.config.jax_enable_x64
+
+
 def steps_through_keras(opt, params, grads_per_step):
     variables = [keras.Variable(p.copy(), dtype=str(p.dtype)) for p in params]
     for grads in grads_per_step:
@@ -104,6 +115,8 @@ def steps_through_keras(opt, params, grads_per_step):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("options", [{}, dict(amsgrad=True), dict(weight_decay=0.01)])
 def test_a_step_is_fastadams_kernel_bit_for_bit(options, dtype):
+    if BACKEND == "jax" and dtype == np.float64 and not jax_x64():
+        pytest.skip("JAX without jax_enable_x64 has no float64 variables")
     params = [RNG.standard_normal(s).astype(dtype) for s in ((7, 5), (5,), (300,))]
     grads = [[RNG.standard_normal(p.shape).astype(dtype) for p in params] for _ in range(5)]
     got = steps_through_keras(fk.AdamW(learning_rate=0.01, **{"weight_decay": 0.0, **options}), params, grads)
@@ -146,7 +159,11 @@ def test_a_low_precision_policy_model_learns_as_the_float32_model_does(dtype):
     ours, our_loss = train(fk.Adam(1e-2), epochs=3, dtype=dtype)
     assert all(w.dtype == dtype for w in ours.weights)
     assert our_loss[0] > our_loss[1] > our_loss[2]
-    np.testing.assert_allclose(our_loss, float32_loss, rtol=0.05)
+    if BACKEND == "jax":  # JAX computes the forward pass and the loss in the variables' dtype:
+        # untrained, the bfloat16 and float16 models' losses are 7% and 21% above float32's here
+        np.testing.assert_allclose(our_loss[-1], float32_loss[-1], rtol=0.10)
+    else:
+        np.testing.assert_allclose(our_loss, float32_loss, rtol=0.05)
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
@@ -184,7 +201,7 @@ def test_checkpoints_move_between_keras_adam_and_fastadams(tmp_path):
     for mine, saved in zip(ours.optimizer.variables, theirs.optimizer.variables, strict=True):
         kind = [v.path.split("/")[-1].rsplit("_", 1)[-1] for v in (mine, saved)]  # momentum, ...
         assert kind[0] == kind[1] and mine.shape == saved.shape
-        mine.assign(saved)
+        mine.assign(keras.ops.convert_to_numpy(saved.value))  # a copy: JAX donates saved's buffer
     theirs.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     ours.fit(X, Y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(numbers(ours.weights), numbers(theirs.weights)):
@@ -232,6 +249,7 @@ def test_a_variable_without_a_gradient_keeps_its_value_and_state():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="a JAX array is always contiguous")
 def test_a_refused_step_changes_nothing():
     params = [RNG.standard_normal((6, 4)).astype(np.float32), RNG.standard_normal(4).astype(np.float32)]
     variables = [keras.Variable(p.copy()) for p in params]
@@ -250,10 +268,11 @@ def test_a_refused_step_changes_nothing():
     assert int(opt.iterations) == 2
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax", "numpy"])
-def test_other_backends_are_refused_naming_the_one_that_works(monkeypatch, backend):
+@pytest.mark.parametrize("backend", ["tensorflow", "numpy", "openvino"])
+def test_other_backends_are_refused_naming_the_ones_that_work(monkeypatch, backend):
     monkeypatch.setattr(keras.backend, "backend", lambda: backend)
     for cls in (fk.Adam, fk.AdamW):
-        with pytest.raises(ValueError, match=rf"runs on Keras's PyTorch backend \(KERAS_BACKEND=torch\); "
-                                             rf"this Keras runs on '{backend}'"):
+        with pytest.raises(ValueError, match=rf"runs on Keras's PyTorch and JAX backends "
+                                             rf"\(KERAS_BACKEND=torch or jax\); this Keras runs on "
+                                             rf"'{backend}'"):
             cls()

@@ -6,9 +6,13 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
-if keras.backend.backend() != "torch":
-    pytest.skip("fastadam.keras runs on Keras's PyTorch backend", allow_module_level=True)
-pytest.importorskip("torch")
+if keras.backend.backend() not in ("torch", "jax"):
+    pytest.skip("fastadam.keras runs on Keras's PyTorch and JAX backends", allow_module_level=True)
+if keras.backend.backend() == "torch":
+    pytest.importorskip("torch")
+else:
+    pytest.importorskip("fastadam.jax", reason="fastadam.jax: no XLA FFI handler in this build",
+                        exc_type=ImportError)
 
 from fastadam.mnist import keras as experiment  # noqa: E402
 

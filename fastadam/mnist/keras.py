@@ -9,7 +9,8 @@ Dense(128, relu), Dropout(0.5), Dense(10, softmax); categorical cross-entropy, b
 Each optimizer has Keras's defaults, as ``model.compile(optimizer="Adam")`` gives them
 (fastadam.keras.Adam has Keras Adam's).  The images are the bundled MNIST files (or
 ``--data DIR``), read by fastadam.mnist.data; Keras's own loader would download them.
-Runs on Keras's PyTorch backend (``KERAS_BACKEND=torch``, the default here).
+Runs on Keras's PyTorch backend (``KERAS_BACKEND=torch``, the default here) or its JAX
+backend (``KERAS_BACKEND=jax``).
 """
 import argparse
 import json
@@ -79,9 +80,9 @@ def make_optimizer(keras, name):
 def run(args, log=print):
     """{optimizer: [one dict per epoch]} (train and test loss and accuracy)."""
     import keras
-    if keras.backend.backend() != "torch" and "fastadam" in args.optimizers:
-        raise SystemExit(f"fastadam.keras runs on Keras's PyTorch backend; this Keras runs on "
-                         f"{keras.backend.backend()!r} (set KERAS_BACKEND=torch)")
+    if keras.backend.backend() not in ("torch", "jax") and "fastadam" in args.optimizers:
+        raise SystemExit(f"fastadam.keras runs on Keras's PyTorch and JAX backends; this Keras "
+                         f"runs on {keras.backend.backend()!r} (set KERAS_BACKEND=torch or jax)")
     x_train, y_train, x_test, y_test = load_dataset(locate(args.data, download=False))
     side = int(round(np.sqrt(x_train.shape[1])))
     if side * side != x_train.shape[1]:
