@@ -46,7 +46,8 @@ def update_step(opt, grads, variables, learning_rate):
     hypers = [learning_rate, opt.beta_1, opt.beta_2, opt.epsilon, weight_decay, 0.0]
     static = tuple(_static(h) for h in hypers)
     dynamic = [_value(h) for h, s in zip(hypers, static) if s is None]
-    flags = _jax_call.FLAG_BITS["eps_hat"] | (_jax_call.FLAG_BITS["amsgrad"] if opt.amsgrad else 0)
+    on = dict(amsgrad=opt.amsgrad, eps_hat=True)  # Keras's rule: epsilon added to sqrt(v)
+    flags = sum(bit for name, bit in _jax_call.FLAG_BITS.items() if on.get(name))
     clip = opt._fused_clipnorm()
     layout = _jax_call.Layout(
         static=static, modes=(_jax_call.PARAM_MODES["nearest"],) * len(variables),
