@@ -22,13 +22,18 @@ def _version(text):
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:3])
 
 
+def require(name, version):
+    """An ImportError naming the minimum version where ``version`` of ``name`` is older."""
+    if _version(version) < MIN_JAX:
+        raise ImportError(f"fastadam.jax needs {name} {'.'.join(map(str, MIN_JAX))} or later "
+                          f"(its XLA FFI); this is {name} {version}: pip install -U jax jaxlib")
+
+
 def _load():
     """Registers the handler once; the reason fastadam.jax cannot run, as an ImportError."""
     import jaxlib
-    for name, version in (("jax", jax.__version__), ("jaxlib", jaxlib.__version__)):
-        if _version(version) < MIN_JAX:
-            raise ImportError(f"fastadam.jax needs {name} {'.'.join(map(str, MIN_JAX))} or later "
-                              f"(its XLA FFI); this is {name} {version}: pip install -U jax jaxlib")
+    require("jax", jax.__version__)
+    require("jaxlib", jaxlib.__version__)
     try:
         from fastadam import _jax_ffi, _kernel
     except ImportError as e:

@@ -312,3 +312,14 @@ def test_import_fastadam_does_not_import_jax():
     code = "import sys, fastadam; print('jax' in sys.modules, 'optax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+@pytest.mark.parametrize("version, ok", [("0.10.2", True), ("0.11.0.dev20260101", True),
+                                         ("0.9.2", False), ("0.4.38", False)])
+def test_an_older_jax_is_refused_naming_the_minimum_version(version, ok):
+    from fastadam import _jax_call
+    if ok:
+        _jax_call.require("jaxlib", version)
+    else:
+        with pytest.raises(ImportError, match=rf"needs jaxlib 0\.10\.0 or later .*this is jaxlib {version}"):
+            _jax_call.require("jaxlib", version)

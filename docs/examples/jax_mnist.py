@@ -6,7 +6,7 @@ weights (the trainer's model, same seed), batch 128, Adam lr 1e-3 times 0.8
 after each epoch.  The step is one XLA FFI call inside the jitted training
 step, with the parameters and the optimizer state donated: updated in place.
 
-    pip install -e ".[jax]" && python docs/examples/jax_mnist.py [--epochs 15]
+    pip install "fastadam[jax]" && python docs/examples/jax_mnist.py [--epochs 15] [--thread-pool xla]
 """
 import argparse
 import functools
@@ -24,6 +24,8 @@ from fastadam.mnist.model import MLP
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=15)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--thread-pool", choices=("xla", "openmp"), default="xla",
+                    help="where the step's threads come from (fastadam.jax.adam's thread_pool)")
 args = parser.parse_args()
 
 x_train, y_train, x_test, y_test = data.load_dataset(data.locate(download=False))
@@ -32,7 +34,8 @@ sizes = [x_train.shape[1], 512, 256, 10]
 params = {name: jnp.asarray(value) for name, value in MLP(sizes, rng).params.items()}
 batch_size, n_layers = 128, len(sizes) - 1
 steps_per_epoch = -(-len(x_train) // batch_size)
-tx = fastadam.jax.adam(optax.exponential_decay(1e-3, steps_per_epoch, 0.8, staircase=True))
+tx = fastadam.jax.adam(optax.exponential_decay(1e-3, steps_per_epoch, 0.8, staircase=True),
+                       thread_pool=args.thread_pool)
 state = tx.init(params)
 
 
