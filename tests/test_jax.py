@@ -301,6 +301,8 @@ def test_the_mnist_example_learns_in_one_epoch():
     recipe reaches the accuracy that epoch reaches there (96.8%; 95.5% allows the shuffle)."""
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "jax_mnist.py"
+    if not script.exists():
+        pytest.skip("the docs are not beside these tests (an installed wheel's test run)")
     out = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
