@@ -10,14 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadam import _optimizer, _rules, _step
-
-
-def _opts(tx):
-    opts = getattr(getattr(tx, "update", None), "fastadam_options", None)
-    if opts is None:
-        raise TypeError("tx must be made by fastadam.jax.adam or fastadam.jax.adamw, "
-                        f"got {_rules.describe(tx)}")
-    return opts
+from fastadam._jax_call import FLAG_BITS
+from fastadam._jax_tree import leaves as tree_leaves, options_of, scalars
 
 
 def _numpy_optimizer(opts, leaves):
@@ -41,9 +35,8 @@ def state_dict(tx, state, params):
     """``fastadam.Adam.state_dict()``'s structure for a FusedAdamState: one group with
     tx's hyperparameters (a schedule's value at the state's count), the tensors in the
     order of the params' leaves, and NumPy copies of every buffer."""
-    from fastadam import jax as fj
-    opts = _opts(tx)
-    leaves, names, treedef = fj._leaves(params, "params")
+    opts = options_of(tx)
+    leaves, names, treedef = tree_leaves(params, "params")
     count = int(_float(state.count, "count"))
     entries = {}
     fields = {f: (treedef.flatten_up_to(getattr(state, f)) if getattr(state, f) is not None
@@ -60,12 +53,12 @@ def state_dict(tx, state, params):
             for key, absmax in zip(_rules.STATE_BUFFERS, fields["absmax"][k]):
                 entry[_rules.ABSMAX_KEYS[key]] = np.array(absmax)
         entries[k] = entry
-    values, _, _ = fj._scalars(opts, state.count)
+    values, _, _ = scalars(opts, state.count)
     group = {"lr": _float(values["learning_rate"], "learning_rate"),
              "betas": (_float(values["b1"], "b1"), _float(values["b2"], "b2")),
              "eps": _float(values["eps"], "eps"),
              "weight_decay": _float(values["weight_decay"], "weight_decay"),
-             **{name: bool(opts.flags & fj.FLAG_BITS[name]) for name in _step.FLAGS},
+             **{name: bool(opts.flags & FLAG_BITS[name]) for name in _step.FLAGS},
              "params": list(range(len(leaves)))}
     if opts.decoupled:
         group["decoupled_weight_decay"] = True
@@ -77,9 +70,8 @@ def load_state_dict(tx, params, state_dict):
     checked and converted as ``fastadam.Adam.load_state_dict`` does; every tensor must
     have taken the same number of steps (the JAX state has one count).  The
     hyperparameters are tx's; the dict's are not read."""
-    from fastadam import jax as fj
-    opts = _opts(tx)
-    leaves, names, treedef = fj._leaves(params, "params")
+    opts = options_of(tx)
+    leaves, names, treedef = tree_leaves(params, "params")
     opt = _numpy_optimizer(opts, leaves)
     opt.load_state_dict(state_dict)
     steps = {opt.state[k]["step"] for k in range(len(leaves))}

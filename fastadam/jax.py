@@ -30,6 +30,9 @@ import optax
 
 from fastadam import _formats, _rules, _step
 from fastadam._jax_call import FLAG_BITS, HYPERS, PARAM_MODES, STORAGES, Layout, call
+from fastadam._jax_state import load_state_dict, state_dict
+from fastadam._jax_tree import leaves as _leaves, on_one_cpu as _on_one_cpu, options_of
+from fastadam._jax_tree import scalars as _scalars, up_to as _up_to
 
 __all__ = ["FusedAdamState", "adam", "adamw", "step", "state_dict", "load_state_dict"]
 
@@ -160,38 +163,6 @@ adamw.__doc__ += _FASTADAM_DOC
 
 # -- the parts of a step ----------------------------------------------------------
 
-def _leaves(tree, name):
-    """The array leaves of a pytree (None leaves dropped), their names and structure."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [name + jax.tree_util.keystr(path) for path, _ in with_path]
-    leaves = [leaf for _, leaf in with_path]
-    for leaf, leaf_name in zip(leaves, names):
-        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
-            raise TypeError(f"{leaf_name}: expected an array, got {_rules.describe(leaf)}")
-        _on_one_cpu(leaf, leaf_name)
-    return leaves, names, treedef
-
-
-def _on_one_cpu(leaf, name):
-    """A concrete array must live on one CPU device (the kernel runs there)."""
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-        devices = leaf.sharding.device_set
-        if len(devices) > 1:
-            raise ValueError(f"{name} is sharded over {len(devices)} devices; fastadam.jax steps "
-                             "arrays on one CPU device (step each shard inside jax.shard_map)")
-        device = next(iter(devices))
-        if device.platform != "cpu":
-            raise ValueError(f"{name} is on {device}; fastadam.jax runs on the CPU "
-                             "(jax.device_put the parameters, gradients and state there)")
-
-
-def _up_to(treedef, tree, name, what):
-    try:
-        return treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{name} must have the structure of {what}: {e}") from None
-
-
 def _decay_mask(opts, params, treedef, n):
     if opts.mask is None:
         return (True,) * n
@@ -201,17 +172,6 @@ def _decay_mask(opts, params, treedef, n):
         if value is not True and value is not False:
             raise TypeError(f"mask leaves must be True or False, got {value!r}")
     return tuple(flags)
-
-
-def _scalars(opts, count):
-    """The hyperparameters by name (a float, or traced), and the call's form of them:
-    a float each (static) or None, and the traced values in order."""
-    values = {name: getattr(opts, name) for name in HYPERS}
-    if callable(values["learning_rate"]):
-        values["learning_rate"] = values["learning_rate"](count)
-    static = tuple(v if isinstance(v, float) else None for v in values.values())
-    dynamic = [v for v in values.values() if not isinstance(v, float)]
-    return values, static, dynamic
 
 
 def _state_specs(opts, p, name):
@@ -358,11 +318,5 @@ def step(tx, params, grads, state):
     """The fused step: ``(new params, new state)``, one pass over every leaf, bit for bit
     ``fastadam.Adam``'s step on the same values.  Under ``jax.jit`` with the params and
     state donated, XLA writes them in place."""
-    opts = getattr(getattr(tx, "update", None), "fastadam_options", None)
-    if opts is None:
-        raise TypeError("tx must be made by fastadam.jax.adam or fastadam.jax.adamw, "
-                        f"got {_rules.describe(tx)}")
-    return _run(opts, params, grads, state, updates_only=False)
+    return _run(options_of(tx), params, grads, state, updates_only=False)
 
-
-from fastadam._jax_state import load_state_dict, state_dict  # noqa: E402  (they use the above)
