@@ -21,6 +21,7 @@ from ``fastadam.Adam``'s.
 The rules and their messages are fastadam._rules'; the call is
 fastadam._jax_call's; the math is the kernel's (docs/jax.md).
 """
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -37,6 +38,7 @@ from fastadam._jax_tree import scalars as _scalars, up_to as _up_to
 __all__ = ["FusedAdamState", "adam", "adamw", "step", "state_dict", "load_state_dict"]
 
 THREAD_POOLS = ("openmp", "xla")
+STATE_FIELDS = ("mu", "nu", "nu_max", "master", "absmax")  # FusedAdamState's per-leaf buffers
 
 
 class FusedAdamState(NamedTuple):
@@ -52,14 +54,6 @@ class FusedAdamState(NamedTuple):
     absmax: Any
     grad_norm: Any   # float32: the last step's gradient norm before clipping (NaN: not clipping)
     skipped: Any     # int32: steps skipped for a non-finite gradient
-
-
-class _Options:
-    """One transformation's validated arguments (a hyperparameter is a Python float,
-    or traced: a jax array, or for the learning rate a schedule)."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
 
 
 def _hyper(value, name, below=None):
@@ -107,7 +101,7 @@ def _options(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov, weight_de
     for name in _step.FLAGS:  # the kernel's option flags, each a keyword here
         if _rules.flag(given[name], name):
             flags |= FLAG_BITS[name]
-    return _Options(
+    return types.SimpleNamespace(  # one transformation's validated arguments
         learning_rate=_hyper(learning_rate, "learning_rate"), b1=_hyper(b1, "b1", 1.0),
         b2=_hyper(b2, "b2", 1.0), eps=_hyper(eps, "eps"),
         weight_decay=_hyper(weight_decay, "weight_decay"),
@@ -204,14 +198,14 @@ def _new_buffers(opts, p, name):
             absmax and tuple(map(zeros, absmax)))
 
 
-def _layout(opts, params, static, decayed, decoupled):
+def _layout(opts, params, static, decayed):
     return Layout(
         static=static,
         modes=tuple(PARAM_MODES[_rules.param_mode(p.dtype, opts.param_rounding,
                                                   opts.master_weights)] for p in params),
         storages=tuple(STORAGES[{"float32": "native"}.get(
             _rules.tensor_state_dtype(p, opts.state_dtype), opts.state_dtype)] for p in params),
-        decayed=decayed, decoupled=decoupled, flags=opts.flags, seed=opts.seed,
+        decayed=decayed, decoupled=opts.decoupled, flags=opts.flags, seed=opts.seed,
         skip_if_nonfinite=opts.skip_if_nonfinite,
         max_grad_norm=-1.0 if opts.max_grad_norm is None else opts.max_grad_norm,
         num_threads=opts.num_threads or 0, xla_pool=opts.xla_pool)
@@ -235,13 +229,12 @@ def _run(opts, params, grads, state, updates_only):
             raise ValueError(f"{gname}: shape {g.shape} does not match {name} shape {p.shape}")
     fields = [[None] * treedef.num_leaves if getattr(state, f) is None
               else _up_to(treedef, getattr(state, f), f"state.{f}", "params")
-              for f in ("mu", "nu", "nu_max", "master", "absmax")]
+              for f in STATE_FIELDS]
     tensors = []
     for k, p in enumerate(leaves):
         want = _state_specs(opts, p, names[k])
         rest = []
-        for f, have, expected in zip(("mu", "nu", "nu_max", "master", "absmax"),
-                                     (fields[j][k] for j in range(5)), want):
+        for f, have, expected in zip(STATE_FIELDS, (field[k] for field in fields), want):
             if (have is None) != (expected is None) or (
                     f == "absmax" and have is not None and len(have) != len(expected)):
                 raise ValueError(f"state.{f} of {names[k]} does not match the options "
@@ -257,10 +250,8 @@ def _run(opts, params, grads, state, updates_only):
         tensors.append((target, grad_leaves[k], *rest))
     values, static, dynamic = _scalars(opts, state.count)
     decayed = _decay_mask(opts, params, treedef, len(leaves))
-    if updates_only:  # the kernel's step from zero is the Adam term; the decay is added below
-        layout = _layout(opts, leaves, static, (False,) * len(leaves), opts.decoupled)
-    else:
-        layout = _layout(opts, leaves, static, decayed, opts.decoupled)
+    # With updates_only the kernel's step from zero is the Adam term; the decay is added below
+    layout = _layout(opts, leaves, static, (False,) * len(leaves) if updates_only else decayed)
     written, applied, norm = call(layout, state.count, dynamic, tensors)
     out = [w[0] for w in written]
     if updates_only:  # optax's adamw: the decay joins the update, scaled by the learning rate
@@ -269,21 +260,15 @@ def _run(opts, params, grads, state, updates_only):
             out = [u - (applied * lr * wd * p).astype(u.dtype) if d else u
                    for u, p, d in zip(out, leaves, decayed)]
     unflat = treedef.unflatten
-    pos = {}
-    for k, w in enumerate(written):
-        j = 1
-        pos[k] = {"mu": w[j], "nu": w[j + 1]}
-        j += 2
-        pos[k]["nu_max"] = w[j] if opts.amsgrad else None
-        j += opts.amsgrad
-        pos[k]["master"] = w[j] if fields[3][k] is not None else None
-        j += fields[3][k] is not None
-        pos[k]["absmax"] = tuple(w[j:]) if fields[4][k] is not None else None
+    new = {f: [None] * len(leaves) for f in STATE_FIELDS}
+    for k, w in enumerate(written):  # after the parameter, the state buffers in _run's order
+        rest = iter(w[1:])
+        for f, field in zip(STATE_FIELDS, fields):
+            if field[k] is not None:
+                new[f][k] = tuple(next(rest) for _ in field[k]) if f == "absmax" else next(rest)
     new_state = FusedAdamState(
         count=state.count + applied,
-        **{f: unflat([pos[k][f] for k in range(len(leaves))]) if (
-            f in ("mu", "nu") or getattr(state, f) is not None) else None
-           for f in ("mu", "nu", "nu_max", "master", "absmax")},
+        **{f: None if getattr(state, f) is None else unflat(new[f]) for f in STATE_FIELDS},
         grad_norm=norm, skipped=state.skipped + (1 - applied))
     return unflat(out), new_state
 
