@@ -1,7 +1,7 @@
-"""Builds the compiled kernel, fastadam._kernel, and fastadam.torch's compiled
-planned path, fastadam._torch_plan, from src/.
+"""Builds the compiled kernel, fastadam._kernel (with fastadam.torch's compiled
+planned path, which runs it), and fastadam.jax's XLA FFI handler from src/.
 
-Both are optional: where no C++ compiler works, the install goes on without them
+They are optional: where no C++ compiler works, the install goes on without them
 (setuptools says so in a warning) and fastadam runs on the Numba backend if numba
 is installed, else on the NumPy reference (``python -m fastadam --info`` says
 which, and why).  FASTADAM_REQUIRE_EXTENSIONS=1 makes a failed build an error
@@ -72,18 +72,6 @@ kernel = Extension(
     language="c++",
 )
 
-# fastadam.torch's planned path (no kernel, no OpenMP, no torch headers).
-torch_plan = Extension(
-    "fastadam._torch_plan",
-    sources=["src/_torch_plan.pyx"],
-    include_dirs=[numpy.get_include()],
-    define_macros=macros,
-    py_limited_api=limited,
-    extra_compile_args=["-O2"],
-)
-
-
-
 def jaxlib_include():
     """jaxlib's headers (jax.ffi.include_dir(), found without importing jax), or None."""
     import importlib.util
@@ -116,7 +104,7 @@ jax_ffi = [Extension(
 )] if jax_include else []
 
 extensions = cythonize(
-    [kernel, torch_plan],
+    [kernel],
     compiler_directives={
         "language_level": 3,
         "boundscheck": debug,

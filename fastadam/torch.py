@@ -25,7 +25,6 @@ that names the parameter and says what to do.  This module and its helper
 ``_torch_tensors`` are the only ones that import torch.
 """
 import itertools
-import threading
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from ._torch_tensors import zeros_like as _zeros_like
 from ._variants import with_defaults
 
 try:
-    from . import _torch_plan
+    from . import _kernel
 except ImportError as e:  # a source tree whose extensions are not built
     raise ImportError("fastadam.torch needs fastadam's compiled extension, which is not built "
                       "(pip install fastadam, or pip install -e . in a source tree)") from e
@@ -105,7 +104,7 @@ class Adam(torch.optim.Optimizer):
         for name in _step.FLAGS:  # every option flag is a group key, False unless set above
             defaults.setdefault(name, False)
         self._num_threads = num_threads
-        self._lock = threading.Lock()  # a step, add_param_group and load_state_dict are whole
+        self._lock = _kernel.Lock()  # a step, add_param_group and load_state_dict are whole
         self._plan = None
         _fork.register(self)
         super().__init__(params, defaults)
@@ -123,7 +122,7 @@ class Adam(torch.optim.Optimizer):
         non-tensor step counts tensors); a copy or an unpickled optimizer gets a lock
         of its own and plans its first step anew."""
         super().__setstate__(attributes)
-        self._lock = threading.Lock()
+        self._lock = _kernel.Lock()
         self._plan = None
         _fork.register(self)
         for group in self.param_groups:
@@ -332,7 +331,7 @@ class Adam(torch.optim.Optimizer):
                 entry[master] = _view(st[master])
             entry["step"] = int(st["step"].item())
             inner.state[k] = entry
-        self._plan = _torch_plan.TorchPlan(
+        self._plan = _kernel.TorchPlan(
             inner, self.param_groups, self.state, {id(p) for p in params},
             [(inner_group, self.param_groups[i]) for inner_group, i in zip(inner.param_groups, group_of)],
             # Views of the step tensors: a step sets them without a torch call.
@@ -340,23 +339,19 @@ class Adam(torch.optim.Optimizer):
              for entry, p in zip(inner.state.values(), params)],
             _hyperparameters, torch.Tensor, torch.strided,
             {p.dtype: _numpy_dtype(p.dtype).num for p in params}, _view,
-            [self._master_key(p) for p in params])
+            [self._master_key(p) for p in params], (_GLOBAL_PRE_HOOKS, _GLOBAL_POST_HOOKS), _PROFILER)
 
-    def step(self, *args, **kwargs):
-        """``step(closure=None)``: one step over every parameter with a gradient;
-        returns the closure's loss.
+    step = _kernel.torch_step  # the planned step in compiled code, else _wrapped_step
+    step.hooked = True  # torch's Optimizer must not wrap it again
 
-        Optimizer step hooks and the autograd profiler's record apply as for any
-        torch optimizer (through torch's own wrapper, taken only when one is active:
-        it costs about 10 us a step)."""
+    def _wrapped_step(self, *args, **kwargs):
+        """The step through torch's wrapper where a hook or the profiler needs it."""
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
                 or _PROFILER._is_profiler_enabled):
             # The hooks see the call's own arguments, as torch's: (opt,) for opt.step().
             return _hooked_step(self, *args, **kwargs)
         return self._unhooked_step(*args, **kwargs)
-
-    step.hooked = True  # torch's Optimizer must not wrap it again
 
     def _unhooked_step(self, closure=None):
         loss = None
@@ -388,10 +383,10 @@ class Adam(torch.optim.Optimizer):
 
 _hooked_step = torch.optim.Optimizer.profile_hook_step(Adam._unhooked_step)
 # torch.compile runs the step eagerly (a graph break): it is one call into compiled
-# code over NumPy views, which TorchDynamo cannot trace and need not.
+# code over the tensors' memory, which TorchDynamo cannot trace and need not.  Only the
+# path Dynamo can reach is wrapped: the wrapper costs about 0.7 us a call.
 if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
-    Adam.step = torch.compiler.disable(Adam.step)
-    Adam.step.hooked = True  # torch's Optimizer must not wrap it again
+    Adam._wrapped_step = torch.compiler.disable(Adam._wrapped_step)
 
 
 def _refuse_tensor_hyperparameters(lr, betas, foreach, where=""):

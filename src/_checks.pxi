@@ -29,11 +29,16 @@ cdef inline bint is_absmax_of(cnp.ndarray a, void *data, int64_t numel) noexcept
             and cnp.PyArray_DIM(a, 0) == (numel + FA_INT8_BLOCK - 1) // FA_INT8_BLOCK)
 
 
-cdef bint meets_spans(cnp.ndarray g, const int64_t *written, Py_ssize_t n_written) noexcept:
+cdef inline bint meets_spans(cnp.ndarray g, const int64_t *written, Py_ssize_t n_written) noexcept:
     """Whether g's memory meets any of the sorted, disjoint (start, end) pairs in
-    ``written`` (binary search)."""
+    ``written``."""
     cdef int64_t lo = <int64_t><intptr_t>cnp.PyArray_DATA(g)
-    cdef int64_t hi = lo + cnp.PyArray_NBYTES(g)
+    return meets_range(lo, lo + cnp.PyArray_NBYTES(g), written, n_written)
+
+
+cdef bint meets_range(int64_t lo, int64_t hi, const int64_t *written, Py_ssize_t n_written) noexcept:
+    """Whether the bytes [lo, hi) meet any of the sorted, disjoint (start, end) pairs
+    in ``written`` (binary search)."""
     cdef Py_ssize_t a = 0, b = n_written, mid
     if hi == lo:
         return False
@@ -62,3 +67,10 @@ cdef inline bint read_exact_real(PyObject *ptr, double *out) noexcept:
             return False
         return True
     return False
+
+
+cdef inline bint hyperparameters_in_range(double lr, double beta1, double beta2, double eps,
+                                          double weight_decay) noexcept:
+    """fastadam._rules.hyperparameters' ranges (NaN is in none of them)."""
+    return (0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
+            and 0.0 <= weight_decay)

@@ -385,6 +385,7 @@ include "_checks.pxi"
 include "_buffers.pxi"
 include "_plan.pxi"
 include "_kernel_api.pxi"
+include "_torch_plan.pxi"
 
 
 def _select_isa_from_environment():

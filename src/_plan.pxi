@@ -128,8 +128,7 @@ cdef class Plan(PlanBuffers):
                     and self.read_real(PyDict_GetItem(<dict>group, "weight_decay"),
                                        slot + SLOT_WEIGHT_DECAY, &weight_decay)):
                 return False
-            if not (0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0
-                    and 0.0 <= weight_decay):
+            if not hyperparameters_in_range(lr, beta1, beta2, eps, weight_decay):
                 return False
             variant = 0 if weight_decay == 0.0 else self.wd_mode_if_nonzero
             for j in range(FA_N_FLAGS):  # the option flags: True or False, each its bit

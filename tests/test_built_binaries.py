@@ -44,7 +44,7 @@ def needed_versions(path):
         return {need.name: {aux.name for aux in auxes} for need, auxes in section.iter_versions()}
 
 
-@pytest.fixture(params=["fastadam._kernel", "fastadam._torch_plan", "fastadam._jax_ffi"])
+@pytest.fixture(params=["fastadam._kernel", "fastadam._jax_ffi"])
 def extension(request):
     try:
         return importlib.import_module(request.param)
