@@ -81,6 +81,7 @@ class Buffers(NamedTuple):
     master_weights: str = None       # None, "split" or "float32" (fastadam._rules.MASTER_KEYS)
     masters: list = None    # per tensor: None, or its master weights' array
     unsupported_flags: int = 0  # option bits the backend lacks: a step that sets one is not verified
+    tensor_keys: list = None  # per tensor: the index its stochastic rounding draws with (None: its own)
 
 
 class _CheckedOnlyPlan:
@@ -275,6 +276,7 @@ class NumbaBackend:
         return _threads.default_num_threads(self._compiled)
 
     def new_plan(self, buffers):
+        _refuse_tensor_keys(buffers, self.name)
         buffers = buffers._replace(unsupported_flags=flag_bits(FLAGS) & ~flag_bits(self.flags))
         if self._compiled is None:
             from ._checks import Checks
@@ -294,7 +296,15 @@ class ReferenceBackend:
         self.module = module
 
     def new_plan(self, buffers):
+        _refuse_tensor_keys(buffers, self.name)
         return _CheckedOnlyPlan(buffers, self.module)
+
+
+def _refuse_tensor_keys(buffers, name):
+    # Only fastadam.torch sets them (its rounding draws follow a tensor's place among all
+    # of its parameters), and only on the compiled kernel's plan.
+    if buffers.tensor_keys is not None:
+        raise ValueError(f"backend {name!r} draws stochastic rounding by tensor order only")
 
 
 def refuse_unimplemented_flags(backend, flags, where=""):

@@ -106,6 +106,9 @@ class Adam:
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = 0
         self._grad_scale = 1.0  # multiplies the gradients as read: fastadam.distributed's 1/N
+        # Per tensor, the index its stochastic rounding draws with (None: its place here);
+        # fastadam.torch sets it to each tensor's place among all of its own parameters.
+        self._tensor_keys = None
         self._backend = _backends.load(backend)
         if self.state_dtype not in self._backend.state_dtypes:
             raise ValueError(f"backend {self.backend!r} does not support state_dtype="
@@ -276,7 +279,8 @@ class Adam:
         hypers, remembered, steps, written = [], [], [], []
         entries, new_state = [], {}
         buffers = _backends.Buffers([], [], [], [], [], self._decoupled, self.state_dtype, self.seed, [],
-                                    self.param_rounding, self.master_weights, [])
+                                    self.param_rounding, self.master_weights, [],
+                                    tensor_keys=getattr(self, "_tensor_keys", None))
         zeros = self._new_state_buffers
         k = 0
         for i, group in enumerate(self.param_groups):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _fork, _formats, _optimizer, _rules, _step
+from . import _fork, _formats, _optimizer, _rules, _step, _torch_backward
 from ._torch_tensors import TrackedState as _TrackedState
 from ._torch_tensors import numpy_dtype as _numpy_dtype
 from ._torch_tensors import refuse_unfit as _refuse_unfit
@@ -78,7 +78,10 @@ class Adam(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=None, num_threads=None,
-                 state_dtype="float32", seed=0, param_rounding="nearest", master_weights=None):
+                 state_dtype="float32", seed=0, param_rounding="nearest", master_weights=None,
+                 step_in_backward=False):
+        self._step_in_backward = _rules.flag(step_in_backward, "step_in_backward")
+        self._in_backward = None
         self._state_dtype = _rules.state_dtype(state_dtype)
         if self._state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype={state_dtype!r}: fastadam.torch keeps 'float32' or "
@@ -106,11 +109,15 @@ class Adam(torch.optim.Optimizer):
         self._num_threads = num_threads
         self._lock = _kernel.Lock()  # a step, add_param_group and load_state_dict are whole
         self._plan = None
+        self._places = None  # a parameter's place for its rounding draws, where another optimizer sets it
         _fork.register(self)
         super().__init__(params, defaults)
+        if self._step_in_backward:
+            self._start_in_backward()
 
     # What torch's Optimizer pickles (defaults, state, param_groups), and this one's own.
-    _OWN = ("_state_dtype", "_seed", "_num_threads", "_param_rounding", "_master_weights")
+    _OWN = ("_state_dtype", "_seed", "_num_threads", "_param_rounding", "_master_weights",
+            "_step_in_backward")
 
     def __getstate__(self):
         attributes = super().__getstate__()
@@ -124,6 +131,9 @@ class Adam(torch.optim.Optimizer):
         super().__setstate__(attributes)
         self._lock = _kernel.Lock()
         self._plan = None
+        self._places = None
+        if not hasattr(self, "_step_in_backward"):  # pickled before the option
+            self._step_in_backward = False
         _fork.register(self)
         for group in self.param_groups:
             for key, value in (*((name, False) for name in _step.FLAGS), ("foreach", None),
@@ -134,6 +144,21 @@ class Adam(torch.optim.Optimizer):
                 st = self.state.get(p, {})
                 if st and "step" in st and not torch.is_tensor(st["step"]):
                     st["step"] = torch.tensor(float(st["step"]), dtype=_scalar_dtype())
+        in_backward = getattr(self, "_in_backward", None)
+        if in_backward is not None and in_backward.opt is self:  # load_state_dict: new state
+            in_backward.build()
+        elif self._step_in_backward:  # a copy: hooks on its own parameters
+            self._start_in_backward()
+        else:
+            self._in_backward = None
+
+    def _start_in_backward(self):
+        cls, options = type(self), dict(
+            num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed,
+            param_rounding=self._param_rounding, master_weights=self._master_weights)
+        self._in_backward = _torch_backward.InBackward(
+            self, lambda groups: cls(groups, **options), _TrackedState,
+            torch.autograd.Variable._execution_engine.queue_callback)
 
     def add_param_group(self, param_group):
         with self._lock:
@@ -159,6 +184,8 @@ class Adam(torch.optim.Optimizer):
                 self.param_groups.pop()
                 raise
             self._plan = None
+            if self._in_backward is not None:
+                self._in_backward.build()
 
     def load_state_dict(self, state_dict):
         """As torch's; torch casts the loaded state tensors to their parameters' dtype,
@@ -312,6 +339,11 @@ class Adam(torch.optim.Optimizer):
         inner = (_optimizer.AdamW if self._decoupled else _optimizer.Adam)(
             groups, num_threads=self._num_threads, state_dtype=self._state_dtype, seed=self._seed,
             param_rounding=self._param_rounding, master_weights=self._master_weights)
+        # A tensor's stochastic rounding draws with its place among all the parameters,
+        # whichever others have a gradient (so a step in backward draws as a whole step).
+        places = self._places or {id(p): n for n, p in enumerate(
+            p for group in self.param_groups for p in group["params"])}
+        inner._tensor_keys = [places[id(p)] for p in params]
         for k, p in enumerate(params):
             st = self.state[p]
             if "step" in st and not torch.is_tensor(st["step"]):  # set by hand: torch's form
@@ -358,6 +390,17 @@ class Adam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._in_backward is not None:  # the backward pass has stepped (_torch_backward)
+            self._in_backward.acknowledge()
+            if all(p.grad is None for group in self.param_groups for p in group["params"]):
+                return loss
+            try:  # gradients set by hand, or of parameters that had no hook: stepped here
+                return self._step_gradients(loss)
+            finally:
+                self._plan = None  # each step() must reach acknowledge()
+        return self._step_gradients(loss)
+
+    def _step_gradients(self, loss):
         try:
             if self._plan is not None and self._plan.step_under(self):
                 return loss

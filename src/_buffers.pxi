@@ -21,6 +21,7 @@ cdef class PlanBuffers:
     cdef cnp.npy_intp *dims
     cdef Py_ssize_t *group_sizes
     cdef double *remembered_values  # N_SLOTS per group
+    cdef int64_t *tensor_keys  # per tensor: the index its stochastic rounding draws with
     cdef list params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, remembered
     cdef list absmaxes         # per tensor: None, or (m's, v's, v^'s or None) for 8-bit state
     cdef list masters          # per tensor: None, or its master weights' array in the state
@@ -41,7 +42,7 @@ cdef class PlanBuffers:
     def __cinit__(self, list params, list exp_avgs, list exp_avg_sqs, list max_exp_avg_sqs,
                   list group_sizes, bint decoupled, str state_dtype="float32", uint64_t seed=0,
                   list absmaxes=None, str param_rounding="nearest", object master_weights=None,
-                  list masters=None, int unsupported_flags=0):
+                  list masters=None, int unsupported_flags=0, list tensor_keys=None):
         cdef Py_ssize_t k, j, n_dims = 0
         cdef cnp.ndarray buf, p
         self.n = len(params)
@@ -83,6 +84,11 @@ cdef class PlanBuffers:
         self.dims = <cnp.npy_intp *>zeroed(max(n_dims, 1), sizeof(cnp.npy_intp))
         self.group_sizes = <Py_ssize_t *>zeroed(max(self.n_groups, 1), sizeof(Py_ssize_t))
         self.remembered_values = <double *>zeroed(max(N_SLOTS * self.n_groups, 1), sizeof(double))
+        self.tensor_keys = <int64_t *>zeroed(max(self.n, 1), sizeof(int64_t))
+        if tensor_keys is not None and len(tensor_keys) != self.n:
+            raise ValueError("Plan: tensor_keys must hold one index per parameter")
+        for k in range(self.n):
+            self.tensor_keys[k] = k if tensor_keys is None else tensor_keys[k]
         self.last_grad_norm = None
         self.planner = _policy.ThreadPlanner()
         self.planner_decide, self.planner_observe = self.planner.decide, self.planner.observe
@@ -185,6 +191,7 @@ cdef class PlanBuffers:
         free(self.dims)
         free(self.group_sizes)
         free(self.remembered_values)
+        free(self.tensor_keys)
         free(self.partial)
 
     cdef void add_written(self, cnp.ndarray buf) noexcept:

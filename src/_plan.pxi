@@ -45,7 +45,7 @@ cdef class Plan(PlanBuffers):
                                  long long step) noexcept:
         """Tensor k's scalars for taking step number ``step`` (counting from 1), in double."""
         set_item_step(&self.items[k], lr, beta1, beta2, eps, weight_decay, variant, step,
-                      self.seed, k)
+                      self.seed, self.tensor_keys[k])
 
     cdef int threads_for(self, int requested) except -1:
         """The thread count for a step (``requested`` > 0 is taken as it is); sets
