@@ -5,7 +5,7 @@ They are ``torch.optim.Optimizer`` subclasses: param groups, ``zero_grad``,
 ``add_param_group``, ``state_dict``/``load_state_dict`` in torch's exact format
 (a checkpoint moves between ``torch.optim.Adam`` and ``fastadam.torch.Adam``
 both ways) and the ``torch.optim.lr_scheduler`` schedulers work unchanged.  A
-step updates the parameters in place through zero-copy NumPy views of the same
+step updates the parameters in place of the same
 memory, all tensors in one call of fastadam's kernel (the update rule is
 :class:`fastadam.Adam`'s); the state tensors (``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``, ``step``) are the kernel's buffers.
@@ -71,6 +71,11 @@ class Adam(torch.optim.Optimizer):
     rounding ``seed``, ``param_rounding`` and ``master_weights``, as
     :class:`fastadam.Adam` has them.  8-bit state is fastadam.Adam's only: its
     codes are not moments, and torch.optim.Adam would load them as if they were.
+
+    ``step_in_backward=True`` updates each parameter during ``loss.backward()``, as
+    soon as its gradient is accumulated, and releases that gradient (docs/torch.md,
+    "Step in backward"); ``step()`` then has nothing left to do, but must still be
+    called after each backward pass.
     """
 
     _decoupled = False
