@@ -232,7 +232,8 @@ class _NumbaPlan:
             g = g if type(g) is np.ndarray else plain(g)  # an ndarray subclass: its memory alone
             update(p, g if g.ndim == 1 else g.reshape(-1), m, v, vmax, rows, k, code, rule,
                    threads, bf16)
-        checks.record_step(threads, time.perf_counter() - started)
+        ended = time.perf_counter()
+        checks.record_step(threads, ended - started, ended)
 
     def commit_steps(self):
         self._checks.commit_steps()

@@ -202,9 +202,9 @@ class Checks:
         self._timed = True
         return self._planner.decide(most)
 
-    def record_step(self, threads, seconds):
+    def record_step(self, threads, seconds, ended=None):
         if self._timed:
-            self._planner.observe(threads, seconds)
+            self._planner.observe(threads, seconds, ended)
 
     @property
     def chosen_threads(self):

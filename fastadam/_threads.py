@@ -150,6 +150,11 @@ class ThreadPlanner:
     steps of a window of WATCH are slower than the best other candidate measured.
     Results are bitwise the same for every thread count, so switching is free.
 
+    What a sample times is the step's period where the plan says when each step
+    ended: from the previous step's end to this one's, so that a count whose threads
+    collide with the BLAS threads that spin after a training loop's matrix products,
+    and so slow that loop's forward and backward pass too, is seen to lose.
+
     Every backend's plan asks it only for steps that may run in parallel (at
     least PARALLEL_THRESHOLD elements, num_threads None, more than one thread
     allowed), so its cost, a few hundred nanoseconds, falls on steps of tens of
@@ -158,7 +163,7 @@ class ThreadPlanner:
 
     __slots__ = ("chosen_threads", "_planned_max", "_candidates", "_medians", "_samples",
                  "_block", "_block_step", "_in_trial", "_steps_since_trial", "_interval",
-                 "_other_median", "_watched", "_slower", "_trials")
+                 "_other_median", "_watched", "_slower", "_trials", "_last_end")
 
     def __init__(self):
         self.chosen_threads = 1  # the choice for steps outside a trial
@@ -171,6 +176,7 @@ class ThreadPlanner:
         self._other_median = 0.0  # the best candidate not chosen, as its trial measured it
         self._watched = self._slower = 0  # steps of the watch window, those slower than it
         self._trials = 0
+        self._last_end = None  # when the last observed step ended
 
     def decide(self, most):
         """The count for a step when the policy allows up to ``most`` threads."""
@@ -197,8 +203,18 @@ class ThreadPlanner:
             return self._candidates[self._block]
         return self.chosen_threads
 
-    def observe(self, threads, seconds):
-        """The duration of a step taken with ``threads`` (as ``decide`` gave it)."""
+    def observe(self, threads, seconds, ended=None):
+        """The duration of a step taken with ``threads`` (as ``decide`` gave it), and
+        when it ended (seconds on any one clock), if known: the planner then weighs each
+        count by the time from the previous step's end to this one's, the work between
+        steps included.  Inside a training loop that is what a thread count costs: one
+        that collides with the BLAS threads still spinning after the matrix products
+        slows the step and the forward and backward pass after it, which the step's
+        own duration does not show."""
+        if ended is not None:
+            previous, self._last_end = self._last_end, ended
+            if previous is not None and ended > previous:
+                seconds = ended - previous
         if not self._in_trial:
             self._steps_since_trial += 1
             # Between trials: if most steps of a window were slower than the best other

@@ -66,11 +66,11 @@ cdef class Plan(PlanBuffers):
         """The thread count for the next step (``requested`` > 0 is taken as it is)."""
         return self.threads_for(requested)
 
-    def record_step(self, int threads, double seconds):
-        """Report how long the step took with ``threads`` (from threads_for_step), for
-        the planner if it chose the count."""
+    def record_step(self, int threads, double seconds, ended=None):
+        """Report how long the step took with ``threads`` (from threads_for_step), and
+        when it ended (time.perf_counter()), for the planner if it chose the count."""
         if self.planned:
-            self.planner_observe(threads, seconds)
+            self.planner_observe(threads, seconds, ended)
 
     @property
     def chosen_threads(self):
@@ -210,7 +210,7 @@ cdef class Plan(PlanBuffers):
         cdef bint finite = True
         cdef bint clip = max_grad_norm >= 0.0
         cdef double norm = 0.0
-        cdef double started
+        cdef double started, ended
         lock.take()
         try:
             if not self.verify_c(groups, grads, state):
@@ -228,7 +228,8 @@ cdef class Plan(PlanBuffers):
                 if finite or not skip_if_nonfinite:
                     run_items(self.items, self.offsets, self.n, threads)
             if self.planned:
-                self.planner_observe(threads, monotonic_seconds() - started)
+                ended = monotonic_seconds()
+                self.planner_observe(threads, ended - started, ended)
             if clip:
                 self.last_grad_norm = norm
             if skip_if_nonfinite and not finite:

@@ -199,7 +199,7 @@ cdef class TorchPlan:
         cdef double hypers[5]
         cdef int variant = 0, threads
         cdef bint have_scalars
-        cdef double started
+        cdef double started, ended
         cdef _Planned e
         cdef PyObject *ptr
         cdef list held = []  # the gradients the kernel reads, alive until it has
@@ -247,7 +247,8 @@ cdef class TorchPlan:
         with nogil:
             run_items(plan.items, plan.offsets, plan.n, threads)
         if plan.planned:
-            plan.planner_observe(threads, monotonic_seconds() - started)
+            ended = monotonic_seconds()
+            plan.planner_observe(threads, ended - started, ended)
         for k in range(plan.n):
             self.counts[k] += 1
             if self.step_is_double[k]:

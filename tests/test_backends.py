@@ -448,3 +448,38 @@ def test_thread_planner_recovers_from_a_noisy_start_on_many_cores():
     later = _drive_within(planner, 64, 5000, quiet)
     spent = sum(quiet(t) for t in later)
     assert spent < 1.03 * 5000 * quiet(32), spent / (5000 * quiet(32))
+
+
+def _drive_loop(planner, most, steps, step_us, between_us):
+    """A training loop with injected times: each step takes step_us[threads]; the work
+    before it (forward and backward) takes between_us[threads of the step before], as when
+    that step's threads collide with the BLAS threads the matrix products leave spinning.
+    Each step is reported with when it ended, as the plans report it."""
+    clock, previous, chosen = 0.0, 1, []
+    for _ in range(steps):
+        t = planner.decide(most)
+        clock += (between_us[previous] + step_us[t]) * 1e-6
+        planner.observe(t, step_us[t] * 1e-6, clock)
+        chosen.append(t)
+        previous = t
+    return chosen
+
+
+def test_thread_planner_never_settles_on_a_count_that_slows_the_loop_around_the_step():
+    """The MNIST MLP loop on two cores: two threads halve the step (90 -> 45 us) but slow
+    the next forward and backward pass (1000 -> 1400 us), so the loop is faster on one.
+    Weighed by the step's own duration the planner would choose two (the old planner's
+    view); weighed by the time between steps' ends it chooses one, after every trial."""
+    step, between = {1: 90.0, 2: 45.0}, {1: 1000.0, 2: 1400.0}
+    _, alone = _fresh_planner()
+    _drive_within(alone, 2, 2 * (_threads.TRIAL_SAMPLES + 1), lambda t: step[t] * 1e-6)
+    assert alone.chosen_threads == 2  # the step's duration alone misleads
+    _, planner = _fresh_planner()
+    seen = _drive_loop(planner, 2, 5000, step, between)
+    trial = 2 * (_threads.TRIAL_SAMPLES + 1)
+    assert planner.chosen_threads == 1 and set(seen[trial:trial + _threads.FIRST_INTERVAL]) == {1}
+    assert seen.count(2) < 0.02 * len(seen), seen.count(2)  # only trials try two again
+    # and where nothing else runs between steps, two threads are still chosen
+    _, quiet = _fresh_planner()
+    _drive_loop(quiet, 2, 500, step, {1: 1000.0, 2: 1000.0})
+    assert quiet.chosen_threads == 2
