@@ -15,6 +15,7 @@ all the parameters (fastadam.torch does so in both modes).
 
 torch is not imported here; fastadam.torch hands in what is needed.
 """
+import weakref
 
 BUCKET_NUMEL = 1 << 16
 
@@ -64,14 +65,17 @@ class InBackward:
         if current:
             self.buckets.append(_Bucket(current))
         self.bucket_of = {id(p): b for b in self.buckets for _, p in b.members}
-        self.handles = [p.register_post_accumulate_grad_hook(self.ready)
+        # The hooks hold the optimizer weakly: a model outlives its optimizers, and one
+        # dropped must not stay alive (with its state) through its hooks, nor step.
+        hook = _weak_hook(weakref.ref(self))
+        self.handles = [p.register_post_accumulate_grad_hook(hook)
                         for _, p in members if p.requires_grad]
+        weakref.finalize(self, _remove, self.handles)
         self.pending = []        # buckets with a ready parameter in the backward under way
         self.unacknowledged = False  # a backward pass stepped since the last step()
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
+        _remove(self.handles)
         self.handles = []
 
     def ready(self, p):
@@ -136,3 +140,16 @@ class InBackward:
     def acknowledge(self):
         """``step()`` was called: the next backward pass is the next step."""
         self.unacknowledged = False
+
+
+def _weak_hook(ref):
+    def hook(p):
+        in_backward = ref()
+        if in_backward is not None:
+            in_backward.ready(p)
+    return hook
+
+
+def _remove(handles):
+    for handle in handles:
+        handle.remove()

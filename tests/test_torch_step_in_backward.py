@@ -174,3 +174,22 @@ def test_groups_added_and_copies_step_in_backward(how):
 def test_step_in_backward_must_be_a_bool():
     with pytest.raises(TypeError, match="step_in_backward"):
         ft.Adam(Net(torch.float32).parameters(), step_in_backward="yes")
+
+
+def test_a_dropped_optimizer_is_freed_and_no_longer_steps():
+    """The hooks hold the optimizer weakly: the model outlives it, its state is freed, and
+    the model's gradients are then accumulated as without it."""
+    import gc
+    import weakref
+    net = Net(torch.float32)
+    opt = ft.Adam(net.parameters(), lr=1e-2, step_in_backward=True)
+    x, y = batches(torch.float32, 1)[0]
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    gone = weakref.ref(opt)
+    before = [p.detach().clone() for p in net.parameters()]
+    del opt
+    gc.collect()
+    assert gone() is None
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    assert all(p.grad is not None for p in net.parameters())
