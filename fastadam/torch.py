@@ -5,9 +5,9 @@ They are ``torch.optim.Optimizer`` subclasses: param groups, ``zero_grad``,
 ``add_param_group``, ``state_dict``/``load_state_dict`` in torch's exact format
 (a checkpoint moves between ``torch.optim.Adam`` and ``fastadam.torch.Adam``
 both ways) and the ``torch.optim.lr_scheduler`` schedulers work unchanged.  A
-step updates the parameters in place of the same
-memory, all tensors in one call of fastadam's kernel (the update rule is
-:class:`fastadam.Adam`'s); the state tensors (``exp_avg``, ``exp_avg_sq``,
+step updates the parameters in place, all tensors in one call of fastadam's
+kernel on their own memory (the update rule is :class:`fastadam.Adam`'s), or
+with ``step_in_backward=True`` during the backward pass; the state tensors (``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``, ``step``) are the kernel's buffers.
 
 ``state_dtype="bfloat16"`` keeps m and v as bfloat16 state tensors (fastadam's

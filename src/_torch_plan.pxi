@@ -43,10 +43,17 @@ cdef inline intptr_t address(object t) except? -1:
     return <intptr_t>t.data_ptr()
 
 
+cdef inline bint held_by(dict st, object key, object t) noexcept:
+    """Whether state dict ``st`` holds ``t`` at ``key`` (None: holds nothing there)."""
+    cdef PyObject *ptr = PyDict_GetItem(st, key)
+    return ptr == <PyObject *>t if ptr != NULL else t is None
+
+
 cdef class TorchPlan:
     cdef list groups            # the torch param_group dicts, in order
     cdef object state           # the optimizer's state mapping (a _TrackedState) ...
     cdef object changes         # ... and its count of changes, when planned
+    cdef dict state_attributes  # the state mapping's __dict__, where a count of changes is kept
     cdef list hyper_pairs       # (inner fastadam group, torch group), groups with a gradient
     cdef object hyperparameters # fastadam.torch._hyperparameters
     cdef list entries           # _Planned per parameter, in group order
@@ -79,6 +86,7 @@ cdef class TorchPlan:
         cdef int j
         self.inner = inner
         self.groups, self.state, self.changes = list(groups), state, state.changes
+        self.state_attributes = vars(state)
         self.hyper_pairs, self.step_views = list(hyper_pairs), list(step_views)
         self.hyperparameters, self.tensor_type, self.strided = hyperparameters, tensor_type, strided
         self.fallback_view = fallback_view
@@ -203,7 +211,10 @@ cdef class TorchPlan:
         cdef _Planned e
         cdef PyObject *ptr
         cdef list held = []  # the gradients the kernel reads, alive until it has
-        if state is not self.state or state.changes != self.changes or len(groups) != len(self.groups):
+        if state is not self.state or len(groups) != len(self.groups):
+            return False
+        ptr = PyDict_GetItem(self.state_attributes, "changes")  # state.changes, without getattr
+        if (<object>ptr if ptr != NULL else 0) != self.changes:
             return False
         for i in range(len(groups)):
             group = groups[i]
@@ -260,13 +271,13 @@ cdef class TorchPlan:
     cdef bint state_unchanged(self, object p, _Planned e) except -1:
         cdef dict st = e.st
         return (address(p) == e.param_at
-                and st.get("step") is e.step
-                and st.get("exp_avg") is e.exp_avg and address(e.exp_avg) == e.exp_avg_at
-                and st.get("exp_avg_sq") is e.exp_avg_sq
+                and held_by(st, "step", e.step)
+                and held_by(st, "exp_avg", e.exp_avg) and address(e.exp_avg) == e.exp_avg_at
+                and held_by(st, "exp_avg_sq", e.exp_avg_sq)
                 and address(e.exp_avg_sq) == e.exp_avg_sq_at
-                and st.get("max_exp_avg_sq") is e.max_exp_avg_sq
+                and held_by(st, "max_exp_avg_sq", e.max_exp_avg_sq)
                 and (e.max_exp_avg_sq is None or address(e.max_exp_avg_sq) == e.max_exp_avg_sq_at)
-                and (e.master_key is None or (st.get(e.master_key) is e.master
+                and (e.master_key is None or (held_by(st, e.master_key, e.master)
                                               and address(e.master) == e.master_at)))
 
     cdef int group_scalars(self, dict group, double *out) except -2:
@@ -309,8 +320,10 @@ cdef class TorchPlan:
         cdef fa_item *it = &self.plan.items[k]
         cdef intptr_t at
         cdef int code
-        if (type(g) is self.tensor_type and g.layout is self.strided and g.is_cpu
-                and g.dtype is e.dtype and not g.is_neg() and g.is_contiguous() and g.shape == e.shape):
+        # Not a strided tensor: torch's setter of .grad allows only sparse ones besides,
+        # whose is_contiguous() is False (COO) or raises (compressed layouts).
+        if (type(g) is self.tensor_type and g.is_cpu and g.dtype is e.dtype and not g.is_neg()
+                and g.is_contiguous() and g.shape == e.shape):
             at = address(g)
             if at != 0:
                 if at % e.itemsize != 0 or meets_range(<int64_t>at, <int64_t>at + it.numel * e.itemsize,
