@@ -34,6 +34,8 @@ def config():
         "kernel_variants_compiled": list(kernel.ISA_NAMES),
         "kernel_variants_supported": [i for i in kernel.ISA_NAMES if kernel.isa_supported(i)],
         "kernel_variant_in_use": kernel.isa_in_use(), "FASTADAM_ISA": os.environ.get("FASTADAM_ISA"),
+        "sve_vector_bits": kernel.sve_vector_bits(),
+        "flush_to_zero_in_hardware": kernel.FLUSH_TO_ZERO_IN_HARDWARE,
         "openmp": kernel.OPENMP_ENABLED, "openmp_runtimes": _openmp_runtimes(),
         "default_num_threads": kernel.default_num_threads(),
         "parallel_threshold_elements": kernel.parallel_threshold(),
@@ -55,12 +57,17 @@ def show_config(file=None):
         print(f"  kernel variants: compiled {', '.join(info['kernel_variants_compiled'])}; "
               f"supported here {', '.join(info['kernel_variants_supported'])}; "
               f"in use {info['kernel_variant_in_use']}"
+              + (f" ({info['sve_vector_bits']}-bit vectors)" if info["kernel_variant_in_use"] == "sve" else "")
               + (" (forced by FASTADAM_ISA)" if info["FASTADAM_ISA"] else ""), file=file)
+        if not info["flush_to_zero_in_hardware"]:
+            print("  flush-to-zero: not available on this architecture (results can differ from the "
+                  "reference's where values are subnormal)", file=file)
         if info["openmp"]:
             print(f"  OpenMP: on ({', '.join(info['openmp_runtimes']) or 'runtime not found in maps'})",
                   file=file)
         else:
-            print("  OpenMP: OFF (built with FASTADAM_OPENMP=0): every step runs on one thread",
+            print("  OpenMP: OFF (built without it: FASTADAM_OPENMP=0, or a compiler without OpenMP): "
+                  "every step runs on one thread",
                   file=file)
         print(f"  default threads: {info['default_num_threads']} (usable CPUs {info['cpus_usable']}, "
               f"cgroup quota {info['cgroup_cpu_quota']}, OMP_NUM_THREADS {info['OMP_NUM_THREADS']}); "

@@ -58,7 +58,7 @@ cdef extern from "adam_kernel.hpp" nogil:
         FA_STORAGE_NATIVE, FA_STORAGE_BF16, FA_STORAGE_INT8
         FA_INT8_BLOCK, FA_INT8_FRACTION_BITS
         FA_INT8_SIGNED_EXPONENT_OFFSET, FA_INT8_UNSIGNED_EXPONENT_OFFSET
-        FA_ISA_BASELINE, FA_ISA_AVX2, FA_ISA_AVX512
+        FA_N_ISAS
         FA_COMPILED_BITS, FA_ROW_FIELDS, FA_N_KERNEL_ROWS
     const int *fa_kernel_rows
     const char *FA_STEP_SCALAR_NAMES
@@ -70,9 +70,12 @@ cdef extern from "adam_kernel.hpp" nogil:
                      double weight_decay, int64_t step, double max_update_in_lr)
     void fa_get_step(const fa_item *it, double *out)
     uint32_t fa_mix32(uint32_t x)
+    const char *const *fa_isa_names
     int fa_select_isa(int forced)
-    int fa_isa_supported(int isa)
+    int fa_isa_usable(int isa)
+    int fa_sve_vector_bits()
     int fa_isa_in_use
+    const int fa_flush_in_hardware
     void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                       int64_t t, int64_t n_threads)
     int fa_prepass_block(const fa_item *items, const int64_t *offsets, int64_t n_items,
@@ -131,7 +134,13 @@ cdef inline int resolve_num_threads(int requested) noexcept nogil:
     return max(1, min(_cpu_limit, fa_omp_max_threads()))
 
 
-ISA_NAMES = ("baseline", "avx2", "avx512")
+# The kernel's variants in this build, by name (src/fa_cpu.hpp): x86-64 has baseline, avx2 and
+# avx512, aarch64 neon and sve; FASTADAM_ISA names one.
+_ISA_CODES = {fa_isa_names[code].decode(): code for code in range(FA_N_ISAS) if fa_isa_names[code][0] != 0}
+ISA_NAMES = tuple(_ISA_CODES)
+# Whether the flush-to-zero rule (fastadam/_formats.py) is the CPU's mode here, as the
+# reference's bits need: on x86-64 and aarch64.
+FLUSH_TO_ZERO_IN_HARDWARE = bool(fa_flush_in_hardware)
 OPENMP_ENABLED = bool(fa_openmp_enabled)
 
 
@@ -141,20 +150,25 @@ def omp_max_threads():
 
 
 def isa_supported(str name):
-    return bool(fa_isa_supported(ISA_NAMES.index(name)))
+    return bool(fa_isa_usable(_ISA_CODES[name]))
 
 
 def select_isa(name=None):
     """Use instruction-set variant ``name`` (None: the widest this CPU has)."""
     if name is not None and name not in ISA_NAMES:
         raise ValueError(f"FASTADAM_ISA must be one of {', '.join(ISA_NAMES)}; got {name!r}")
-    if fa_select_isa(-1 if name is None else ISA_NAMES.index(name)) < 0:
+    if fa_select_isa(-1 if name is None else _ISA_CODES[name]) < 0:
         raise RuntimeError(f"this CPU does not support the {name!r} kernel variant")
-    return ISA_NAMES[fa_isa_in_use]
+    return isa_in_use()
 
 
 def isa_in_use():
-    return ISA_NAMES[fa_isa_in_use]
+    return fa_isa_names[fa_isa_in_use].decode()
+
+
+def sve_vector_bits():
+    """The calling thread's SVE vector length in bits; 0 where the CPU has no SVE."""
+    return fa_sve_vector_bits()
 
 
 INT8_BLOCK = FA_INT8_BLOCK

@@ -16,11 +16,12 @@
 //   fa_partition.hpp  the work split between threads, and each thread's run
 //
 // Under the flush-to-zero rule of fastadam/_formats.py (its docstring states
-// it): every loop runs with the FTZ and DAZ bits of MXCSR set (fa_run_share),
+// it): every loop runs with the CPU's flush-to-zero mode set (fa_cpu.hpp: the
+// FTZ and DAZ bits of MXCSR on x86-64, FPCR.FZ on aarch64; fa_run_share),
 // so no operation reads or produces a subnormal number and none is stored.  A
 // subnormal is a ~100-cycle microcode assist per operation: measured, an MNIST
 // MLP step slowed 4x as 3% of m decayed through the subnormal range, and a 1M
-// step with subnormal gradients took 6.9 ms instead of 0.95 ms.  MXCSR is
+// step with subnormal gradients took 6.9 ms instead of 0.95 ms.  The mode is
 // per thread and restored after the loop, so nothing else in the process sees
 // the change.  The only value that passes from memory to memory without an
 // arithmetic operation is vm's old value through max(); it is flushed by a
@@ -43,9 +44,9 @@
 // The variant's code (weight-decay mode and option flags: fa_step.hpp) and the
 // state's storage (native, bfloat16 or 8-bit) are template parameters: each
 // variant is its own loop with no branch inside.  Each variant is
-// compiled three times, for baseline x86-64 (SSE2), AVX2 and AVX-512; the
-// widest one the CPU and OS support is picked once at import time
-// (fa_select_isa), or forced with FASTADAM_ISA.  The AVX-512 variant uses
+// compiled once per instruction set of fa_cpu.hpp (x86-64: baseline SSE2, AVX2
+// and AVX-512; aarch64: NEON and SVE); the widest one the CPU and OS support
+// is picked once at import time (fa_select_isa), or forced with FASTADAM_ISA.  The AVX-512 variant uses
 // 512-bit vectors: half the instructions of 256-bit code, which matters where
 // the state is compressed and decoding and rounding add integer work (on an
 // AMD EPYC (Zen 4), against 256-bit code: 64K parameters, one thread, bfloat16
@@ -58,13 +59,8 @@
 #include <string.h>
 #include <type_traits>
 #include <utility>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "fa_cpu.hpp"
 #include "fa_step.hpp"
-
-enum fa_isa { FA_ISA_BASELINE = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2 };
 
 static inline __attribute__((always_inline)) float fa_sqrt(float x) { return __builtin_sqrtf(x); }
 static inline __attribute__((always_inline)) double fa_sqrt(double x) { return __builtin_sqrt(x); }
@@ -165,10 +161,10 @@ template <typename P, typename G, int VARIANT, int ISA>
 static inline __attribute__((always_inline)) void
 fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
     const fa_scalars<float> s(it);
-    const int64_t whole_stop = start + (stop - start) / FA_INT8_BLOCK * FA_INT8_BLOCK;
     int64_t b0 = start;
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FA_X86_VARIANTS
     if constexpr (ISA == FA_ISA_AVX512 && fa_plain_float32<P, G>::value) {
+        const int64_t whole_stop = start + (stop - start) / FA_INT8_BLOCK * FA_INT8_BLOCK;
         fa_int8_blocks_avx512<VARIANT>(it, s, start, whole_stop);
         b0 = whole_stop;
     }
@@ -182,7 +178,7 @@ fa_adam_int8_loop(const fa_item &it, int64_t start, int64_t stop) {
 // step's arithmetic.  The hardware's conversions are exact one way and round to
 // nearest even the other, as fa_f16's (denormals included; FTZ and DAZ do not
 // apply to them); only a NaN's payload may differ.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FA_X86_VARIANTS
 // (Called, not inlined: GCC inlines only into callers of the same target, and the
 // block loop is compiled for each ISA; one call per block of 512 elements.)
 #define FA_F16C_INLINE static __attribute__((noinline, target("avx2,f16c")))
@@ -268,7 +264,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     constexpr bool AMSGRAD = fa_has(VARIANT, FA_AMSGRAD);
     if constexpr (STORAGE == FA_STORAGE_INT8) {
         fa_adam_int8_loop<P, G, VARIANT, ISA>(it, start, stop);
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FA_X86_VARIANTS
     } else if constexpr (ISA != FA_ISA_BASELINE && std::is_same<P, fa_param_plain<fa_f16>>::value) {
         fa_adam_f16_staged<G, VARIANT, ISA>(it, start, stop);
 #endif
@@ -291,7 +287,7 @@ fa_adam_loop(const fa_item &it, int64_t start, int64_t stop) {
     const uint32_t hi = (uint32_t)((uint64_t)chunk >> 32) * FA_INDEX_HI_MULTIPLIER;
     const uint32_t key_mv = it.keys[0] ^ hi, key_vmax = it.keys[2] ^ hi, key_p = it.keys[3] ^ hi;
     int64_t i = chunk;
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FA_X86_VARIANTS
     if constexpr (ISA == FA_ISA_AVX512 && STORAGE == FA_STORAGE_BF16 && fa_plain_float32<P, G>::value) {
         const int64_t whole = chunk + (chunk_stop - chunk) / 32 * 32;
         fa_bf16_range_avx512<VARIANT>(it, s, chunk, whole, key_mv, key_vmax);

@@ -1,13 +1,13 @@
 // The AVX-512 paths of compressed state, written with intrinsics.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FA_X86_VARIANTS
 // GCC 12's AVX-512 intrinsics start some results from _mm512_undefined_*, which
 // -Wmaybe-uninitialized reports at every use (GCC bug 105593).
 #pragma GCC diagnostic push
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FA_AVX512_TARGET \
-    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+#endif
 #define FA_AVX512_INLINE FA_AVX512_TARGET static inline __attribute__((always_inline))
 
 // 16 floats: __m512 without its may_alias attribute, which a template argument drops.

@@ -94,17 +94,39 @@ static inline __attribute__((always_inline)) void fa_adam_variants(const fa_item
     }
 
 FA_DEFINE_ISA(baseline, , FA_ISA_BASELINE)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FA_HAVE_X86_VARIANTS 1
-FA_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,f16c"))), FA_ISA_AVX2)
+#if FA_X86_VARIANTS
+FA_DEFINE_ISA(avx2, FA_AVX2_TARGET, FA_ISA_AVX2)
 FA_DEFINE_ISA(avx512, FA_AVX512_TARGET, FA_ISA_AVX512)
-#else
-#define FA_HAVE_X86_VARIANTS 0
+#endif
+#if FA_SVE_VARIANT
+FA_DEFINE_ISA(sve, FA_SVE_TARGET, FA_ISA_SVE)
 #endif
 
 typedef void (*fa_range_fn)(const fa_item &, int64_t, int64_t);
 typedef int (*fa_check_fn)(const fa_item &, int64_t, int64_t);
 typedef void (*fa_sumsq_fn)(const fa_item &, int64_t, int64_t, int64_t, double *);
+
+// Each pass's function per variant code (fa_cpu.hpp), null where not compiled.
+struct fa_isa_functions {
+    fa_range_fn adam;
+    fa_check_fn finite;
+    fa_sumsq_fn sumsq;
+};
+#define FA_ISA_FUNCTIONS(NAME) {fa_adam_range_##NAME, fa_finite_range_##NAME, fa_sumsq_range_##NAME}
+static const fa_isa_functions fa_isa_table[FA_N_ISAS] = {
+    FA_ISA_FUNCTIONS(baseline),
+#if FA_X86_VARIANTS
+    FA_ISA_FUNCTIONS(avx2), FA_ISA_FUNCTIONS(avx512),
+#else
+    {nullptr, nullptr, nullptr}, {nullptr, nullptr, nullptr},
+#endif
+#if FA_SVE_VARIANT
+    FA_ISA_FUNCTIONS(sve),
+#else
+    {nullptr, nullptr, nullptr},
+#endif
+};
+#undef FA_ISA_FUNCTIONS
 
 // The functions every update and every finiteness check go through; set by fa_select_isa.
 static fa_range_fn fa_adam_range = fa_adam_range_baseline;
@@ -112,42 +134,29 @@ static fa_check_fn fa_finite_range = fa_finite_range_baseline;
 static fa_sumsq_fn fa_sumsq_range = fa_sumsq_range_baseline;
 static int fa_isa_in_use = FA_ISA_BASELINE;
 
-static inline int fa_isa_supported(int isa) {
-    if (isa == FA_ISA_BASELINE) return 1;
-#if FA_HAVE_X86_VARIANTS
-    __builtin_cpu_init();  // libgcc checks CPUID and that the OS saves the registers (XGETBV)
-    if (isa == FA_ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    if (isa == FA_ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-#endif
-    return 0;
+// Whether variant `isa` is compiled here and this CPU runs it.
+static inline int fa_isa_usable(int isa) {
+    return isa >= 0 && isa < FA_N_ISAS && fa_isa_table[isa].adam != nullptr && fa_isa_supported(isa);
 }
 
-// Select the widest supported variant, or `forced` (0, 1, 2) when >= 0.
-// Returns the ISA in use, or -1 when `forced` is not supported here.
+// Select the widest usable variant, or `forced` (a code of fa_cpu.hpp) when >= 0.
+// Returns the variant in use, or -1 when `forced` is not usable here.
 static inline int fa_select_isa(int forced) {
-    int isa;
+    static const int widest_first[] = {FA_ISA_AVX512, FA_ISA_AVX2, FA_ISA_SVE, FA_ISA_BASELINE};
+    int isa = FA_ISA_BASELINE;
     if (forced >= 0) {
-        if (!fa_isa_supported(forced)) return -1;
+        if (!fa_isa_usable(forced)) return -1;
         isa = forced;
     } else {
-        isa = fa_isa_supported(FA_ISA_AVX512) ? FA_ISA_AVX512
-              : fa_isa_supported(FA_ISA_AVX2) ? FA_ISA_AVX2
-                                              : FA_ISA_BASELINE;
+        for (int candidate : widest_first)
+            if (fa_isa_usable(candidate)) {
+                isa = candidate;
+                break;
+            }
     }
-#if FA_HAVE_X86_VARIANTS
-    fa_adam_range = isa == FA_ISA_AVX512 ? fa_adam_range_avx512
-                    : isa == FA_ISA_AVX2 ? fa_adam_range_avx2
-                                         : fa_adam_range_baseline;
-    fa_finite_range = isa == FA_ISA_AVX512 ? fa_finite_range_avx512
-                      : isa == FA_ISA_AVX2 ? fa_finite_range_avx2
-                                           : fa_finite_range_baseline;
-    fa_sumsq_range = isa == FA_ISA_AVX512 ? fa_sumsq_range_avx512
-                     : isa == FA_ISA_AVX2 ? fa_sumsq_range_avx2
-                                          : fa_sumsq_range_baseline;
-#endif
+    fa_adam_range = fa_isa_table[isa].adam;
+    fa_finite_range = fa_isa_table[isa].finite;
+    fa_sumsq_range = fa_isa_table[isa].sumsq;
     fa_isa_in_use = isa;
     return isa;
 }

@@ -45,23 +45,15 @@ static inline void fa_for_share(const fa_item *items, const int64_t *offsets, in
     }
 }
 
-// FTZ (bit 15) and DAZ (bit 6) of MXCSR: the flush-to-zero rule, in hardware.
-#define FA_MXCSR_FTZ_DAZ 0x8040u
-
 static inline void fa_run_share(const fa_item *items, const int64_t *offsets, int64_t n_items,
                                 int64_t t, int64_t n_threads) {
-#if defined(__x86_64__)
     // Set here, on the thread that runs the loops, and restored after them; the
     // loops are behind an indirect call (fa_adam_range), so no floating-point
     // operation can be moved across the two.
-    const unsigned int saved = _mm_getcsr();
-    _mm_setcsr(saved | FA_MXCSR_FTZ_DAZ);
-#endif
+    const fa_fp_mode saved = fa_flush_to_zero(1);
     fa_for_share(items, offsets, n_items, t, n_threads,
                  [](const fa_item &it, int64_t a, int64_t b) { fa_adam_range(it, a, b); });
-#if defined(__x86_64__)
-    _mm_setcsr(saved);
-#endif
+    fa_set_fp_mode(saved);
 }
 
 // The read-only pre-pass over block `block` of the concatenated gradients
@@ -74,11 +66,8 @@ static inline int fa_prepass_block(const fa_item *items, const int64_t *offsets,
     const int64_t end = begin + FA_NORM_BLOCK < total ? begin + FA_NORM_BLOCK : total;
     double acc[FA_NORM_LANES] = {0};
     int ok = 1;
-#if defined(__x86_64__)
     // IEEE arithmetic here whatever the caller's mode (the reference's norm is IEEE).
-    const unsigned int saved = _mm_getcsr();
-    _mm_setcsr(saved & ~FA_MXCSR_FTZ_DAZ);
-#endif
+    const fa_fp_mode saved = fa_flush_to_zero(0);
     for (int64_t k = fa_find_item(offsets, n_items, begin); k < n_items && offsets[k] < end; ++k) {
         const int64_t a = begin > offsets[k] ? begin - offsets[k] : 0;
         const int64_t b = (end < offsets[k + 1] ? end : offsets[k + 1]) - offsets[k];
@@ -91,9 +80,7 @@ static inline int fa_prepass_block(const fa_item *items, const int64_t *offsets,
         for (int j = 0; j < FA_NORM_LANES; ++j) s += acc[j];
         *sum = s;
     }
-#if defined(__x86_64__)
-    _mm_setcsr(saved);
-#endif
+    fa_set_fp_mode(saved);
     return ok;
 }
 

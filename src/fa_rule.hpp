@@ -33,7 +33,14 @@ FA_RULE_INLINE void gradient(const S &s, const V &g, const V &p, V &gi, V &pi) {
     constexpr int WD = VARIANT & FA_WD_MASK;
     typedef decltype(s.maximize) Mask;
     gi = g * s.grad_scale;
-    if constexpr (!fa_compiles(VARIANT, FA_MAXIMIZE)) gi = fa_xor_bits(gi, s.maximize);
+    // clang reads a constant sign-bit XOR as a negation and folds it into the
+    // product (g * -c), which keeps a NaN gradient's sign: it gets the run-time mask.
+#if defined(__clang__)
+    constexpr bool constant_mask = false;
+#else
+    constexpr bool constant_mask = true;
+#endif
+    if constexpr (!fa_compiles(VARIANT, FA_MAXIMIZE) || !constant_mask) gi = fa_xor_bits(gi, s.maximize);
     else if constexpr (fa_has(VARIANT, FA_MAXIMIZE)) gi = fa_xor_bits(gi, (Mask)((Mask)1 << (8 * sizeof(Mask) - 1)));
     pi = p;
     if (WD == FA_WD_L2) gi = gi + s.weight_decay * pi;

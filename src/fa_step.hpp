@@ -12,8 +12,11 @@
 // old SVID error wrapper (which only acts on errors: beta**t never has one).
 // Binding the original version keeps the kernel loadable on older glibc, and
 // so the wheel's manylinux tag (docs/building.md); the results are the same.
+// (The original version is each architecture's first: 2.2.5 on x86-64, 2.17 on aarch64.)
 #if defined(__GLIBC__) && defined(__x86_64__)
 __asm__(".symver pow,pow@GLIBC_2.2.5");
+#elif defined(__GLIBC__) && defined(__aarch64__)
+__asm__(".symver pow,pow@GLIBC_2.17");
 #endif
 
 enum fa_weight_decay { FA_WD_NONE = 0, FA_WD_L2 = 1, FA_WD_DECOUPLED = 2 };
