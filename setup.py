@@ -8,7 +8,11 @@ which, and why).  FASTADAM_REQUIRE_EXTENSIONS=1 makes a failed build an error
 (the wheel's CI build sets it).
 
 Build-time switches (environment variables):
-  FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially)
+  FASTADAM_OPENMP=0       build without OpenMP (the kernel then runs serially); unset,
+                          OpenMP is used where the compiler builds and links an OpenMP
+                          program (GCC; clang with libomp), and the build goes on
+                          serially with a warning where it does not (Apple's clang);
+                          FASTADAM_OPENMP=1 makes a compiler without it an error
   FASTADAM_OPENMP_RUNTIME=/path/libgomp.so.1
                           link that OpenMP runtime (libgomp's ABI) instead of the
                           compiler's own: the wheels link Debian 11's libgomp,
@@ -34,11 +38,16 @@ import glob
 import os
 import sys
 
+import tempfile
+import warnings
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-openmp = os.environ.get("FASTADAM_OPENMP", "1") != "0"
+openmp_wanted = os.environ.get("FASTADAM_OPENMP", "")  # "": where the compiler has it
+openmp = openmp_wanted != "0"
 optional = os.environ.get("FASTADAM_REQUIRE_EXTENSIONS", "0") != "1"
 debug = os.environ.get("FASTADAM_CYTHON_DEBUG", "0") == "1"
 limited = os.environ.get("FASTADAM_LIMITED_API", "0") == "1"
@@ -118,5 +127,39 @@ extensions += jax_ffi
 for extension in extensions:  # after cythonize, which makes new Extension objects
     extension.optional = optional
 
+OPENMP_PROBE = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def compiler_has_openmp(compiler):
+    """Whether `compiler` compiles and links an OpenMP program with -fopenmp."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.c")
+        with open(source, "w") as f:
+            f.write(OPENMP_PROBE)
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=["-fopenmp"])
+            compiler.link_executable(objects, os.path.join(tmp, "probe"), extra_postargs=["-fopenmp"])
+        except Exception:  # distutils' CompileError or LinkError, or no compiler at all
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    """build_ext, with OpenMP left out (and said so) where the compiler has none."""
+
+    def build_extensions(self):
+        if openmp and not compiler_has_openmp(self.compiler):
+            if openmp_wanted == "1":
+                sys.exit("FASTADAM_OPENMP=1: this compiler does not build OpenMP programs (-fopenmp)")
+            warnings.warn("the C++ compiler does not build OpenMP programs (-fopenmp): fastadam's kernel "
+                          "is built without OpenMP and runs on one thread (python -m fastadam --info says so)")
+            for extension in self.extensions:
+                extension.extra_compile_args = [a for a in extension.extra_compile_args if a != "-fopenmp"]
+                extension.extra_link_args = [a for a in extension.extra_link_args
+                                             if a != "-fopenmp" and not a.startswith(("-L", "-l:"))]
+        super().build_extensions()
+
+
 setup(ext_modules=extensions,
+      cmdclass={"build_ext": BuildExt},
       options={"bdist_wheel": {"py_limited_api": "cp311"}} if limited else {})
