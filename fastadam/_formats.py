@@ -17,7 +17,10 @@ x86's FTZ and DAZ modes do (and ``torch.set_flush_denormal(True)``):
 - every result whose magnitude, rounded to T's precision with an unbounded
   exponent, is below the smallest normal number is a zero of its sign (FTZ).
   (x86 detects this "tininess" after rounding: a result just below the
-  smallest normal that rounds up to it is kept.)
+  smallest normal that rounds up to it is kept.  aarch64's FPCR.FZ detects it
+  before rounding, and flushes that result: the rule follows the machine's CPU,
+  ``TININESS_BEFORE_ROUNDING``, so that the compiled kernel's bits are the
+  reference's on both.)
 
 So no subnormal number is ever stored in p, m, v or v^, and no operation ever
 works on one (each costs a ~100-cycle microcode assist).  The compiled kernel
@@ -28,6 +31,7 @@ normal with its operands scaled by a power of two (exact) to see where the
 unbounded rounding lands.
 """
 import functools
+import platform
 
 import numpy as np
 
@@ -342,10 +346,24 @@ def int8_encode(x, signed):
 SCALE_EXP = {np.dtype(np.float32): 64, np.dtype(np.float64): 512}
 
 
-class FlushToZero:
-    """The arithmetic of the rule above, in dtype ``t``, on arrays or T scalars."""
+# Whether this machine's flush-to-zero mode decides tininess before rounding (aarch64).
+TININESS_BEFORE_ROUNDING = platform.machine().lower() in ("aarch64", "arm64")
+# Where it does, the exact result is compared with the smallest normal: computed in a type
+# wide enough to hold it (float32 products in float64; float64 ones in binary128, which is
+# NumPy's longdouble on Linux/aarch64).
+WIDE = {np.dtype(np.float32): np.float64, np.dtype(np.float64): np.longdouble}
 
-    def __init__(self, dtype):
+
+class FlushToZero:
+    """The arithmetic of the rule above, in dtype ``t``, on arrays or T scalars; tininess is
+    decided as this machine's CPU does unless ``before_rounding`` says otherwise."""
+
+    def __init__(self, dtype, before_rounding=None):
+        self.before_rounding = TININESS_BEFORE_ROUNDING if before_rounding is None else before_rounding
+        self.wide = WIDE[np.dtype(dtype)]
+        if self.before_rounding and np.finfo(self.wide).nmant < 2 * np.finfo(dtype).nmant + 2:
+            raise RuntimeError(f"no type here holds a {np.dtype(dtype)} product exactly "
+                               "(tininess before rounding needs one)")
         self.t = dtype.type
         self.tiny = self.t(np.finfo(dtype).smallest_normal)
         self.scale = self.t(2.0 ** SCALE_EXP[dtype])
@@ -355,7 +373,8 @@ class FlushToZero:
     def scalar(self, x):
         """A double rounded to T, as the kernel converts it (under FTZ)."""
         r = np.array(self.t(x))
-        return self._result(r, lambda e: self.t(x * 2.0 ** SCALE_EXP[np.dtype(self.t)]))[()]
+        return self._result(r, lambda e: self.t(x * 2.0 ** SCALE_EXP[np.dtype(self.t)]),
+                            lambda e: self.wide(x))[()]
 
     def operand(self, x):
         """DAZ: below the smallest normal, a zero of its sign."""
@@ -364,15 +383,19 @@ class FlushToZero:
             return x
         return np.where(magnitude < self.tiny, np.copysign(self.zero, x), x).astype(self.t)
 
-    def _result(self, r, scaled):
-        """FTZ for r = op(...); ``scaled(mask)`` recomputes op with scaled operands at mask."""
+    def _result(self, r, scaled, exact):
+        """FTZ for r = op(...); ``scaled(mask)`` recomputes op with scaled operands at mask,
+        ``exact(mask)`` computes it exactly in the wide type."""
         magnitude = np.abs(r)
         if not (magnitude <= self.tiny).any():  # the usual case: nothing near the edge
             return r
         out = np.where(magnitude < self.tiny, np.copysign(self.zero, r), r).astype(self.t)
         edge = magnitude == self.tiny
         if edge.any():
-            tiny_before = np.abs(scaled(edge)) < self.scaled_tiny
+            if self.before_rounding:
+                tiny_before = np.abs(exact(edge)) < self.wide(self.tiny)
+            else:
+                tiny_before = np.abs(scaled(edge)) < self.scaled_tiny
             out[edge] = np.where(tiny_before, np.copysign(self.zero, r[edge]), r[edge])
         return out
 
@@ -380,17 +403,27 @@ class FlushToZero:
     def _at(x, mask):
         return np.broadcast_to(x, mask.shape)[mask]
 
+    def _wide_at(self, x, mask):
+        return self._at(x, mask).astype(self.wide)
+
     def mul(self, a, b):
-        return self._result(a * b, lambda e: (self._at(a, e) * self.scale) * self._at(b, e))
+        return self._result(a * b, lambda e: (self._at(a, e) * self.scale) * self._at(b, e),
+                            lambda e: self._wide_at(a, e) * self._wide_at(b, e))
 
     def add(self, a, b):
-        return self._result(a + b, lambda e: self._at(a, e) * self.scale + self._at(b, e) * self.scale)
+        return self._result(a + b, lambda e: self._at(a, e) * self.scale + self._at(b, e) * self.scale,
+                            lambda e: self._wide_at(a, e) + self._wide_at(b, e))
 
     def sub(self, a, b):
-        return self._result(a - b, lambda e: self._at(a, e) * self.scale - self._at(b, e) * self.scale)
+        return self._result(a - b, lambda e: self._at(a, e) * self.scale - self._at(b, e) * self.scale,
+                            lambda e: self._wide_at(a, e) - self._wide_at(b, e))
 
     def div(self, a, b):
-        return self._result(a / b, lambda e: (self._at(a, e) * self.scale) / self._at(b, e))
+        # a / b below the smallest normal exactly when |a| < tiny * |b| (b nonzero at the edge)
+        def exact(e):  # not the quotient: zero where it is below the smallest normal, else that
+            below = np.abs(self._wide_at(a, e)) < self.wide(self.tiny) * np.abs(self._wide_at(b, e))
+            return np.where(below, self.wide(0), self.wide(self.tiny))
+        return self._result(a / b, lambda e: (self._at(a, e) * self.scale) / self._at(b, e), exact)
 
     def fma(self, a, b, c):
         """a * b + c rounded once (float32 only: torch's lerp, fa_rule.hpp)."""
@@ -399,7 +432,8 @@ class FlushToZero:
         scale = np.float64(self.scale)
         return self._result(_fma32(a, b, c),
                             lambda e: _fma32(self._at(a, e), self._at(b, e) * scale,
-                                             self._at(c, e) * scale))
+                                             self._at(c, e) * scale),
+                            lambda e: self._wide_at(a, e) * self._wide_at(b, e) + self._wide_at(c, e))
 
 
 def _fma32(a, b, c):

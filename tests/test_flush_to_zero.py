@@ -1,5 +1,6 @@
 """The flush-to-zero rule (fastadam/_reference.py states it): no subnormal is stored or
 computed on, identically in the compiled kernel, the Numba backend and the reference."""
+import platform
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -84,14 +85,21 @@ def _edge_values(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_flushes_exactly_as_the_hardware_does(dtype):
     """x86 decides tininess after rounding with an unbounded exponent: of two products
-    that IEEE arithmetic rounds to the smallest normal, one is flushed, one kept."""
+    that IEEE arithmetic rounds to the smallest normal, one is flushed, one kept.
+    aarch64 decides it before rounding: both are flushed (their exact values are below)."""
     a1, b1, a2, b2 = _edge_values(dtype)
     tiny = np.finfo(dtype).smallest_normal
     assert a1 * b1 == tiny and a2 * b2 == tiny  # IEEE
-    f = _reference.FlushToZero(np.dtype(dtype))
-    assert f.mul(np.array([a1, -a1]), np.array([b1, b1])).tolist() == [0.0, -0.0]
-    assert np.signbit(f.mul(np.array([-a1]), np.array([b1]))[0])
-    assert f.mul(np.array([a2]), np.array([b2]))[0] == tiny
+    assert np.longdouble(a2) * np.longdouble(b2) < tiny or np.finfo(np.longdouble).nmant < 106
+    after = _reference.FlushToZero(np.dtype(dtype), before_rounding=False)
+    assert after.mul(np.array([a1, -a1]), np.array([b1, b1])).tolist() == [0.0, -0.0]
+    assert np.signbit(after.mul(np.array([-a1]), np.array([b1]))[0])
+    assert after.mul(np.array([a2]), np.array([b2]))[0] == tiny
+    if dtype == np.float32 or np.finfo(np.longdouble).nmant >= 106:  # an exact float64 product
+        before = _reference.FlushToZero(np.dtype(dtype), before_rounding=True)
+        assert before.mul(np.array([a1, -a1, a2]), np.array([b1, b1, b2])).tolist() == [0.0, -0.0, 0.0]
+    machine_rule = _reference.FlushToZero(np.dtype(dtype))
+    assert machine_rule.before_rounding == (platform.machine() == "aarch64")
 
 
 @pytest.mark.parametrize("backend", backend_params(("cython", "numba")))
