@@ -99,6 +99,7 @@ def on_every_isa(kernel, run):
                 libc.prctl(PR_SVE_SET_VL, current, 0, 0, 0)
     finally:
         kernel.select_isa(before)
+    assert results, "no kernel variant ran: --isa and --sve-bits name none this CPU has"
     return results
 
 
